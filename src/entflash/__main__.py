@@ -1,0 +1,3 @@
+from entflash.cli import main
+
+raise SystemExit(main())

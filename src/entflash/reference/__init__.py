@@ -1,0 +1,1 @@
+"""Exact PyTorch references: the ground truth every kernel is tested against."""
