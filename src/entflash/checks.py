@@ -1,0 +1,246 @@
+"""Argument validation shared by every public entry point.
+
+Every failure raises ValueError (bad value or shape) or TypeError (bad type or dtype) with one message
+style::
+
+    <caller>: `<argument>` must <expectation>, got <what was passed>
+
+`caller` is the public function the user called (e.g. "entmax_attention"), so the message points at the
+user's own call. Checks stay cheap: shapes, dtypes and devices are metadata; the only values read are those
+of small tensors (alpha of shape (H,), seqlens of shape (B,), cu_seqlens of shape (B + 1,)).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fail(error_type: type, caller: str, argument: str, expectation: str, got: str) -> None:
+    """Raise `error_type` with the package's message style; `argument` is the user-facing name."""
+    raise error_type(f"{caller}: `{argument}` must {expectation}, got {got}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _is_real_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_tensor(value, argument: str, caller: str, dims: int, layout: str) -> torch.Tensor:
+    """Check that `value` is a floating tensor with `dims` dimensions; `layout` names them, e.g. "(B, H, N, D)"."""
+    if not isinstance(value, torch.Tensor):
+        fail(TypeError, caller, argument, f"be a torch.Tensor {layout}", _describe(value))
+    if value.dim() != dims:
+        fail(ValueError, caller, argument, f"have {dims} dims {layout}", f"shape {tuple(value.shape)}")
+    if value.dtype not in FLOAT_DTYPES:
+        fail(TypeError, caller, argument, "have a floating dtype (float16, bfloat16, float32 or float64)",
+             str(value.dtype))
+    return value
+
+
+def _check_same_dtype_and_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caller: str) -> None:
+    for name, tensor in (("k", k), ("v", v)):
+        if tensor.dtype != q.dtype:
+            fail(TypeError, caller, name, f"have the same dtype as `q` ({q.dtype})", str(tensor.dtype))
+        if tensor.device != q.device:
+            fail(ValueError, caller, name, f"be on the same device as `q` ({q.device})", str(tensor.device))
+
+
+def _check_heads_and_dims(q_shape, k_shape, v_shape, caller: str, head_axis: int) -> None:
+    """Compare the head counts and head dims of q, k, v (head axis `head_axis`, head dim last)."""
+    if v_shape[:-1] != k_shape[:-1]:
+        fail(ValueError, caller, "v", f"have the same shape as `k` {tuple(k_shape)} except the last dim",
+             f"shape {tuple(v_shape)}")
+    if k_shape[-1] != q_shape[-1]:
+        fail(ValueError, caller, "k", f"have the head dim of `q` ({q_shape[-1]})", f"shape {tuple(k_shape)}")
+    if v_shape[-1] != q_shape[-1]:
+        fail(ValueError, caller, "v", f"have the head dim of `q` ({q_shape[-1]})", f"shape {tuple(v_shape)}")
+    if q_shape[-1] == 0:
+        fail(ValueError, caller, "q", "have a head dim of at least 1", f"shape {tuple(q_shape)}")
+    num_q_heads, num_kv_heads = q_shape[head_axis], k_shape[head_axis]
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
+        fail(ValueError, caller, "k", f"have a head count dividing the {num_q_heads} heads of `q` (GQA)",
+             f"{num_kv_heads} heads (shape {tuple(k_shape)})")
+
+
+def check_qkv(q, k, v, caller: str) -> None:
+    """Validate padded attention inputs: q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D), Hq % Hkv == 0,
+    one floating dtype and one device for all three."""
+    check_tensor(q, "q", caller, 4, "(B, Hq, Nq, D)")
+    check_tensor(k, "k", caller, 4, "(B, Hkv, Nk, D)")
+    check_tensor(v, "v", caller, 4, "(B, Hkv, Nk, D)")
+    _check_same_dtype_and_device(q, k, v, caller)
+    if k.shape[0] != q.shape[0]:
+        fail(ValueError, caller, "k", f"have the batch size of `q` ({q.shape[0]})", f"shape {tuple(k.shape)}")
+    _check_heads_and_dims(q.shape, k.shape, v.shape, caller, head_axis=1)
+
+
+def check_packed_qkv(q, k, v, caller: str) -> None:
+    """Validate packed (varlen) inputs: q (total_q, Hq, D), k and v (total_k, Hkv, D), Hq % Hkv == 0."""
+    check_tensor(q, "q", caller, 3, "(total_q, Hq, D)")
+    check_tensor(k, "k", caller, 3, "(total_k, Hkv, D)")
+    check_tensor(v, "v", caller, 3, "(total_k, Hkv, D)")
+    _check_same_dtype_and_device(q, k, v, caller)
+    _check_heads_and_dims(q.shape, k.shape, v.shape, caller, head_axis=1)
+
+
+def check_flag(value, argument: str, caller: str) -> bool:
+    """Check a boolean option (`causal`, `return_aux`)."""
+    if not isinstance(value, bool):
+        fail(TypeError, caller, argument, "be a bool", _describe(value))
+    return value
+
+
+def check_alpha(alpha, num_heads: int, device: torch.device, caller: str):
+    """Validate alpha: a real number in (1, 2], or a floating tensor of shape (num_heads,) (or 0-dim) on
+    `device` whose values all lie in (1, 2].
+
+    Returns a python float, or a (num_heads,) tensor (a 0-dim tensor is expanded, keeping its autograd graph).
+    """
+    if isinstance(alpha, torch.Tensor):
+        if not alpha.is_floating_point():
+            fail(TypeError, caller, "alpha", "be a floating tensor", str(alpha.dtype))
+        if alpha.shape not in (torch.Size([]), torch.Size([num_heads])):
+            fail(ValueError, caller, "alpha", f"be a float or a tensor of shape ({num_heads},) (one per query head)",
+                 f"shape {tuple(alpha.shape)}")
+        if alpha.device != device:
+            fail(ValueError, caller, "alpha", f"be on the device of `q` ({device})", str(alpha.device))
+        values = alpha.detach()
+        if not bool(((values > 1) & (values <= 2)).all()):
+            fail(ValueError, caller, "alpha", "lie in (1, 2] for every head",
+                 f"values {[round(a, 6) for a in values.reshape(-1).tolist()]}")
+        return alpha.expand(num_heads) if alpha.dim() == 0 else alpha
+    if not _is_real_number(alpha):
+        fail(TypeError, caller, "alpha", "be a float in (1, 2] or a tensor of shape (Hq,)", _describe(alpha))
+    if not 1.0 < float(alpha) <= 2.0:
+        fail(ValueError, caller, "alpha", "lie in (1, 2] (1 would be softmax, 2 is sparsemax)", repr(alpha))
+    return float(alpha)
+
+
+def check_scale(scale, head_dim: int, caller: str) -> float:
+    """Validate `scale` (a positive finite number, or None meaning 1/sqrt(head_dim)); return it as a float."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not _is_real_number(scale):
+        fail(TypeError, caller, "scale", "be a positive finite float or None", _describe(scale))
+    if not (math.isfinite(float(scale)) and float(scale) > 0):
+        fail(ValueError, caller, "scale", "be a positive finite float or None", repr(scale))
+    return float(scale)
+
+
+def check_window(window, caller: str) -> Optional[Tuple[Optional[int], Optional[int]]]:
+    """Validate `window`: None, or a pair (left, right) of ints >= 0 or None (None = unlimited on that side)."""
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        fail(TypeError, caller, "window", "be None or a pair (left, right) of ints >= 0 or None", _describe(window))
+    sides = []
+    for side_name, side in zip(("left", "right"), window):
+        if side is None:
+            sides.append(None)
+            continue
+        if not _is_integer(side):
+            fail(TypeError, caller, "window", f"have an int >= 0 or None as its {side_name} side", _describe(side))
+        if side < 0:
+            fail(ValueError, caller, "window", f"have a {side_name} side >= 0", repr(tuple(window)))
+        sides.append(int(side))
+    return sides[0], sides[1]
+
+
+def check_backend(backend, caller: str) -> str:
+    """Validate `backend`: one of "auto", "torch", "triton"."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        fail(ValueError, caller, "backend", f"be one of {', '.join(repr(b) for b in BACKENDS)}", repr(backend))
+    return backend
+
+
+def check_lengths(lengths, argument: str, batch: int, max_length: int, device: torch.device,
+                  caller: str) -> torch.Tensor:
+    """Validate a (batch,) integer tensor of lengths in [0, max_length]; return it as int32 on `device`."""
+    if not isinstance(lengths, torch.Tensor):
+        fail(TypeError, caller, argument, f"be an integer tensor of shape ({batch},)", _describe(lengths))
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+        fail(TypeError, caller, argument, "have an integer dtype (int32 or int64)", str(lengths.dtype))
+    if lengths.shape != (batch,):
+        fail(ValueError, caller, argument, f"have shape ({batch},) (one length per batch entry)",
+             f"shape {tuple(lengths.shape)}")
+    if lengths.device != device:
+        fail(ValueError, caller, argument, f"be on the device of `q` ({device})", str(lengths.device))
+    if batch > 0:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 0 or high > max_length:
+            fail(ValueError, caller, argument, f"hold lengths in [0, {max_length}]", f"values in [{low}, {high}]")
+    return lengths.to(torch.int32)
+
+
+def check_seqlens(seqlens, batch: int, num_queries: int, num_keys: int, device: torch.device, caller: str):
+    """Validate the public `seqlens` option and split it into (seqlens_q, seqlens_k).
+
+    seqlens: None; a (batch,) integer tensor giving both lengths (needs num_queries == num_keys); or a pair
+    (seqlens_q, seqlens_k) whose entries are (batch,) integer tensors or None.
+    Returns (seqlens_q, seqlens_k), each None or an int32 (batch,) tensor on `device`.
+    """
+    if seqlens is None:
+        return None, None
+    if isinstance(seqlens, torch.Tensor):
+        if num_queries != num_keys:
+            fail(ValueError, caller, "seqlens",
+                 f"be a pair (seqlens_q, seqlens_k) when Nq ({num_queries}) != Nk ({num_keys})", "one tensor")
+        lengths = check_lengths(seqlens, "seqlens", batch, num_keys, device, caller)
+        return lengths, lengths
+    if not isinstance(seqlens, (tuple, list)) or len(seqlens) != 2:
+        fail(TypeError, caller, "seqlens", "be None, a (B,) integer tensor or a pair (seqlens_q, seqlens_k)",
+             _describe(seqlens))
+    seqlens_q, seqlens_k = seqlens
+    if seqlens_q is not None:
+        seqlens_q = check_lengths(seqlens_q, "seqlens[0]", batch, num_queries, device, caller)
+    if seqlens_k is not None:
+        seqlens_k = check_lengths(seqlens_k, "seqlens[1]", batch, num_keys, device, caller)
+    return seqlens_q, seqlens_k
+
+
+def check_cu_seqlens(cu_seqlens, argument: str, total: int, device: torch.device, caller: str) -> torch.Tensor:
+    """Validate cumulative sequence offsets (B + 1,): integer, starting at 0, non-decreasing, ending at `total`.
+
+    Returns them as int32 on `device`.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        fail(TypeError, caller, argument, "be an integer tensor of shape (B + 1,)", _describe(cu_seqlens))
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+        fail(TypeError, caller, argument, "have an integer dtype (int32 or int64)", str(cu_seqlens.dtype))
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        fail(ValueError, caller, argument, "have shape (B + 1,) with B >= 1", f"shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        fail(ValueError, caller, argument, f"be on the device of `q` ({device})", str(cu_seqlens.device))
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        fail(ValueError, caller, argument, "start at 0", f"{offsets[0]} first")
+    if any(b < a for a, b in zip(offsets, offsets[1:])):
+        fail(ValueError, caller, argument, "be non-decreasing", str(offsets))
+    if offsets[-1] != total:
+        fail(ValueError, caller, argument, f"end at the packed length {total}", f"{offsets[-1]} last")
+    return cu_seqlens.to(torch.int32)
+
+
+def check_max_seqlen(max_seqlen, argument: str, cu_seqlens: torch.Tensor, caller: str) -> int:
+    """Validate `max_seqlen`: an int no smaller than the longest sequence described by `cu_seqlens`."""
+    if not _is_integer(max_seqlen):
+        fail(TypeError, caller, argument, "be an int", _describe(max_seqlen))
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if max_seqlen < longest:
+        fail(ValueError, caller, argument, f"be at least the longest sequence ({longest})", repr(max_seqlen))
+    return int(max_seqlen)

@@ -1,0 +1,261 @@
+"""Exact alpha-entmax attention in PyTorch, chunked over queries (the "torch" backend; any device).
+
+Memory stays O(chunk x Nk): the forward keeps only the output and the per-row thresholds tau; the backward
+recomputes each chunk's scores and probabilities from tau (the N x N probabilities are never stored).
+Half inputs are computed in float32, float64 inputs in float64.
+
+Gradients follow DESIGN.md section 1. With u = [(alpha-1) z - tau]_+, p = u^(1/(alpha-1)) and
+s = p^(2-alpha) = u^((2-alpha)/(alpha-1)) on the support:
+    dz = s * (g - sum(s g) / sum(s)),            g = dO . v
+    dalpha (per row) = sum_j g_j [(p_j - s^_j) / (alpha-1)^2 - (p_j log p_j - s^_j H) / (alpha-1)],
+    s^ = s / sum(s),  H = sum_j p_j log p_j.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from entflash.reference.rowwise import entmax_threshold
+
+# Bytes the chunk loop may spend on (chunk x Nk) temporaries, across all batch entries and heads.
+CHUNK_MEMORY_BUDGET_BYTES = 256 * 2**20
+# Number of live (chunk x Nk) tensors in the backward, the heavier of the two passes.
+_LIVE_SCORE_TENSORS = 8
+
+
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference computes in: float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def query_chunk_rows(batch: int, num_q_heads: int, num_keys: int, dtype: torch.dtype,
+                     budget_bytes: int = CHUNK_MEMORY_BUDGET_BYTES) -> int:
+    """Query rows per chunk so that the chunk's (batch, heads, rows, num_keys) temporaries fit `budget_bytes`.
+
+    dtype: the compute dtype (its element size counts). Returns an int >= 1.
+    """
+    bytes_per_row = batch * num_q_heads * max(num_keys, 1) * torch.finfo(dtype).bits // 8 * _LIVE_SCORE_TENSORS
+    return max(1, budget_bytes // max(bytes_per_row, 1))
+
+
+def visibility_mask(query_start: int, query_stop: int, num_queries: int, num_keys: int, causal: bool,
+                    window: Optional[Tuple[Optional[int], Optional[int]]],
+                    seqlens_q: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+                    device: torch.device) -> torch.Tensor:
+    """Which keys each query of rows [query_start, query_stop) may see (docs/ARCHITECTURE.md semantics).
+
+    With Lq = seqlens_q[b] (else num_queries), Lk = seqlens_k[b] (else num_keys) and offset = Lk - Lq,
+    query i sees key j iff i < Lq, j < Lk, (causal) j <= i + offset, and (window (l, r))
+    i + offset - l <= j <= i + offset + r, a None side being unlimited.
+
+    Returns a bool tensor (B, rows, num_keys) when any seqlens is given, else (1, rows, num_keys).
+    """
+    def lengths(seqlens, default):
+        if seqlens is None:
+            return torch.full((1, 1, 1), default, dtype=torch.int64, device=device)
+        return seqlens.to(device=device, dtype=torch.int64).view(-1, 1, 1)
+
+    length_q = lengths(seqlens_q, num_queries)
+    length_k = lengths(seqlens_k, num_keys)
+    query = torch.arange(query_start, query_stop, device=device).view(1, -1, 1)
+    key = torch.arange(num_keys, device=device).view(1, 1, -1)
+    own_key = query + (length_k - length_q)
+    visible = (query < length_q) & (key < length_k)
+    if causal:
+        visible = visible & (key <= own_key)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            visible = visible & (key >= own_key - left)
+        if right is not None:
+            visible = visible & (key <= own_key + right)
+    return visible
+
+
+class _Problem:
+    """The fixed parts of one attention call, in the grouped layout used internally.
+
+    Queries are viewed as (B, Hkv, G, Nq, D) with G = Hq // Hkv; a chunk of rows [start, stop) is flattened to
+    (B, Hkv, G * rows, D) so that one matmul against k or v of shape (B, Hkv, Nk, D) serves the whole group.
+    """
+
+    def __init__(self, q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows):
+        self.batch, self.num_q_heads, self.num_queries, self.head_dim = q.shape
+        self.num_kv_heads, self.num_keys = k.shape[1], k.shape[2]
+        self.group = self.num_q_heads // self.num_kv_heads
+        self.dtype = compute_dtype_for(q.dtype)
+        self.device = q.device
+        self.causal, self.scale, self.window = causal, scale, window
+        self.seqlens_q, self.seqlens_k = seqlens_q, seqlens_k
+        if isinstance(alpha, torch.Tensor):
+            alpha = alpha.detach().to(self.dtype).view(1, self.num_kv_heads, self.group, 1, 1)
+        self.alpha = alpha
+        if chunk_rows is None:
+            chunk_rows = query_chunk_rows(self.batch, self.num_q_heads, self.num_keys, self.dtype)
+        self.chunk_rows = max(1, int(chunk_rows))
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, N, ...) -> (B, Hkv, G, N, ...) view."""
+        return x.unflatten(1, (self.num_kv_heads, self.group))
+
+    def chunks(self):
+        """Row ranges (start, stop) covering the queries."""
+        for start in range(0, self.num_queries, self.chunk_rows):
+            yield start, min(start + self.chunk_rows, self.num_queries)
+
+    def flat_rows(self, x_chunk: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, G, rows, X) chunk -> (B, Hkv, G * rows, X) in the compute dtype."""
+        return x_chunk.to(self.dtype).flatten(2, 3)
+
+    def scores(self, q_rows: torch.Tensor, k: torch.Tensor, start: int, stop: int):
+        """Masked scores of one chunk: (B, Hkv, G, rows, Nk), -inf where a key is not visible,
+        and the (B or 1, 1, 1, rows, 1) bool marking rows that see at least one key."""
+        visible = visibility_mask(start, stop, self.num_queries, self.num_keys, self.causal, self.window,
+                                  self.seqlens_q, self.seqlens_k, self.device)[:, None, None]
+        scores = (q_rows @ k.transpose(-1, -2)).unflatten(2, (self.group, stop - start)) * self.scale
+        return scores.masked_fill(~visible, -math.inf), visible.any(dim=-1, keepdim=True)
+
+    def shifted(self, scores: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """u = [(alpha-1) z - tau]_+ for tau of shape (..., rows, 1); zero on masked keys and empty rows."""
+        return torch.clamp((self.alpha - 1) * scores - tau, min=0)
+
+    def probabilities(self, shifted: torch.Tensor) -> torch.Tensor:
+        """p = u^(1/(alpha-1))."""
+        return shifted.pow(1 / (self.alpha - 1))
+
+    def slopes(self, shifted: torch.Tensor) -> torch.Tensor:
+        """s = p^(2-alpha) = u^((2-alpha)/(alpha-1)) on the support, 0 elsewhere."""
+        on_support = shifted > 0
+        exponent = (2 - self.alpha) / (self.alpha - 1)
+        return torch.where(on_support, shifted.pow(exponent), torch.zeros((), dtype=shifted.dtype,
+                                                                           device=shifted.device))
+
+
+def _forward(problem: _Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Chunked forward. Returns out (B, Hq, Nq, D) in q's dtype, tau (B, Hkv, G, Nq) in the compute dtype
+    (+inf on rows without visible keys) and support (B, Hq, Nq) int32."""
+    p_ = problem
+    q5 = p_.grouped(q)
+    k_c, v_c = k.to(p_.dtype), v.to(p_.dtype)
+    out = torch.empty(p_.batch, p_.num_kv_heads, p_.group, p_.num_queries, p_.head_dim, dtype=p_.dtype,
+                      device=p_.device)
+    tau = torch.empty(p_.batch, p_.num_kv_heads, p_.group, p_.num_queries, dtype=p_.dtype, device=p_.device)
+    support = torch.empty(p_.batch, p_.num_kv_heads, p_.group, p_.num_queries, dtype=torch.int32,
+                          device=p_.device)
+    for start, stop in p_.chunks():
+        scores, row_has_key = p_.scores(p_.flat_rows(q5[:, :, :, start:stop]), k_c, start, stop)
+        solvable = scores.masked_fill(~row_has_key, 0.0)
+        tau_chunk = entmax_threshold(solvable, p_.alpha, dim=-1)
+        tau_chunk = tau_chunk.masked_fill(~row_has_key, math.inf)
+        shifted = p_.shifted(scores, tau_chunk)
+        probs = p_.probabilities(shifted)
+        out_rows = probs.flatten(2, 3) @ v_c
+        out[:, :, :, start:stop] = out_rows.unflatten(2, (p_.group, stop - start))
+        tau[:, :, :, start:stop] = tau_chunk.squeeze(-1)
+        support[:, :, :, start:stop] = (shifted > 0).sum(-1, dtype=torch.int32)
+    return out.flatten(1, 2).to(q.dtype), tau, support.flatten(1, 2)
+
+
+def _backward(problem: _Problem, q, k, v, tau, grad_out, need_q, need_k, need_v, need_alpha):
+    """Chunked backward recomputing each chunk's probabilities from the saved tau.
+
+    Returns dq (B, Hq, Nq, D), dk, dv (B, Hkv, Nk, D) in the compute dtype (None where not needed) and
+    dalpha (Hq,) in the compute dtype (None unless need_alpha).
+    """
+    p_ = problem
+    q5, grad_out5 = p_.grouped(q), p_.grouped(grad_out)
+    k_c, v_c = k.to(p_.dtype), v.to(p_.dtype)
+    zeros_like_k = lambda: torch.zeros(k.shape, dtype=p_.dtype, device=p_.device)  # noqa: E731
+    dq = torch.zeros(q5.shape, dtype=p_.dtype, device=p_.device) if need_q else None
+    dk = zeros_like_k() if need_k else None
+    dv = zeros_like_k() if need_v else None
+    dalpha = torch.zeros(p_.num_kv_heads, p_.group, dtype=p_.dtype, device=p_.device) if need_alpha else None
+    for start, stop in p_.chunks():
+        rows = stop - start
+        q_rows = p_.flat_rows(q5[:, :, :, start:stop])
+        grad_rows = p_.flat_rows(grad_out5[:, :, :, start:stop])
+        scores, _ = p_.scores(q_rows, k_c, start, stop)
+        shifted = p_.shifted(scores, tau[:, :, :, start:stop, None])
+        probs = p_.probabilities(shifted)
+        if need_v:
+            dv += probs.flatten(2, 3).transpose(-1, -2) @ grad_rows
+        if not (need_q or need_k or need_alpha):
+            continue
+        grad_probs = (grad_rows @ v_c.transpose(-1, -2)).unflatten(2, (p_.group, rows))
+        slopes = p_.slopes(shifted)
+        slope_sum = slopes.sum(-1, keepdim=True)
+        safe_sum = torch.where(slope_sum > 0, slope_sum, torch.ones_like(slope_sum))
+        normalized_slopes = slopes / safe_sum
+        if need_q or need_k:
+            grad_scores = slopes * (grad_probs - (normalized_slopes * grad_probs).sum(-1, keepdim=True))
+            grad_scores = grad_scores.flatten(2, 3) * p_.scale
+            if need_q:
+                dq[:, :, :, start:stop] = (grad_scores @ k_c).unflatten(2, (p_.group, rows))
+            if need_k:
+                dk += grad_scores.transpose(-1, -2) @ q_rows
+        if need_alpha:
+            dalpha += _alpha_gradient_rows(p_, shifted, probs, normalized_slopes, grad_probs).sum(dim=(0, 3))
+    dq = dq.flatten(1, 2) if need_q else None
+    return dq, dk, dv, (dalpha.flatten() if need_alpha else None)
+
+
+def _alpha_gradient_rows(problem: _Problem, shifted, probs, normalized_slopes, grad_probs) -> torch.Tensor:
+    """Per-row dL/dalpha (B, Hkv, G, rows) from DESIGN.md section 1's closed form."""
+    am1 = problem.alpha - 1
+    on_support = shifted > 0
+    log_shifted = torch.log(torch.where(on_support, shifted, torch.ones_like(shifted)))
+    p_log_p = probs * log_shifted / am1
+    entropy_term = p_log_p.sum(-1, keepdim=True)
+    weighted = ((probs - normalized_slopes) / am1**2 - (p_log_p - normalized_slopes * entropy_term) / am1)
+    return (grad_probs * weighted).sum(-1)
+
+
+class _TorchAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows):
+        problem = _Problem(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows)
+        out, tau, support = _forward(problem, q, k, v)
+        ctx.problem = problem
+        ctx.alpha_dtype = alpha.dtype if isinstance(alpha, torch.Tensor) else None
+        ctx.save_for_backward(q, k, v, tau)
+        tau_public = tau.flatten(1, 2).to(torch.float32)
+        ctx.mark_non_differentiable(tau_public, support)
+        return out, tau_public, support
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_tau, _grad_support):
+        q, k, v, tau = ctx.saved_tensors
+        need_q, need_k, need_v, need_alpha = ctx.needs_input_grad[:4]
+        dq, dk, dv, dalpha = _backward(ctx.problem, q, k, v, tau, grad_out, need_q, need_k, need_v, need_alpha)
+        return (
+            dq.to(q.dtype) if need_q else None,
+            dk.to(k.dtype) if need_k else None,
+            dv.to(v.dtype) if need_v else None,
+            dalpha.to(ctx.alpha_dtype) if need_alpha else None,
+            None, None, None, None, None, None,
+        )
+
+
+def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha, causal: bool, scale: float,
+                    window, seqlens_q: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+                    return_aux: bool, *, chunk_rows: Optional[int] = None):
+    """Exact alpha-entmax attention, chunked over queries (the backend contract of docs/ARCHITECTURE.md).
+
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); float16/bfloat16/float32/float64, one dtype and device, any strides;
+    Hq % Hkv == 0. alpha: float in (1, 2] or a float tensor (Hq,) (may require grad). causal: bottom-right aligned.
+    scale: float multiplying q . k. window: None or (left, right) ints >= 0 or None. seqlens_q, seqlens_k: None
+    or int32 (B,) valid lengths. Arguments are assumed validated (entflash.checks).
+    chunk_rows: query rows per chunk (default: from CHUNK_MEMORY_BUDGET_BYTES).
+
+    Returns out (B, Hq, Nq, D) in q's dtype; with return_aux also a dict with "tau" (B, Hq, Nq) float32 in
+    (alpha-1) * score units (+inf on rows that see no key) and "support" (B, Hq, Nq) int32 (non-zeros per row).
+    Differentiable in q, k, v and alpha (when alpha is a tensor).
+    """
+    out, tau, support = _TorchAttention.apply(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k,
+                                              chunk_rows)
+    if return_aux:
+        return out, {"tau": tau, "support": support}
+    return out
