@@ -1,0 +1,419 @@
+"""Fused block-sparse backward of alpha-entmax attention (Triton).
+
+Three launches, each with one job:
+
+* ``_rows_kernel``: per query row, delta_i = dO_i . O2_i / S_i and, when alpha is learned, the row's
+  contribution to dL/dalpha (DESIGN.md section 1) from the row sums the forward saved;
+* ``_dkdv_kernel``: one program per (batch, kv head, key block); it loops over the query heads of the
+  GQA group and over the query blocks the transposed tile map marks, and sums dK, dV over the group in
+  registers (no atomics);
+* ``_dq_kernel``: one program per (batch, query head, query block), looping over marked key blocks.
+
+Each program walks a compact list of marked blocks built from the tile map with torch ops before launch,
+so unmarked tiles cost nothing. Every reduction has a fixed order: results are bit-identical run to run.
+"""
+from __future__ import annotations
+
+import os
+
+
+import torch
+import triton
+import triton.language as tl
+
+MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_visible(qi, kj, Lq, Lk, off, wl, wr,
+                 CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Visibility of key kj to query qi (broadcastable int tensors), bottom-right aligned."""
+    vis = (qi < Lq) & (kj < Lk)
+    if CAUSAL:
+        vis = vis & (kj <= qi + off)
+    if HAS_WL:
+        vis = vis & (kj >= qi + off - wl)
+    if HAS_WR:
+        vis = vis & (kj <= qi + off + wr)
+    return vis
+
+
+@triton.jit
+def _bwd_probs(x, inv_am1, s_exp, ALPHA_MODE: tl.constexpr):
+    """p = [x]_+^(1/(alpha-1)) and s = p^(2-alpha) for x in (alpha-1)*score units (x may be -inf).
+
+    ALPHA_MODE 1: alpha = 1.5 (p = u^2, s = u); 2: alpha = 2 (p = u, s = [u > 0]); 0: any alpha
+    through exp2/log2 with per-head exponents inv_am1 = 1/(alpha-1), s_exp = (2-alpha)/(alpha-1).
+    """
+    u = tl.maximum(x, 0.0)
+    if ALPHA_MODE == 1:
+        p = u * u
+        s = u
+    elif ALPHA_MODE == 2:
+        p = u
+        s = tl.where(u > 0.0, 1.0, 0.0)
+    else:
+        pos = u > 0.0
+        lu = tl.log2(tl.where(pos, u, 1.0))
+        p = tl.where(pos, tl.exp2(lu * inv_am1), 0.0)
+        s = tl.where(pos, tl.exp2(lu * s_exp), 0.0)
+    return p, s
+
+
+@triton.jit
+def _bwd_mm(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32. UPCAST feeds fp32 operands (Triton 3.6's interpreter multiplies bf16 bit patterns)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _bwd_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_SEQ: tl.constexpr):
+    """Valid query/key lengths of batch b and the bottom-right offset Lk - Lq."""
+    if HAS_SEQ:
+        Lq = tl.load(SEQQ + b)
+        Lk = tl.load(SEQK + b)
+    else:
+        Lq = Nq
+        Lk = Nk
+    return Lq, Lk, Lk - Lq
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _rows_kernel(DO, O2, S, O3, HROW, AM1, DELTA, DAROW,
+                 s_dob, s_doh, s_dom, s_dod,
+                 s_o2b, s_o2h, s_o2m, s_o2d,
+                 s_sb, s_sh, s_sm,
+                 s_o3b, s_o3h, s_o3m, s_o3d,
+                 s_hb, s_hh, s_hm,
+                 Hq, Nq, D,
+                 BR: tl.constexpr, BD: tl.constexpr, ALPHA_GRAD: tl.constexpr):
+    """Row scalars, fp32 (B,Hq,Nq) contiguous: delta_i = dO_i.O2_i / S_i and, if ALPHA_GRAD, the part
+    of the row's dL/dalpha that needs no sweep, -(dO_i.O3_i - delta_i Hrow_i)/(alpha-1).
+    The dQ kernel adds the rest, (sum_j g_ij p_ij - delta_i)/(alpha-1)^2."""
+    bh = tl.program_id(0)
+    b = (bh // Hq).to(tl.int64)
+    h = (bh % Hq).to(tl.int64)
+    rows = tl.program_id(1) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BD)
+    rmask = rows < Nq
+    m2 = rmask[:, None] & (cols[None, :] < D)
+    do = tl.load(DO + b * s_dob + h * s_doh + rows[:, None] * s_dom + cols[None, :] * s_dod,
+                 mask=m2, other=0.0).to(tl.float32)
+    o2 = tl.load(O2 + b * s_o2b + h * s_o2h + rows[:, None] * s_o2m + cols[None, :] * s_o2d,
+                 mask=m2, other=0.0).to(tl.float32)
+    ssum = tl.load(S + b * s_sb + h * s_sh + rows * s_sm, mask=rmask, other=0.0).to(tl.float32)
+    live = ssum > 0.0
+    delta = tl.where(live, tl.sum(do * o2, axis=1) / tl.where(live, ssum, 1.0), 0.0)
+    tl.store(DELTA + bh * Nq + rows, delta, mask=rmask)
+    if ALPHA_GRAD:
+        o3 = tl.load(O3 + b * s_o3b + h * s_o3h + rows[:, None] * s_o3m + cols[None, :] * s_o3d,
+                     mask=m2, other=0.0).to(tl.float32)
+        hrow = tl.load(HROW + b * s_hb + h * s_hh + rows * s_hm, mask=rmask, other=0.0).to(tl.float32)
+        am1 = tl.load(AM1 + h)
+        part = -(tl.sum(do * o3, axis=1) - delta * hrow) / am1
+        tl.store(DAROW + bh * Nq + rows, tl.where(live, part, 0.0), mask=rmask)
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, DK, DV, CNT, IDX, SEQQ, SEQK,
+                 s_qb, s_qh, s_qm, s_qd,
+                 s_kb, s_kh, s_kn, s_kd,
+                 s_vb, s_vh, s_vn, s_vd,
+                 s_dob, s_doh, s_dom, s_dod,
+                 s_tb, s_th, s_tm,
+                 s_dkb, s_dkh, s_dkn, s_dkd,
+                 s_dvb, s_dvh, s_dvn, s_dvd,
+                 Hq, Hkv, G, Nq, Nk, D, n_kblocks, n_qblocks, wl, wr, scale,
+                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+                 HAS_SEQ: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """dK, dV of one (batch, kv head, key block), summed over the query heads of its group."""
+    bkv = tl.program_id(0)
+    n = tl.program_id(1)
+    b = bkv // Hkv
+    kvh = bkv % Hkv
+    Lq, Lk, off = _bwd_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_SEQ)
+    b64 = b.to(tl.int64)
+    offs_n = n * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    kmask = (offs_n < Nk)[:, None] & dmask[None, :]
+    k = tl.load(K + b64 * s_kb + kvh * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
+                mask=kmask, other=0.0)
+    v = tl.load(V + b64 * s_vb + kvh * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
+                mask=kmask, other=0.0)
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BD], dtype=tl.float32)
+    zero_t = tl.zeros([BN, BM], dtype=tl.float32)
+    for hh in range(0, G):
+        h = kvh * G + hh
+        coef = tl.load(COEF + h)
+        inv = tl.load(INV + h)
+        sexp = tl.load(SEXP + h)
+        row = (b64 * Hq + h) * n_kblocks + n
+        cnt = tl.load(CNT + row)
+        q_base = Q + b64 * s_qb + h * s_qh
+        do_base = DO + b64 * s_dob + h * s_doh
+        t_base = TAU + b64 * s_tb + h * s_th
+        d_base = DELTA + (b64 * Hq + h) * Nq
+        for t in range(0, cnt):
+            m = tl.load(IDX + row * n_qblocks + t)
+            offs_m = m * BM + tl.arange(0, BM)
+            mmask = offs_m < Nq
+            qmask = mmask[:, None] & dmask[None, :]
+            q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=qmask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, mask=qmask, other=0.0)
+            tau = tl.load(t_base + offs_m * s_tm, mask=mmask, other=float("inf"))
+            delta = tl.load(d_base + offs_m, mask=mmask, other=0.0)
+            # transposed tile: rows are keys, columns are queries
+            x = coef * _bwd_mm(k, tl.trans(q), zero_t, DOT_PREC, UPCAST) - tau[None, :]
+            vis = _bwd_visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, wl, wr,
+                               CAUSAL, HAS_WL, HAS_WR)
+            p, s = _bwd_probs(tl.where(vis, x, -1.0), inv, sexp, ALPHA_MODE)
+            dv = _bwd_mm(p.to(do.dtype), do, dv, DOT_PREC, UPCAST)
+            g = _bwd_mm(v, tl.trans(do), zero_t, DOT_PREC, UPCAST)
+            dz = s * (g - delta[None, :])
+            dk = _bwd_mm(dz.to(q.dtype), q, dk, DOT_PREC, UPCAST)
+    dk = dk * scale
+    tl.store(DK + b64 * s_dkb + kvh * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
+             dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + b64 * s_dvb + kvh * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :] * s_dvd,
+             dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, AM1, DAROW, DQ, CNT, IDX, SEQQ, SEQK,
+               s_qb, s_qh, s_qm, s_qd,
+               s_kb, s_kh, s_kn, s_kd,
+               s_vb, s_vh, s_vn, s_vd,
+               s_dob, s_doh, s_dom, s_dod,
+               s_tb, s_th, s_tm,
+               s_dqb, s_dqh, s_dqm, s_dqd,
+               Hq, G, Nq, Nk, D, n_qblocks, n_kblocks, wl, wr, scale,
+               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+               HAS_SEQ: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+               UPCAST: tl.constexpr, REVERSE: tl.constexpr, ALPHA_GRAD: tl.constexpr):
+    """dQ of one (batch, query head, query block) over its marked key blocks; with ALPHA_GRAD it also
+    completes the rows' dL/dalpha with (sum_j g_ij p_ij - delta_i)/(alpha-1)^2, the sum formed here
+    exactly (the stored output is rounded to the input dtype, too coarse for alpha near 1)."""
+    bh = tl.program_id(0)
+    m = tl.program_id(1)
+    if REVERSE:  # causal: the last query blocks have the most work, start them first
+        m = n_qblocks - 1 - m
+    b = bh // Hq
+    h = bh % Hq
+    kvh = h // G
+    Lq, Lk, off = _bwd_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_SEQ)
+    b64 = b.to(tl.int64)
+    coef = tl.load(COEF + h)
+    inv = tl.load(INV + h)
+    sexp = tl.load(SEXP + h)
+    offs_m = m * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    dmask = offs_d < D
+    mmask = offs_m < Nq
+    qmask = mmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b64 * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+                mask=qmask, other=0.0)
+    do = tl.load(DO + b64 * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod,
+                 mask=qmask, other=0.0)
+    tau = tl.load(TAU + b64 * s_tb + h * s_th + offs_m * s_tm, mask=mmask, other=float("inf"))
+    delta = tl.load(DELTA + (b64 * Hq + h) * Nq + offs_m, mask=mmask, other=0.0)
+    k_base = K + b64 * s_kb + kvh * s_kh
+    v_base = V + b64 * s_vb + kvh * s_vh
+    row = (b64 * Hq + h) * n_qblocks + m
+    cnt = tl.load(CNT + row)
+    dq = tl.zeros([BM, BD], dtype=tl.float32)
+    zero_t = tl.zeros([BM, BN], dtype=tl.float32)
+    gp = tl.zeros([BM], dtype=tl.float32)
+    for t in range(0, cnt):
+        n = tl.load(IDX + row * n_kblocks + t)
+        offs_n = n * BN + tl.arange(0, BN)
+        kmask = (offs_n < Nk)[:, None] & dmask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kmask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kmask, other=0.0)
+        x = coef * _bwd_mm(q, tl.trans(k), zero_t, DOT_PREC, UPCAST) - tau[:, None]
+        vis = _bwd_visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, wl, wr,
+                           CAUSAL, HAS_WL, HAS_WR)
+        p, s = _bwd_probs(tl.where(vis, x, -1.0), inv, sexp, ALPHA_MODE)
+        g = _bwd_mm(do, tl.trans(v), zero_t, DOT_PREC, UPCAST)
+        if ALPHA_GRAD:
+            gp += tl.sum(g * p, axis=1)
+        dz = s * (g - delta[:, None])
+        dq = _bwd_mm(dz.to(k.dtype), k, dq, DOT_PREC, UPCAST)
+    dq = dq * scale
+    tl.store(DQ + b64 * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
+             dq.to(DQ.dtype.element_ty), mask=qmask)
+    if ALPHA_GRAD:
+        am1 = tl.load(AM1 + h)
+        da_ptr = DAROW + (b64 * Hq + h) * Nq + offs_m
+        part = tl.load(da_ptr, mask=mmask, other=0.0)
+        tl.store(da_ptr, part + (gp - delta) / (am1 * am1), mask=mmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+def coarsen_tile_map(tile_map: torch.Tensor, fm: int, fn: int) -> torch.Tensor:
+    """OR-reduce a (B, H, R, C) bool tile map by fm along R and fn along C.
+
+    Returns (B, H, ceil(R/fm), ceil(C/fn)) bool: a block is marked when any of its 64x64 tiles is.
+    """
+    if fm == 1 and fn == 1:
+        return tile_map.bool()
+    B, H, R, C = tile_map.shape
+    R2, C2 = -(-R // fm), -(-C // fn)
+    t = tile_map.to(torch.uint8)
+    if R2 * fm != R or C2 * fn != C:
+        t = torch.nn.functional.pad(t, (0, C2 * fn - C, 0, R2 * fm - R))
+    return t.view(B, H, R2, fm, C2, fn).amax(dim=(3, 5)).bool()
+
+
+def block_lists(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact per-row lists of marked blocks of a (B, H, R, C) bool map.
+
+    Returns counts (B, H, R) int32 (marked blocks per row) and indices (B, H, R, C) int32 whose first
+    counts[b, h, r] entries are the marked column indices in increasing order (the rest is padding).
+    """
+    counts = block_map.sum(dim=-1, dtype=torch.int32).contiguous()
+    order = torch.argsort((~block_map).to(torch.uint8), dim=-1, stable=True)
+    return counts, order.to(torch.int32).contiguous()
+
+
+def _interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _alpha_tables(alpha, Hq: int, scale: float, device):
+    """Per-head fp32 tables: alpha-1, (alpha-1)*scale, 1/(alpha-1), (2-alpha)/(alpha-1); and a fast-path id."""
+    if isinstance(alpha, torch.Tensor):
+        a = alpha.detach().to(device=device, dtype=torch.float64).reshape(-1).expand(Hq)
+        mode = 0
+    else:
+        a = torch.full((Hq,), float(alpha), dtype=torch.float64, device=device)
+        mode = 1 if float(alpha) == 1.5 else 2 if float(alpha) == 2.0 else 0
+    am1 = a - 1.0
+    tabs = [am1, am1 * scale, 1.0 / am1, (2.0 - a) / am1]
+    return [t.to(torch.float32).contiguous() for t in tabs], mode
+
+
+def _pick_blocks(D: int, device: torch.device):
+    """Block sizes (multiples of the 64x64 tile map) and launch options for this head dim."""
+    if device.type != "cuda":
+        return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=4, stages=1)
+    if D <= 64:
+        return dict(bm_dq=128, bn_dq=64, bm_kv=64, bn_kv=128, warps=8, stages=2)
+    if D <= 128:
+        return dict(bm_dq=128, bn_dq=64, bm_kv=64, bn_kv=128, warps=8, stages=2)
+    return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=8, stages=1)
+
+
+def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, causal, scale,
+                       window, seqlens_q, seqlens_k, o3=None, h_row=None,
+                       alpha_requires_grad=False, deterministic=False, blocks=None):
+    """Gradients of alpha-entmax attention, visiting only the tiles the forward's tile map marks.
+
+    Shapes and dtypes (any strides):
+      q, out, grad_out  (B, Hq, Nq, D)  float16 / bfloat16 / float32 (out, grad_out: any of these)
+      k, v              (B, Hkv, Nk, D) q's dtype; Hq % Hkv == 0, query head h uses kv head h // (Hq // Hkv)
+      tau               (B, Hq, Nq) float32 threshold in (alpha-1)*score units, +inf on fully masked rows
+      tile_map          (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool, a superset of the tiles holding p > 0
+      o2                (B, Hq, Nq, D) float32, sum_j p_ij^(2-alpha) v_j
+      s_sum             (B, Hq, Nq) float32, sum_j p_ij^(2-alpha) (0 on fully masked rows)
+      o3, h_row         (B, Hq, Nq, D), (B, Hq, Nq) float32: sum_j p log p v_j and sum_j p log p (natural
+                        log); needed only when alpha_requires_grad
+      alpha             python float in (1, 2] or (Hq,) tensor; causal bool (bottom-right aligned);
+                        scale python float (scores are scale * q.k); window None or (left, right) ints/None;
+                        seqlens_q, seqlens_k None or (B,) int tensors (right padding); semantics as in
+                        docs/ARCHITECTURE.md.
+      blocks            optional dict overriding the block sizes (tests); sizes are multiples of 64.
+    Returns (dq, dk, dv, dalpha): dq like q, dk/dv like k/v (input dtype, fp32 accumulation inside) and
+    dalpha (Hq,) float32 when alpha_requires_grad else None. Fully masked rows contribute nothing.
+
+    Deterministic: the dK/dV kernel sums the GQA group inside one program and dQ has its own kernel, so
+    no atomics are used and every sum has a fixed order; results are bit-identical run to run whether
+    or not `deterministic` is set (the flag is accepted for API symmetry).
+    """
+    del deterministic  # always deterministic (see docstring)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"attention_backward: q must be float16, bfloat16 or float32, got {q.dtype}")
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Hq % Hkv != 0:
+        raise ValueError(f"attention_backward: Hq={Hq} is not a multiple of Hkv={Hkv}")
+    if alpha_requires_grad and (o3 is None or h_row is None):
+        raise ValueError("attention_backward: alpha_requires_grad needs o3 and h_row from the forward")
+    G = Hq // Hkv
+    dev = q.device
+    BD = max(16, triton.next_power_of_2(D))
+    cfg = _pick_blocks(D, dev)
+    if blocks:
+        cfg.update(blocks)
+    (am1, coef, inv, sexp), mode = _alpha_tables(alpha, Hq, scale, dev)
+    tau = tau.to(torch.float32)
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    # delta and the per-row alpha gradient
+    delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
+    darow = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev) if alpha_requires_grad else delta
+    o3_, h_ = (o3, h_row) if alpha_requires_grad else (o2, s_sum)
+    BR = 32 if BD <= 128 else 16
+    _rows_kernel[(B * Hq, triton.cdiv(Nq, BR))](
+        grad_out, o2, s_sum, o3_, h_, am1, delta, darow,
+        *grad_out.stride(), *o2.stride(), *s_sum.stride(), *o3_.stride(), *h_.stride(),
+        Hq, Nq, D, BR=BR, BD=BD, ALPHA_GRAD=alpha_requires_grad)
+
+    has_seq = seqlens_q is not None or seqlens_k is not None
+    if has_seq:
+        sq = (seqlens_q if seqlens_q is not None else torch.full((B,), Nq, device=dev)).to(dev, torch.int32)
+        sk = (seqlens_k if seqlens_k is not None else torch.full((B,), Nk, device=dev)).to(dev, torch.int32)
+    else:
+        sq = sk = delta  # unused placeholder pointers
+    wl, wr = (window if window is not None else (None, None))
+    common = dict(CAUSAL=bool(causal), HAS_WL=wl is not None, HAS_WR=wr is not None, HAS_SEQ=has_seq,
+                  ALPHA_MODE=mode, DOT_PREC=dot_prec, UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+                   num_warps=cfg["warps"], num_stages=cfg["stages"])
+    wl_i, wr_i = int(wl or 0), int(wr or 0)
+    tile_map = tile_map.to(dev)
+
+    # dK, dV: transposed map, one program per (batch, kv head, key block)
+    bm, bn = cfg["bm_kv"], cfg["bn_kv"]
+    kv_map = coarsen_tile_map(tile_map, bm // MAP_BLOCK, bn // MAP_BLOCK).transpose(2, 3)
+    cnt_kv, idx_kv = block_lists(kv_map)
+    n_kb, n_qb = kv_map.shape[2], kv_map.shape[3]
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    _dkdv_kernel[(B * Hkv, n_kb)](
+        q, k, v, grad_out, tau, delta, coef, inv, sexp, dk, dv, cnt_kv, idx_kv, sq, sk,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(),
+        *dk.stride(), *dv.stride(),
+        Hq, Hkv, G, Nq, Nk, D, n_kb, n_qb, wl_i, wr_i, float(scale),
+        BM=bm, BN=bn, BD=BD, **common)
+
+    # dQ: one program per (batch, query head, query block)
+    bm, bn = cfg["bm_dq"], cfg["bn_dq"]
+    q_map = coarsen_tile_map(tile_map, bm // MAP_BLOCK, bn // MAP_BLOCK)
+    cnt_q, idx_q = block_lists(q_map)
+    n_qb, n_kb = q_map.shape[2], q_map.shape[3]
+    dq = torch.empty_like(q)
+    _dq_kernel[(B * Hq, n_qb)](
+        q, k, v, grad_out, tau, delta, coef, inv, sexp, am1, darow, dq, cnt_q, idx_q, sq, sk,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(), *dq.stride(),
+        Hq, G, Nq, Nk, D, n_qb, n_kb, wl_i, wr_i, float(scale),
+        BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad, **common)
+
+    dalpha = None
+    if alpha_requires_grad:
+        dalpha = darow.to(torch.float64).sum(dim=(0, 2)).to(torch.float32)
+    return dq, dk, dv, dalpha

@@ -1,0 +1,256 @@
+"""Shared @triton.jit helpers for the entmax attention kernels (forward and backward).
+
+Conventions used by every kernel of this package:
+
+* Scores live in "tau units": x_ij = (alpha_h - 1) * scale * q_i . k_j, so that
+  p_ij = [x_ij - tau_i]_+ ** r with r = 1 / (alpha_h - 1), and tau is reported in the same units.
+  u = [x - tau]_+ >= 0 is the "shifted score".
+* Key tiles are BLOCK_N = 64 wide; query blocks are BLOCK_M = 64 or 128 rows. The per-tile max and
+  the tile map are kept at 64 x 64 granularity, so a BLOCK_M = 128 program owns SUB = BLOCK_M // 64
+  rows of them ("sub-blocks").
+* ALPHA_MODE (tl.constexpr) selects the power code: 1 -> alpha = 1.5 (p = u^2, s = u),
+  2 -> alpha = 2 (p = u, s = 1[u > 0]), 0 -> any alpha in (1, 2] through exp2/log2
+  (libdevice pow does not run in the Triton interpreter).
+* A masked (invisible) score is -inf; a row with no visible key has row max -inf and tau = +inf.
+"""
+import triton
+import triton.language as tl
+
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def program_coords(Lq_ptr, Lk_ptr, Nq, Nk, H, group, NUM_M_BLOCKS,
+                   HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Coordinates of this program in a (NUM_M_BLOCKS, B * Hq) grid.
+
+    Query blocks are scheduled longest-first (program 0 takes the last block, which sees the most
+    keys under a causal mask). Returns (b, h, hk, start_m, len_q, len_k, offset), all int32 scalars:
+    batch, query head, kv head (h // group), first query row, valid query/key lengths of batch b
+    (from the optional int32 (B,) tensors Lq_ptr/Lk_ptr, else Nq/Nk) and the bottom-right offset
+    len_k - len_q.
+    """
+    pid_m = NUM_M_BLOCKS - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // group
+    start_m = pid_m * BLOCK_M
+    len_q = Nq + 0 * b
+    len_k = Nk + 0 * b
+    if HAS_LQ:
+        len_q = tl.load(Lq_ptr + b).to(tl.int32)
+    if HAS_LK:
+        len_k = tl.load(Lk_ptr + b).to(tl.int32)
+    offset = len_k - len_q
+    return b, h, hk, start_m, len_q, len_k, offset
+
+
+@triton.jit
+def key_range(start_m, len_q, len_k, offset, win_left, win_right,
+              CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Half-open key range [lo, hi) that rows start_m .. start_m + BLOCK_M - 1 may see.
+
+    lo is rounded down to a multiple of BLOCK_N; hi <= lo means the block sees nothing (all its
+    rows are padding or fully masked). Scalars in, int32 scalars out.
+    """
+    last_row = tl.minimum(start_m + BLOCK_M, len_q) - 1
+    lo = 0 * start_m
+    if WIN_LEFT:
+        lo = tl.maximum(start_m + offset - win_left, 0)
+    hi = len_k + 0 * start_m
+    if CAUSAL:
+        hi = tl.minimum(hi, last_row + offset + 1)
+    if WIN_RIGHT:
+        hi = tl.minimum(hi, last_row + offset + win_right + 1)
+    hi = tl.where(last_row < start_m, 0, hi)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def visible_mask(offs_m, offs_n, len_q, len_k, offset, win_left, win_right,
+                 CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: may query row offs_m[i] see key offs_n[j]?
+
+    offs_m (BLOCK_M,) and offs_n (BLOCK_N,) are int32 absolute positions. Query i sees key j iff
+    i < len_q, j < len_k, and (CAUSAL) j <= i + offset, and (WIN_LEFT) j >= i + offset - win_left,
+    and (WIN_RIGHT) j <= i + offset + win_right (bottom-right alignment, docs/ARCHITECTURE.md).
+    """
+    rows = offs_m[:, None]
+    cols = offs_n[None, :]
+    vis = (rows < len_q) & (cols < len_k)
+    diag = rows + offset
+    if CAUSAL:
+        vis = vis & (cols <= diag)
+    if WIN_LEFT:
+        vis = vis & (cols >= diag - win_left)
+    if WIN_RIGHT:
+        vis = vis & (cols <= diag + win_right)
+    return vis
+
+
+@triton.jit
+def load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows, D):
+    """Load a (len(offs_r), BLOCK_D) tile of a row-major-ish (rows, D) slice; out-of-range -> 0."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    return tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, Nk, D, qk_scale,
+               len_q, len_k, offset, win_left, win_right,
+               CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores in tau units for one key tile: (BLOCK_M, BLOCK_N) float32, invisible -> -inf.
+
+    q: (BLOCK_M, BLOCK_D) tile already loaded; keys start_n .. start_n + BLOCK_N - 1 are read from
+    k_base with strides (stride_kn, stride_kd). qk_scale = (alpha - 1) * scale (a scalar).
+    Returns (x, offs_n).
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                 mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
+    x = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    vis = visible_mask(offs_m, offs_n, len_q, len_k, offset, win_left, win_right,
+                       CAUSAL, WIN_LEFT, WIN_RIGHT)
+    return tl.where(vis, x, float("-inf")), offs_n
+
+
+@triton.jit
+def entmax_s(u, rm1, ALPHA_MODE: tl.constexpr):
+    """s = p^(2 - alpha) = u^(r - 1) for shifted scores u >= 0 (any shape, float32).
+
+    rm1 = r - 1 = (2 - alpha) / (alpha - 1) (scalar; unused for ALPHA_MODE 1 and 2). Zero where u = 0.
+    The probability itself is p = u * s.
+    """
+    if ALPHA_MODE == 2:
+        s = tl.where(u > 0, 1.0, 0.0)
+    elif ALPHA_MODE == 1:
+        s = u
+    else:
+        s = tl.where(u > 0, tl.exp2(tl.log2(u) * rm1), 0.0)
+    return s
+
+
+@triton.jit
+def entmax_p(x, tau, rm1, ALPHA_MODE: tl.constexpr):
+    """p = [x - tau]_+^(1/(alpha-1)) and s = p^(2-alpha) for scores x (BLOCK_M, BLOCK_N) and
+    tau (BLOCK_M,), both float32 in tau units. Returns (p, s, u) with u = [x - tau]_+."""
+    u = tl.maximum(x - tau[:, None], 0.0)
+    s = entmax_s(u, rm1, ALPHA_MODE)
+    return u * s, s, u
+
+
+@triton.jit
+def pow_row(f, expo, ALPHA_MODE: tl.constexpr):
+    """f^(2 - alpha) for row sums f > 0 (BLOCK_M,), expo = 2 - alpha (scalar). Zero-safe: f = 0 -> 0."""
+    if ALPHA_MODE == 2:
+        y = tl.where(f > 0, 1.0, 0.0)
+    elif ALPHA_MODE == 1:
+        y = tl.sqrt(f)
+    else:
+        y = tl.where(f > 0, tl.exp2(tl.log2(f) * expo), 0.0)
+    return y
+
+
+@triton.jit
+def newton_tau(tau, f, s, expo, ALPHA_MODE: tl.constexpr):
+    """One Newton step on g(tau) = F(tau)^(alpha-1) - 1, where F = sum p, S = sum p^(2-alpha).
+
+    g is convex and decreasing (F^(alpha-1) is the r-norm of the convex [x - tau]_+), so a step from
+    below the root stays below it: every iterate is a lower bound of the true tau. The step is exact
+    when all non-zero p are equal. tau, f, s: (BLOCK_M,) float32; rows with s = 0 keep tau.
+    """
+    step = (f - pow_row(f, expo, ALPHA_MODE)) / tl.where(s > 0, s, 1.0)
+    return tl.where(s > 0, tau + step, tau)
+
+
+@triton.jit
+def sub_block_max(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Max of a (BLOCK_M, BLOCK_N) tile over each 64-row sub-block: (BLOCK_M // 64,) float32."""
+    SUB: tl.constexpr = BLOCK_M // 64
+    x3 = tl.reshape(x, (SUB, 64, BLOCK_N))
+    return tl.max(tl.max(x3, axis=2), axis=1)
+
+
+@triton.jit
+def sub_block_min_rows(t, BLOCK_M: tl.constexpr):
+    """Min of a (BLOCK_M,) row vector over each 64-row sub-block: (BLOCK_M // 64,)."""
+    SUB: tl.constexpr = BLOCK_M // 64
+    return tl.min(tl.reshape(t, (SUB, 64)), axis=1)
+
+
+@triton.jit
+def sub_block_any(c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Does each 64-row sub-block of a (BLOCK_M, BLOCK_N) bool tile hold a True? (BLOCK_M//64,) int32."""
+    SUB: tl.constexpr = BLOCK_M // 64
+    c3 = tl.reshape(c.to(tl.int32), (SUB, 64, BLOCK_N))
+    return tl.max(tl.max(c3, axis=2), axis=1)
+
+
+@triton.jit
+def tile_is_candidate(tmax_row_ptr, stride_tm, kb, thr_sub, n_sub_valid, BLOCK_M: tl.constexpr):
+    """May key tile kb hold a score above the rows' thresholds? Scalar bool.
+
+    tmax_row_ptr points at the per-64x64-tile max of this program's first sub-block (row stride
+    stride_tm); thr_sub (BLOCK_M // 64,) holds each sub-block's lowest row threshold (+inf for a
+    sub-block without valid rows); n_sub_valid = number of sub-blocks inside the tensor.
+    """
+    SUB: tl.constexpr = BLOCK_M // 64
+    sub = tl.arange(0, SUB)
+    tmax = tl.load(tmax_row_ptr + sub * stride_tm + kb, mask=sub < n_sub_valid, other=float("-inf"))
+    return tl.max((tmax > thr_sub).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def histogram_tile(x, m, NBINS: tl.constexpr):
+    """Per-row counts of the scores x (BLOCK_M, BLOCK_N) in NBINS bins of width 1/NBINS below the
+    row max m (BLOCK_M,): bin b holds m - (b+1)/NBINS < x <= m - b/NBINS. Returns (BLOCK_M, NBINS)
+    int32. Scores at or below m - 1 (never non-zero, since tau >= m - 1) are not counted.
+
+    Four bins share one int32 word (8-bit lanes; a tile row adds at most BLOCK_N <= 255 per bin), so
+    each score costs NBINS // 4 selects and row sums instead of NBINS.
+    """
+    t = tl.maximum((m[:, None] - x) * NBINS, 0.0)
+    inwin = (t < NBINS) & (x > float("-inf"))
+    b = tl.where(inwin, t, 0.0).to(tl.int32)
+    val = tl.where(inwin, 1 << ((b & 3) * 8), 0)
+    word = b >> 2
+    bins = tl.arange(0, NBINS)
+    lane_shift = ((bins & 3) * 8)[None, :]
+    bin_word = (bins >> 2)[None, :]
+    counts = tl.zeros((x.shape[0], NBINS), dtype=tl.int32)
+    for w in tl.static_range(NBINS // 4):
+        packed = tl.sum(tl.where(word == w, val, 0), axis=1)
+        counts += tl.where(bin_word == w, (packed[:, None] >> lane_shift) & 255, 0)
+    return counts
+
+
+@triton.jit
+def histogram_lower_tau(counts, m, rm1, expo, ALPHA_MODE: tl.constexpr, NBINS: tl.constexpr,
+                        ITERS: tl.constexpr):
+    """Guaranteed lower bound of tau from per-row bin counts (BLOCK_M, NBINS) and row max m (BLOCK_M,).
+
+    Every counted score is moved down to its bin's lower edge, except the row max itself (one count
+    of bin 0), which stays at m. The resulting F_lo(tau) <= F(tau) everywhere, so its root is <= the
+    true tau; Newton steps on F_lo^(alpha-1) - 1 from m - 1 (<= that root) stay below it. Rows with
+    m = -inf get +inf.
+    """
+    valid = m > float("-inf")
+    mm = tl.where(valid, m, 0.0)
+    bins = tl.arange(0, NBINS)
+    c = counts - tl.where(bins[None, :] == 0, 1, 0)
+    c = tl.maximum(c, 0).to(tl.float32)
+    edge = mm[:, None] - (bins[None, :] + 1).to(tl.float32) / NBINS
+    tau = mm - 1.0
+    for _ in tl.static_range(ITERS):
+        ub = tl.maximum(edge - tau[:, None], 0.0)
+        sb = entmax_s(ub, rm1, ALPHA_MODE)
+        u0 = mm - tau
+        s0 = entmax_s(u0, rm1, ALPHA_MODE)
+        f = tl.sum(c * ub * sb, axis=1) + u0 * s0
+        s = tl.sum(c * sb, axis=1) + s0
+        tau = tl.maximum(newton_tau(tau, f, s, expo, ALPHA_MODE), mm - 1.0)
+    return tl.where(valid, tau, float("inf"))

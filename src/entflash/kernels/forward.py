@@ -1,0 +1,56 @@
+"""The fused forward pipeline: dense sweep -> tau solve over candidate tiles -> sparse output sweep."""
+from __future__ import annotations
+
+import torch
+
+from entflash.kernels.launch import make_spec
+from entflash.kernels.output import sparse_output
+from entflash.kernels.solve import solve_tau
+from entflash.kernels.sweep import dense_sweep
+
+
+def alpha_tensor(alpha, n_heads: int, device) -> torch.Tensor:
+    """alpha (python float or (Hq,) tensor) as a contiguous (Hq,) float32 tensor on `device`."""
+    if isinstance(alpha, torch.Tensor):
+        a = alpha.detach().to(device=device, dtype=torch.float32).reshape(-1)
+        if a.numel() == 1:
+            a = a.expand(n_heads)
+        if a.numel() != n_heads:
+            raise ValueError(f"alpha: expected a float or a tensor of shape ({n_heads},), got {tuple(alpha.shape)}")
+        return a.contiguous()
+    return torch.full((n_heads,), float(alpha), device=device, dtype=torch.float32)
+
+
+def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlens_q=None, seqlens_k=None,
+                   alpha_grad=False, newton_iters=2):
+    """Fused alpha-entmax attention forward.
+
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); float16, bfloat16 or float32 (float32 products use
+    exact-float32 dots), any strides. float64 inputs are computed in float32 (the kernels' precision)
+    and returned as float64. alpha: python float in (1, 2] or (Hq,) tensor; scale: python float
+    (default 1/sqrt(D)); window: None or (left, right) with None for an unlimited side;
+    seqlens_q/seqlens_k: None or int (B,) tensors of valid lengths. Semantics: docs/ARCHITECTURE.md.
+
+    Returns a dict with out (B, Hq, Nq, D) in q's dtype; tau (B, Hq, Nq) float32 (tau units,
+    (alpha-1) * score, +inf for rows without a visible key); support (B, Hq, Nq) int32; tile_map
+    (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool (a superset of the tiles holding non-zeros); o2, s (and
+    o3, hrow when alpha_grad) for the backward; row_max and tile_max (tau units) from the sweep.
+    """
+    out_dtype = q.dtype
+    if q.dtype == torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    B, H, Nq, D = q.shape
+    if scale is None:
+        scale = D ** -0.5
+    alpha_t = alpha_tensor(alpha, H, q.device)
+    sq = seqlens_q.to(device=q.device, dtype=torch.int32).contiguous() if seqlens_q is not None else None
+    sk = seqlens_k.to(device=q.device, dtype=torch.int32).contiguous() if seqlens_k is not None else None
+    spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
+    row_max, tile_max = dense_sweep(q, k, alpha_t, scale, spec)
+    tau, tau_low = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, newton_iters)
+    res = sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad)
+    if out_dtype != res["out"].dtype:
+        res["out"] = res["out"].to(out_dtype)
+    res["row_max"] = row_max
+    res["tile_max"] = tile_max
+    return res

@@ -1,0 +1,83 @@
+"""Host-side launch plan shared by the forward stages: flags, lengths, grid and tile configuration."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+# ALPHA_MODE constexpr values (kernels/common.py): specialised power code for alpha = 1.5 and 2.
+ALPHA_GENERAL, ALPHA_15, ALPHA_2 = 0, 1, 2
+
+
+def alpha_mode(alpha) -> int:
+    """ALPHA_MODE for a python float alpha; per-head tensors always take the general path."""
+    if isinstance(alpha, float) or isinstance(alpha, int):
+        if float(alpha) == 1.5:
+            return ALPHA_15
+        if float(alpha) == 2.0:
+            return ALPHA_2
+    return ALPHA_GENERAL
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class StageSpec:
+    """Everything the three forward kernels share for one call.
+
+    lq/lk: int32 (B,) length tensors or a dummy pointer (flags say which); win_left/win_right: ints
+    (0 when that side is unlimited); group = Hq // Hkv; grid = (num query blocks, B * Hq);
+    tiles: BLOCK_M/BLOCK_N/BLOCK_D/DOT_PREC constexprs; *_launch: num_warps/num_stages per stage.
+    """
+    lq: torch.Tensor
+    lk: torch.Tensor
+    win_left: int
+    win_right: int
+    group: int
+    num_m_blocks: int
+    grid: tuple
+    alpha_mode: int
+    flags: dict = field(default_factory=dict)
+    tiles: dict = field(default_factory=dict)
+    sweep_launch: dict = field(default_factory=dict)
+    sparse_launch: dict = field(default_factory=dict)
+
+
+def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> StageSpec:
+    """Build the launch plan for q (B, Hq, Nq, D), k (B, Hkv, Nk, D) and the normalized arguments.
+
+    Tile choice: 128-row query blocks for head dims <= 128 on a GPU (64 rows under the interpreter,
+    which runs each program in numpy, and for D = 256 to bound registers); key tiles are always 64
+    wide, the granularity of the tile map.
+    """
+    B, H, Nq, D = q.shape
+    block_d = max(16, triton.next_power_of_2(D))
+    if _interpreting() or block_d > 128:
+        block_m = 64
+    else:
+        block_m = 128
+    warps = 4 if block_d <= 64 else 8
+    if block_m == 64:
+        warps = 4 if block_d <= 128 else 8
+    left, right = window if window is not None else (None, None)
+    n_mb = triton.cdiv(Nq, block_m)
+    return StageSpec(
+        lq=seqlens_q if seqlens_q is not None else alpha_t,
+        lk=seqlens_k if seqlens_k is not None else alpha_t,
+        win_left=int(left) if left is not None else 0,
+        win_right=int(right) if right is not None else 0,
+        group=H // k.shape[1],
+        num_m_blocks=n_mb,
+        grid=(n_mb, B * H),
+        alpha_mode=alpha_mode(alpha),
+        flags=dict(HAS_LQ=seqlens_q is not None, HAS_LK=seqlens_k is not None, CAUSAL=bool(causal),
+                   WIN_LEFT=left is not None, WIN_RIGHT=right is not None),
+        tiles=dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d,
+                   DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32"),
+        sweep_launch=dict(num_warps=warps, num_stages=3 if block_d <= 128 else 2),
+        sparse_launch=dict(num_warps=warps, num_stages=2),
+    )

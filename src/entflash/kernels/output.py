@@ -1,0 +1,125 @@
+"""Sparse output sweep: O = sum p v over the tiles that can hold non-zeros, closed by one analytic
+Newton correction, plus what the backward needs and the 64x64 tile map.
+
+With F = sum p, S = sum s (s = p^(2-alpha)) and O2 = sum s v at the solver's tau, a Newton step
+dtau = (alpha-1) c, c = (F - 1) / S, changes each p by -c s to first order, so the corrected output
+is O - c O2 (its weights sum to exactly 1) and the reported tau is tau + (alpha-1) c: no separate
+final solver pass.
+"""
+import triton
+import triton.language as tl
+
+from entflash.kernels.common import (LN2, entmax_p, key_range, load_rows, program_coords, score_tile,
+                                     sub_block_any, sub_block_min_rows, tile_is_candidate)
+
+
+@triton.jit
+def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow,
+                   Out, TauOut, Support, TileMap, O2, S2, O3, Hrow,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_ob, stride_oh, stride_om, stride_od,
+                   stride_tb, stride_th, stride_tm,
+                   H, Nq, Nk, D, group, scale, win_left, win_right, NUM_M_BLOCKS, N_SUB_ROWS,
+                   HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, CAUSAL: tl.constexpr,
+                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_PREC: tl.constexpr, ALPHA_MODE: tl.constexpr, ALPHA_GRAD: tl.constexpr):
+    b, h, hk, start_m, len_q, len_k, offset = program_coords(
+        Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
+    alpha = tl.load(Alpha + h).to(tl.float32)
+    qk_scale = (alpha - 1.0) * scale
+    rm1 = (2.0 - alpha) / (alpha - 1.0)
+    r = 1.0 / (alpha - 1.0)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ptr = (b * H + h) * Nq + offs_m
+    in_rows = offs_m < Nq
+    tau = tl.load(TauIn + row_ptr, mask=in_rows, other=float("inf"))
+    tau_low = tl.load(TauLow + row_ptr, mask=in_rows, other=float("inf"))
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    tile_off = b * stride_tb + h * stride_th + (start_m // 64) * stride_tm
+    n_sub_valid = N_SUB_ROWS - start_m // 64
+    sub = tl.arange(0, BLOCK_M // 64)
+    lo, hi = key_range(start_m, len_q, len_k, offset, win_left, win_right,
+                       CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
+    thr = sub_block_min_rows(tau_low, BLOCK_M)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    f_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    n_i = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    if ALPHA_GRAD:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        h_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        kb = start_n // BLOCK_N
+        if tile_is_candidate(TileMax + tile_off, stride_tm, kb, thr, n_sub_valid, BLOCK_M):
+            x, offs_n = score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, Nk, D,
+                                   qk_scale, len_q, len_k, offset, win_left, win_right,
+                                   CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC)
+            hit = sub_block_any(x > tau_low[:, None], BLOCK_M, BLOCK_N)
+            tl.store(TileMap + tile_off + sub * stride_tm + kb, hit.to(tl.int8), mask=sub < n_sub_valid)
+            p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
+            v = load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, Nk, D)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            acc2 += tl.dot(s.to(v.dtype), v, input_precision=DOT_PREC)
+            f_i += tl.sum(p, axis=1)
+            s_i += tl.sum(s, axis=1)
+            n_i += tl.sum((u > 0).to(tl.int32), axis=1)
+            if ALPHA_GRAD:
+                plogp = tl.where(u > 0, p * (r * LN2) * tl.log2(tl.where(u > 0, u, 1.0)), 0.0)
+                acc3 += tl.dot(plogp.to(v.dtype), v, input_precision=DOT_PREC)
+                h_i += tl.sum(plogp, axis=1)
+
+    c = tl.where(s_i > 0, (f_i - 1.0) / tl.where(s_i > 0, s_i, 1.0), 0.0)
+    out = acc - c[:, None] * acc2
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_rows[:, None] & (offs_d[None, :] < D))
+    tl.store(TauOut + row_ptr, tau + (alpha - 1.0) * c, mask=in_rows)
+    tl.store(Support + row_ptr, n_i, mask=in_rows)
+    tl.store(S2 + row_ptr, s_i, mask=in_rows)
+    row_d = row_ptr[:, None] * D + offs_d[None, :]
+    d_mask = in_rows[:, None] & (offs_d[None, :] < D)
+    tl.store(O2 + row_d, acc2, mask=d_mask)
+    if ALPHA_GRAD:
+        tl.store(O3 + row_d, acc3, mask=d_mask)
+        tl.store(Hrow + row_ptr, h_i, mask=in_rows)
+
+
+def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad):
+    """Output sweep over candidate tiles.
+
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); alpha_t (Hq,) float32; tile_max from the sweep; tau,
+    tau_low (B, Hq, Nq) float32 from solve.solve_tau. Returns a dict:
+      out (B, Hq, Nq, D) in q's dtype (strides like q), tau (B, Hq, Nq) float32 (after the closing
+      Newton correction), support (B, Hq, Nq) int32 (count of p > 0), tile_map (B, Hq, ceil(Nq/64),
+      ceil(Nk/64)) bool, o2 (B, Hq, Nq, D) float32 = sum s v, s (B, Hq, Nq) float32 = sum s, and
+      when alpha_grad: o3 (B, Hq, Nq, D) float32 = sum p log p v, hrow (B, Hq, Nq) float32 = sum p log p
+      (else None).
+    """
+    import torch
+
+    B, H, Nq, D = q.shape
+    dev = q.device
+    out = torch.empty_like(q)
+    tau_out = torch.empty((B, H, Nq), device=dev, dtype=torch.float32)
+    support = torch.empty((B, H, Nq), device=dev, dtype=torch.int32)
+    tile_map = torch.zeros(tile_max.shape, device=dev, dtype=torch.int8)
+    o2 = torch.empty((B, H, Nq, D), device=dev, dtype=torch.float32)
+    s2 = torch.empty((B, H, Nq), device=dev, dtype=torch.float32)
+    o3 = torch.empty((B, H, Nq, D), device=dev, dtype=torch.float32) if alpha_grad else o2
+    hrow = torch.empty((B, H, Nq), device=dev, dtype=torch.float32) if alpha_grad else s2
+    _output_kernel[spec.grid](
+        q, k, v, alpha_t, spec.lq, spec.lk, tile_max, tau, tau_low,
+        out, tau_out, support, tile_map, o2, s2, o3, hrow,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tile_max.stride()[:3],
+        H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
+        spec.num_m_blocks, tile_max.shape[2], **spec.flags, **spec.tiles,
+        ALPHA_MODE=spec.alpha_mode, ALPHA_GRAD=bool(alpha_grad), **spec.sparse_launch)
+    return dict(out=out, tau=tau_out, support=support, tile_map=tile_map.view(torch.bool), o2=o2, s=s2,
+                o3=o3 if alpha_grad else None, hrow=hrow if alpha_grad else None)
