@@ -99,10 +99,19 @@ def load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows, D):
 
 
 @triton.jit
+def mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b with float32 accumulation. UPCAST feeds float32 operands: Triton 3.6's interpreter
+    gets bf16 products wrong, so launch.make_spec sets it for bf16 inputs under TRITON_INTERPRET=1."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
 def score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, Nk, D, qk_scale,
                len_q, len_k, offset, win_left, win_right,
                CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Scores in tau units for one key tile: (BLOCK_M, BLOCK_N) float32, invisible -> -inf.
 
     q: (BLOCK_M, BLOCK_D) tile already loaded; keys start_n .. start_n + BLOCK_N - 1 are read from
@@ -112,7 +121,7 @@ def score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, Nk, D, 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
-    x = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    x = mma(q, kt, tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32), DOT_PREC, UPCAST) * qk_scale
     vis = visible_mask(offs_m, offs_n, len_q, len_k, offset, win_left, win_right,
                        CAUSAL, WIN_LEFT, WIN_RIGHT)
     return tl.where(vis, x, float("-inf")), offs_n

@@ -22,7 +22,7 @@ def alpha_tensor(alpha, n_heads: int, device) -> torch.Tensor:
 
 
 def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlens_q=None, seqlens_k=None,
-                   alpha_grad=False, newton_iters=2):
+                   alpha_grad=False, newton_iters=2, out=None):
     """Fused alpha-entmax attention forward.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); float16, bfloat16 or float32 (float32 products use
@@ -35,6 +35,8 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     (alpha-1) * score, +inf for rows without a visible key); support (B, Hq, Nq) int32; tile_map
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool (a superset of the tiles holding non-zeros); o2, s (and
     o3, hrow when alpha_grad) for the backward; row_max and tile_max (tau units) from the sweep.
+    newton_iters: Newton passes of the solve stage; out: optional preallocated output (q's dtype and
+    shape, not for float64 inputs).
     """
     out_dtype = q.dtype
     if q.dtype == torch.float64:
@@ -48,7 +50,7 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
     row_max, tile_max = dense_sweep(q, k, alpha_t, scale, spec)
     tau, tau_low = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, newton_iters)
-    res = sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad)
+    res = sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad, out)
     if out_dtype != res["out"].dtype:
         res["out"] = res["out"].to(out_dtype)
     res["row_max"] = row_max

@@ -31,7 +31,7 @@ class StageSpec:
 
     lq/lk: int32 (B,) length tensors or a dummy pointer (flags say which); win_left/win_right: ints
     (0 when that side is unlimited); group = Hq // Hkv; grid = (num query blocks, B * Hq);
-    tiles: BLOCK_M/BLOCK_N/BLOCK_D/DOT_PREC constexprs; *_launch: num_warps/num_stages per stage.
+    tiles: BLOCK_M/BLOCK_N/BLOCK_D/DOT_PREC/UPCAST constexprs; *_launch: num_warps/num_stages per stage.
     """
     lq: torch.Tensor
     lk: torch.Tensor
@@ -77,7 +77,8 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
         flags=dict(HAS_LQ=seqlens_q is not None, HAS_LK=seqlens_k is not None, CAUSAL=bool(causal),
                    WIN_LEFT=left is not None, WIN_RIGHT=right is not None),
         tiles=dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d,
-                   DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32"),
+                   DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                   UPCAST=_interpreting() and q.dtype == torch.bfloat16),
         sweep_launch=dict(num_warps=warps, num_stages=3 if block_d <= 128 else 2),
         sparse_launch=dict(num_warps=warps, num_stages=2),
     )

@@ -9,7 +9,7 @@ final solver pass.
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (LN2, entmax_p, key_range, load_rows, program_coords, score_tile,
+from entflash.kernels.common import (LN2, entmax_p, key_range, load_rows, mma, program_coords, score_tile,
                                      sub_block_any, sub_block_min_rows, tile_is_candidate)
 
 
@@ -25,7 +25,8 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow,
                    HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, CAUSAL: tl.constexpr,
                    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PREC: tl.constexpr, ALPHA_MODE: tl.constexpr, ALPHA_GRAD: tl.constexpr):
+                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   ALPHA_MODE: tl.constexpr, ALPHA_GRAD: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -61,19 +62,19 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow,
         if tile_is_candidate(TileMax + tile_off, stride_tm, kb, thr, n_sub_valid, BLOCK_M):
             x, offs_n = score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, Nk, D,
                                    qk_scale, len_q, len_k, offset, win_left, win_right,
-                                   CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC)
+                                   CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
             hit = sub_block_any(x > tau_low[:, None], BLOCK_M, BLOCK_N)
             tl.store(TileMap + tile_off + sub * stride_tm + kb, hit.to(tl.int8), mask=sub < n_sub_valid)
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
             v = load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, Nk, D)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            acc2 += tl.dot(s.to(v.dtype), v, input_precision=DOT_PREC)
+            acc = mma(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
+            acc2 = mma(s.to(v.dtype), v, acc2, DOT_PREC, UPCAST)
             f_i += tl.sum(p, axis=1)
             s_i += tl.sum(s, axis=1)
             n_i += tl.sum((u > 0).to(tl.int32), axis=1)
             if ALPHA_GRAD:
                 plogp = tl.where(u > 0, p * (r * LN2) * tl.log2(tl.where(u > 0, u, 1.0)), 0.0)
-                acc3 += tl.dot(plogp.to(v.dtype), v, input_precision=DOT_PREC)
+                acc3 = mma(plogp.to(v.dtype), v, acc3, DOT_PREC, UPCAST)
                 h_i += tl.sum(plogp, axis=1)
 
     c = tl.where(s_i > 0, (f_i - 1.0) / tl.where(s_i > 0, s_i, 1.0), 0.0)
@@ -91,7 +92,7 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow,
         tl.store(Hrow + row_ptr, h_i, mask=in_rows)
 
 
-def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad):
+def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad, out=None):
     """Output sweep over candidate tiles.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); alpha_t (Hq,) float32; tile_max from the sweep; tau,
@@ -100,13 +101,13 @@ def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_g
       Newton correction), support (B, Hq, Nq) int32 (count of p > 0), tile_map (B, Hq, ceil(Nq/64),
       ceil(Nk/64)) bool, o2 (B, Hq, Nq, D) float32 = sum s v, s (B, Hq, Nq) float32 = sum s, and
       when alpha_grad: o3 (B, Hq, Nq, D) float32 = sum p log p v, hrow (B, Hq, Nq) float32 = sum p log p
-      (else None).
+      (else None). `out`, if given, is a preallocated output tensor (like q) to write into.
     """
     import torch
 
     B, H, Nq, D = q.shape
     dev = q.device
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     tau_out = torch.empty((B, H, Nq), device=dev, dtype=torch.float32)
     support = torch.empty((B, H, Nq), device=dev, dtype=torch.int32)
     tile_map = torch.zeros(tile_max.shape, device=dev, dtype=torch.int8)

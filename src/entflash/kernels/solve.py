@@ -29,7 +29,8 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow,
                   HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, CAUSAL: tl.constexpr,
                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT_PREC: tl.constexpr, ALPHA_MODE: tl.constexpr, NBINS: tl.constexpr,
+                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  ALPHA_MODE: tl.constexpr, NBINS: tl.constexpr,
                   HIST_ITERS: tl.constexpr, NEWTON_ITERS: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
@@ -58,7 +59,7 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow,
         if tile_is_candidate(tmax_ptr, stride_tm, start_n // BLOCK_N, thr, n_sub_valid, BLOCK_M):
             x, offs_n = score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, Nk, D,
                                    qk_scale, len_q, len_k, offset, win_left, win_right,
-                                   CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC)
+                                   CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
             counts += histogram_tile(x, m_i, NBINS)
     tau = histogram_lower_tau(counts, m_i, rm1, expo, ALPHA_MODE, NBINS, HIST_ITERS)
     tau_low = tau
@@ -72,7 +73,7 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow,
             if tile_is_candidate(tmax_ptr, stride_tm, start_n // BLOCK_N, thr, n_sub_valid, BLOCK_M):
                 x, offs_n = score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, Nk, D,
                                        qk_scale, len_q, len_k, offset, win_left, win_right,
-                                       CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC)
+                                       CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
                 p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
                 f_i += tl.sum(p, axis=1)
                 s_i += tl.sum(s, axis=1)

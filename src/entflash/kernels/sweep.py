@@ -18,7 +18,7 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax,
                   HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, CAUSAL: tl.constexpr,
                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -35,7 +35,7 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax,
     for start_n in range(lo, hi, BLOCK_N):
         x, offs_n = score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, Nk, D,
                                qk_scale, len_q, len_k, offset, win_left, win_right,
-                               CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC)
+                               CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
         m_i = tl.maximum(m_i, tl.max(x, axis=1))
         tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N,
                  sub_block_max(x, BLOCK_M, BLOCK_N), mask=sub_rows < N_SUB_ROWS)

@@ -1,0 +1,201 @@
+"""Fused Triton forward (entflash.kernels / entflash.autograd) against the exact float64 reference.
+
+On CPU the kernels run through the Triton interpreter (tests/conftest.py); shapes stay small.
+The `gpu` group repeats the key checks at real shapes on a CUDA device.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from entflash.autograd import triton_attention
+from entflash.kernels.forward import entmax_forward
+from entflash.reference.attention import torch_attention, visibility_mask
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_inputs(B, Hq, Hkv, Nq, Nk, D, dtype, gen, scale_qk=1.0, local=0.0, device=DEV):
+    """Random q, k, v; `local` > 0 adds a shared positional code that concentrates attention near the
+    diagonal (high block sparsity)."""
+    q = torch.randn(B, Hq, Nq, D, generator=gen, dtype=torch.float64) * scale_qk
+    k = torch.randn(B, Hkv, Nk, D, generator=gen, dtype=torch.float64) * scale_qk
+    v = torch.randn(B, Hkv, Nk, D, generator=gen, dtype=torch.float64)
+    if local > 0:
+        freqs = 0.05 * 30.0 ** torch.linspace(0.0, 1.0, D // 2, dtype=torch.float64)
+        def code(n, shift):
+            pos = torch.arange(n, dtype=torch.float64)[:, None] + shift
+            return torch.cat([torch.cos(pos * freqs), torch.sin(pos * freqs)], dim=-1)
+        q = q + local * code(Nq, Nk - Nq)
+        k = k + local * code(Nk, 0)
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+
+
+def reference(q, k, v, alpha, causal, scale, window=None, sq=None, sk=None):
+    out, aux = torch_attention(q.double(), k.double(), v.double(),
+                               alpha.double() if isinstance(alpha, torch.Tensor) else alpha,
+                               causal, scale, window, sq, sk, True)
+    return out, aux["tau"].double(), aux["support"]
+
+
+def dense_probs(q, k, alpha, causal, scale, tau, window=None, sq=None, sk=None):
+    """Materialized float64 p (B, Hq, Nq, Nk) from the reference's tau."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    kk = k.double().repeat_interleave(Hq // Hkv, dim=1)
+    z = scale * q.double() @ kk.transpose(-1, -2)
+    a = alpha.double().view(1, -1, 1, 1) if isinstance(alpha, torch.Tensor) else torch.tensor(float(alpha)).double()
+    vis = visibility_mask(0, Nq, Nq, Nk, causal, window, sq, sk, q.device)[:, None]
+    t = torch.where(torch.isinf(tau), torch.full_like(tau, 1e300), tau)[..., None]
+    u = torch.clamp((a - 1) * z - t, min=0) * vis
+    return u ** (1 / (a - 1))
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_forward(q, k, v, alpha, causal, window=None, sq=None, sk=None, tol=1e-4, tau_tol=1e-4):
+    """Run the fused forward into a NaN-poisoned output and compare everything with the reference."""
+    D = q.shape[-1]
+    scale = D ** -0.5
+    out = torch.full_like(q, float("nan"))
+    res = entmax_forward(q, k, v, alpha, causal, scale, window, sq, sk, out=out)
+    ref, tau_ref, sup_ref = reference(q, k, v, alpha, causal, scale, window, sq, sk)
+    assert torch.isfinite(res["out"]).all(), "output has NaN/inf (unwritten or bad arithmetic)"
+    assert rel(res["out"], ref) < tol
+    dead = torch.isinf(tau_ref)
+    assert torch.equal(torch.isinf(res["tau"]) & (res["tau"] > 0), dead)
+    assert (res["out"][dead] == 0).all()
+    assert (res["support"][dead] == 0).all()
+    live = ~dead
+    if live.any():
+        err = (res["tau"].double()[live] - tau_ref[live]).abs()
+        assert err.max().item() < tau_tol * (1 + tau_ref[live].abs().max().item())
+    # the tile map covers every non-zero of the exact p
+    p = dense_probs(q, k, alpha, causal, scale, tau_ref, window, sq, sk)
+    B, H, Nq, Nk = p.shape
+    pad = torch.zeros(B, H, math.ceil(Nq / 64) * 64, math.ceil(Nk / 64) * 64, dtype=p.dtype, device=p.device)
+    pad[:, :, :Nq, :Nk] = p
+    tiles = pad.view(B, H, Nq // 64 + (Nq % 64 > 0), 64, -1, 64).amax(dim=(3, 5))
+    assert res["tile_map"].dtype == torch.bool and res["tile_map"].shape == tiles.shape
+    assert not ((tiles > 1e-6) & ~res["tile_map"]).any(), "a tile with non-zero p is marked empty"
+    return res, ref, p
+
+
+CASES = [
+    # B, Hq, Hkv, Nq, Nk, D, alpha, causal, window
+    (1, 2, 1, 100, 131, 32, 1.5, False, None),           # odd, Nq != Nk, GQA
+    (2, 2, 2, 128, 128, 64, 1.5, True, None),
+    (1, 2, 1, 77, 77, 16, 2.0, True, None),
+    (1, 1, 1, 65, 97, 32, 1.25, False, None),
+    (1, 1, 1, 70, 70, 24, 1.01, True, None),              # D not a power of two
+    (1, 2, 1, 96, 80, 32, "heads", False, (5, 3)),        # per-head alpha, window, Nq > Nk
+    (1, 2, 2, 1, 1, 16, 1.75, True, None),                # N = 1
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_matches_float64_reference(case):
+    B, Hq, Hkv, Nq, Nk, D, alpha, causal, window = case
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    q, k, v = make_inputs(B, Hq, Hkv, Nq, Nk, D, torch.float32, gen)
+    if alpha == "heads":
+        alpha = torch.tensor([1.75, 1.3], device=DEV)
+    res, ref, p = check_forward(q, k, v, alpha, causal, window)
+    live = p.sum(-1) > 0
+    assert torch.allclose(p.sum(-1)[live], torch.ones_like(p.sum(-1)[live]))
+
+
+def test_seqlens_with_empty_row_and_causal_offset():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = make_inputs(3, 2, 1, 70, 90, 16, torch.float32, gen)
+    sq = torch.tensor([70, 0, 40], dtype=torch.int32, device=DEV)
+    sk = torch.tensor([50, 33, 90], dtype=torch.int32, device=DEV)
+    res, _, _ = check_forward(q, k, v, 1.5, True, None, sq, sk)
+    assert (res["out"][1] == 0).all() and (res["support"][1] == 0).all()
+    # batch 0: offset Lk - Lq = -20, so query i sees keys j <= i - 20: rows 0..19 see nothing
+    assert torch.isinf(res["tau"][0, :, :20]).all() and torch.isfinite(res["tau"][0, :, 20:]).all()
+    assert (res["out"][2, :, 40:] == 0).all()
+
+
+def test_local_inputs_are_block_sparse_and_rows_sum_to_one():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = make_inputs(1, 2, 2, 256, 256, 32, torch.float32, gen, local=2.5)
+    res, ref, p = check_forward(q, k, v, 1.5, False)
+    sparsity = 1 - res["tile_map"].float().mean().item()
+    assert sparsity > 0.4, f"local inputs should skip tiles, block sparsity {sparsity:.2f}"
+    ones = torch.ones_like(v)
+    out1 = entmax_forward(q, k, ones, 1.5, False, 32 ** -0.5)["out"]
+    assert torch.allclose(out1, torch.ones_like(out1), atol=1e-5)
+
+
+def test_bf16_dense():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = make_inputs(1, 2, 1, 128, 128, 64, torch.bfloat16, gen)
+    check_forward(q, k, v, 1.5, True, tol=2e-2, tau_tol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["huge_fp32", "equal_scores", "dominant_key", "fp16_large"])
+def test_extreme_inputs(kind):
+    gen = torch.Generator().manual_seed(6)
+    dtype = torch.float16 if kind == "fp16_large" else torch.float32
+    q, k, v = make_inputs(1, 1, 1, 64, 96, 16, torch.float32, gen)
+    tol = 1e-4
+    if kind == "huge_fp32":       # scores of order 1e4
+        q, k = q * 50, k * 50
+        tol = 1e-2
+    elif kind == "equal_scores":  # every key identical: uniform weights
+        k = k[:, :, :1].expand_as(k).contiguous()
+    elif kind == "dominant_key":
+        k[:, :, 17] = q[:, :, :].mean(2) * 40
+    elif kind == "fp16_large":    # scores far beyond fp16 range, accumulated in fp32
+        q, k = q * 150, k * 150
+        tol = 2e-2
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    check_forward(q, k, v, 1.5, False, tol=tol, tau_tol=1e-3 if kind != "huge_fp32" else 1e-3)
+
+
+def test_autograd_matches_reference_gradients():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = make_inputs(1, 2, 1, 64, 80, 16, torch.float32, gen)
+    alpha = torch.tensor([1.5, 1.3], device=DEV, requires_grad=True)
+    g = torch.randn(q.shape, generator=gen).to(DEV)
+    grads = []
+    for fn in (triton_attention, torch_attention):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        a = alpha.detach().clone().requires_grad_(True)
+        out = fn(*leaves, a, True, 0.25, None, None, None, False)
+        (out * g).sum().backward()
+        grads.append([t.grad for t in leaves] + [a.grad])
+    for ours, ref in zip(*grads):
+        assert rel(ours, ref) < 1e-3
+
+
+def test_return_aux_contract():
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = make_inputs(2, 2, 1, 70, 130, 16, torch.float32, gen)
+    out, aux = triton_attention(q, k, v, 1.5, False, 0.25, None, None, None, True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert aux["tau"].shape == (2, 2, 70) and aux["tau"].dtype == torch.float32
+    assert aux["support"].shape == (2, 2, 70) and aux["support"].dtype == torch.int32
+    assert aux["tile_map"].shape == (2, 2, 2, 3) and aux["tile_map"].dtype == torch.bool
+    assert (aux["support"] >= 1).all()
+
+
+# ---------------------------------------------------------------- GPU, real shapes
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("local", [0.0, 6.0])
+def test_gpu_real_shapes(D, local):
+    gen = torch.Generator().manual_seed(9)
+    N = 4096
+    q, k, v = make_inputs(1, 2, 2, N, N, D, torch.bfloat16, gen, local=local)
+    out = torch.full_like(q, float("nan"))
+    res = entmax_forward(q, k, v, 1.5, True, D ** -0.5, out=out)
+    ref, aux = torch_attention(q.float(), k.float(), v.float(), 1.5, True, D ** -0.5, None, None, None, True)
+    assert torch.isfinite(res["out"]).all()
+    assert rel(res["out"], ref) < 2e-2
+    assert (res["tau"] - aux["tau"]).abs().max().item() < 2e-2
