@@ -1,0 +1,412 @@
+"""Fused row-wise alpha-entmax on the GPU (Triton): forward, backward (x and alpha), autograd glue.
+
+Math (docs DESIGN.md section 1): for a row z of n scores and alpha in (1, 2],
+p_j = [(alpha - 1) z_j - tau]_+ ** (1 / (alpha - 1)) with tau making sum_j p_j = 1.
+
+How a row is solved (one program owns BLOCK_M whole rows):
+
+1. row max zmax; every later step works on shifted scores x = (alpha - 1) * (z - zmax) <= 0, so the
+   max sits at 0, the window that can be non-zero is [-1, 0], and large logits keep full precision;
+2. a histogram of x over NBINS bins of that window (``common.histogram_tile``) and a guaranteed lower
+   bound of tau from the bin counts (``common.histogram_lower_tau``);
+3. N_STEPS Newton steps on the r-norm of [x - tau]_+ (``common.newton_tau``): that function is convex
+   and decreasing, so each iterate stays a lower bound of tau (no non-zero entry can be lost) and
+   converges quadratically; two steps from the histogram bound reach float32 accuracy;
+4. p written once, in the input dtype; tau reported in (alpha - 1) * z units as in the reference.
+
+Rows of up to SINGLE_MAX_COLS columns stay in registers (one read of the input, one write of p).
+Longer rows loop over column chunks of BLOCK_N (max, histogram, one sweep per Newton step, output).
+All sums are float32 for float16 / bfloat16 / float32 inputs (float64 inputs are computed in float32).
+A row whose scores are all -inf gives p = 0, tau = +inf and zero gradients.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from entflash.kernels.common import (
+    entmax_p,
+    histogram_lower_tau,
+    histogram_tile,
+    newton_tau,
+    pow_row,
+)
+
+SINGLE_MAX_COLS = 32768  # rows up to this length are solved in registers
+CHUNK_COLS = 8192  # column chunk of the multi-sweep path
+CHUNK_WARPS = 16
+NBINS = 32  # histogram bins over the window [-1, 0] of shifted scores
+HIST_ITERS = 4  # Newton steps on the histogram's lower-edge model
+HIST_LANE = 128  # columns per histogram_tile call (its 8-bit lanes hold at most 255 counts)
+
+AlphaLike = Union[float, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers private to the row-wise kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _alpha_terms(ALPHA, alpha_value, pid, ALPHA_PER_ROW: tl.constexpr):
+    """alpha of this program's rows (scalar fp32) and the derived am1 = alpha - 1,
+    rm1 = (2 - alpha) / (alpha - 1), expo = 2 - alpha."""
+    if ALPHA_PER_ROW:
+        alpha = tl.load(ALPHA + pid).to(tl.float32)
+    else:
+        alpha = alpha_value * 1.0
+    am1 = alpha - 1.0
+    expo = 2.0 - alpha
+    return alpha, am1, expo / am1, expo
+
+
+@triton.jit
+def _load_shifted(X, rows, cols, n_rows, n_cols, stride, zmax, am1):
+    """(BLOCK_M, BLOCK_N) float32 shifted scores (alpha - 1) * (z - zmax); out of range -> -inf.
+    rows: (BLOCK_M,) int64, cols: (BLOCK_N,) int32, zmax: (BLOCK_M,) finite row max (0 for empty rows)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    z = tl.load(X + rows[:, None] * stride + cols[None, :], mask=mask, other=float("-inf"))
+    return (z.to(tl.float32) - zmax[:, None]) * am1
+
+
+@triton.jit
+def _bin_counts(x, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANE: tl.constexpr,
+                NB: tl.constexpr):
+    """Per-row histogram (BLOCK_M, NB) int32 of shifted scores x (BLOCK_M, BLOCK_N) below row max m.
+
+    common.histogram_tile packs counts in 8-bit lanes, so the tile is cut into LANE-wide pieces
+    (LANE <= 255) that are counted as separate rows and summed back."""
+    G: tl.constexpr = BLOCK_N // LANE
+    xs = tl.reshape(x, (BLOCK_M * G, LANE))
+    ms = tl.reshape(tl.broadcast_to(m[:, None], (BLOCK_M, G)), (BLOCK_M * G,))
+    c = histogram_tile(xs, ms, NB)
+    return tl.sum(tl.reshape(c, (BLOCK_M, G, NB)), axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _entmax_rows_fwd_kernel(
+    X, P, TAU, ALPHA, alpha_value, n_rows, n_cols, stride_x, stride_p,
+    ALPHA_PER_ROW: tl.constexpr, ALPHA_MODE: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANE: tl.constexpr, NB: tl.constexpr,
+    HIST_IT: tl.constexpr, N_STEPS: tl.constexpr,
+):
+    """One program solves BLOCK_M rows: writes p (rows, n_cols) in P's dtype and tau (rows,) fp32."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    alpha, am1, rm1, expo = _alpha_terms(ALPHA, alpha_value, pid, ALPHA_PER_ROW)
+    row_ok = rows < n_rows
+
+    # 1. row max of the raw scores
+    if SINGLE:
+        z = tl.load(X + rows[:, None] * stride_x + cols[None, :],
+                    mask=row_ok[:, None] & (cols[None, :] < n_cols), other=float("-inf"))
+        zmax = tl.max(z.to(tl.float32), axis=1)
+    else:
+        mx = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            c = start + cols
+            zc = tl.load(X + rows[:, None] * stride_x + c[None, :],
+                         mask=row_ok[:, None] & (c[None, :] < n_cols), other=float("-inf"))
+            mx = tl.maximum(mx, zc.to(tl.float32))
+        zmax = tl.max(mx, axis=1)
+    valid = zmax > float("-inf")
+    zsafe = tl.where(valid, zmax, 0.0)
+    m = tl.where(valid, 0.0, float("-inf"))  # max of the shifted scores
+
+    # 2. histogram of the window [-1, 0] -> guaranteed lower bound of tau
+    if SINGLE:
+        x = (z.to(tl.float32) - zsafe[:, None]) * am1
+        counts = _bin_counts(x, m, BLOCK_M, BLOCK_N, LANE, NB)
+    else:
+        counts = tl.zeros((BLOCK_M, NB), dtype=tl.int32)
+        for start in range(0, n_cols, BLOCK_N):
+            xc = _load_shifted(X, rows, start + cols, n_rows, n_cols, stride_x, zsafe, am1)
+            counts += _bin_counts(xc, m, BLOCK_M, BLOCK_N, LANE, NB)
+    tau = histogram_lower_tau(counts, m, rm1, expo, ALPHA_MODE, NB, HIST_IT)
+
+    # 3. Newton steps on the r-norm (iterates stay below the true tau)
+    for _ in tl.static_range(N_STEPS):
+        if SINGLE:
+            p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
+            f = tl.sum(p, axis=1)
+            g = tl.sum(s, axis=1)
+        else:
+            f_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            g_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK_N):
+                xc = _load_shifted(X, rows, start + cols, n_rows, n_cols, stride_x, zsafe, am1)
+                p, s, u = entmax_p(xc, tau, rm1, ALPHA_MODE)
+                f_acc += p
+                g_acc += s
+            f = tl.sum(f_acc, axis=1)
+            g = tl.sum(g_acc, axis=1)
+        tau = newton_tau(tau, f, g, expo, ALPHA_MODE)
+
+    # 4. output
+    if SINGLE:
+        p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
+        tl.store(P + rows[:, None] * stride_p + cols[None, :], p.to(P.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols[None, :] < n_cols))
+    else:
+        for start in range(0, n_cols, BLOCK_N):
+            c = start + cols
+            xc = _load_shifted(X, rows, c, n_rows, n_cols, stride_x, zsafe, am1)
+            p, s, u = entmax_p(xc, tau, rm1, ALPHA_MODE)
+            tl.store(P + rows[:, None] * stride_p + c[None, :], p.to(P.dtype.element_ty),
+                     mask=row_ok[:, None] & (c[None, :] < n_cols))
+    tau_out = tl.where(valid, am1 * zsafe + tau, float("inf"))
+    tl.store(TAU + rows, tau_out, mask=row_ok)
+
+
+@triton.jit
+def _bwd_tile_terms(P, G, rows, c, n_rows, n_cols, stride_p, stride_g, expo,
+                    ALPHA_MODE: tl.constexpr):
+    """Loads p and g (BLOCK_M, BLOCK_N) as float32 (0 out of range) and s = p^(2 - alpha)."""
+    mask = (rows[:, None] < n_rows) & (c[None, :] < n_cols)
+    p = tl.load(P + rows[:, None] * stride_p + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + rows[:, None] * stride_g + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = pow_row(p, expo, ALPHA_MODE)
+    return p, g, s, mask
+
+
+@triton.jit
+def _plogp(p):
+    """p * ln(p), 0 where p = 0 (float32, any shape)."""
+    return tl.where(p > 0, p * tl.log2(tl.where(p > 0, p, 1.0)) * 0.6931471805599453, 0.0)
+
+
+@triton.jit
+def _entmax_rows_bwd_kernel(
+    P, G, DX, ALPHA, DALPHA, alpha_value, n_rows, n_cols, stride_p, stride_g, stride_dx,
+    ALPHA_PER_ROW: tl.constexpr, ALPHA_MODE: tl.constexpr, NEED_DALPHA: tl.constexpr,
+    SINGLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dx = s * (g - sum(s g) / sum(s)) with s = p^(2-alpha); optionally dalpha per row (DESIGN 1)."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    alpha, am1, rm1, expo = _alpha_terms(ALPHA, alpha_value, pid, ALPHA_PER_ROW)
+
+    if SINGLE:
+        p, g, s, mask = _bwd_tile_terms(P, G, rows, cols, n_rows, n_cols, stride_p, stride_g,
+                                        expo, ALPHA_MODE)
+        ss = tl.sum(s, axis=1)
+        ssg = tl.sum(s * g, axis=1)
+        if NEED_DALPHA:
+            plp = _plogp(p)
+            sgp = tl.sum(g * p, axis=1)
+            sgplp = tl.sum(g * plp, axis=1)
+            ent = tl.sum(plp, axis=1)
+    else:
+        ss_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ssg_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sgp_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        sgplp_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        ent_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            pc, gc, sc, mc = _bwd_tile_terms(P, G, rows, start + cols, n_rows, n_cols, stride_p,
+                                             stride_g, expo, ALPHA_MODE)
+            ss_acc += sc
+            ssg_acc += sc * gc
+            if NEED_DALPHA:
+                plp = _plogp(pc)
+                sgp_acc += gc * pc
+                sgplp_acc += gc * plp
+                ent_acc += plp
+        ss = tl.sum(ss_acc, axis=1)
+        ssg = tl.sum(ssg_acc, axis=1)
+        if NEED_DALPHA:
+            sgp = tl.sum(sgp_acc, axis=1)
+            sgplp = tl.sum(sgplp_acc, axis=1)
+            ent = tl.sum(ent_acc, axis=1)
+
+    delta = tl.where(ss > 0, ssg / tl.where(ss > 0, ss, 1.0), 0.0)
+    if SINGLE:
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :],
+                 (s * (g - delta[:, None])).to(DX.dtype.element_ty), mask=mask)
+    else:
+        for start in range(0, n_cols, BLOCK_N):
+            c = start + cols
+            pc, gc, sc, mc = _bwd_tile_terms(P, G, rows, c, n_rows, n_cols, stride_p, stride_g,
+                                             expo, ALPHA_MODE)
+            tl.store(DX + rows[:, None] * stride_dx + c[None, :],
+                     (sc * (gc - delta[:, None])).to(DX.dtype.element_ty), mask=mc)
+    if NEED_DALPHA:
+        da = (sgp - delta) / (am1 * am1) - (sgplp - delta * ent) / am1
+        tl.store(DALPHA + rows, tl.where(ss > 0, da, 0.0), mask=rows < n_rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------
+
+def _alpha_mode(alpha_rows: AlphaLike) -> Tuple[bool, int, float]:
+    """(per_row, ALPHA_MODE, alpha_value) for a float alpha or an (R,) tensor of alphas."""
+    if isinstance(alpha_rows, torch.Tensor):
+        return True, 0, 0.0
+    a = float(alpha_rows)
+    if not 1.0 < a <= 2.0:
+        raise ValueError(f"entmax kernels: `alpha` must lie in (1, 2], got {a!r}")
+    return False, {1.5: 1, 2.0: 2}.get(a, 0), a
+
+
+def _tile_config(n_cols: int, per_row: bool, block_n: Optional[int], num_warps: Optional[int]):
+    """(SINGLE, BLOCK_M, BLOCK_N, LANE, num_warps) for rows of n_cols columns."""
+    if block_n is None:
+        single = n_cols <= SINGLE_MAX_COLS
+        block_n = triton.next_power_of_2(max(n_cols, 16)) if single else CHUNK_COLS
+    else:
+        block_n = triton.next_power_of_2(max(block_n, 16))
+        single = n_cols <= block_n
+    block_m = 1 if (per_row or not single) else max(1, min(16, 2048 // block_n))
+    if num_warps is None:
+        num_warps = CHUNK_WARPS if not single else min(32, max(4, block_m * block_n // 1024))
+    return single, block_m, block_n, min(HIST_LANE, block_n), num_warps
+
+
+def _alpha_args(alpha_rows: AlphaLike, n_rows: int, device) -> Tuple[torch.Tensor, float]:
+    if isinstance(alpha_rows, torch.Tensor):
+        if alpha_rows.shape != (n_rows,):
+            raise ValueError(f"entmax kernels: `alpha_rows` must have shape ({n_rows},), "
+                             f"got {tuple(alpha_rows.shape)}")
+        return alpha_rows.detach().to(device=device, dtype=torch.float32).contiguous(), 0.0
+    return torch.empty(1, device=device, dtype=torch.float32), float(alpha_rows)
+
+
+def entmax_rows_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, *, block_n: Optional[int] = None,
+                        num_warps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """alpha-entmax of every row of a 2-D tensor, in one fused kernel.
+
+    x2d: (R, n) float16 / bfloat16 / float32 (float64 is computed in float32) on a CUDA device (or a
+        CPU tensor under TRITON_INTERPRET=1), last dimension contiguous (any row stride).
+    alpha_rows: a python float in (1, 2] for every row (1.5 and 2.0 take exact fast paths), or an (R,)
+        tensor with one alpha per row (computed through exp2/log2).
+    block_n, num_warps: tuning overrides; block_n < n forces the chunked multi-sweep path.
+    Returns p (R, n) in x2d's dtype (rows sum to 1; an all -inf row gives zeros) and tau (R,) float32
+    in (alpha - 1) * x units, p = [(alpha - 1) x - tau]_+ ** (1 / (alpha - 1)); +inf for all -inf rows.
+    """
+    if x2d.dim() != 2:
+        raise ValueError(f"entmax_rows_forward: `x2d` must be 2-D, got shape {tuple(x2d.shape)}")
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    n_rows, n_cols = x2d.shape
+    per_row, mode, alpha_value = _alpha_mode(alpha_rows)
+    p = torch.empty((n_rows, n_cols), device=x2d.device, dtype=x2d.dtype)
+    tau = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
+    if n_rows == 0 or n_cols == 0:
+        return p, tau.fill_(float("inf"))
+    alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, x2d.device)
+    single, block_m, bn, lane, warps = _tile_config(n_cols, per_row, block_n, num_warps)
+    grid = (triton.cdiv(n_rows, block_m),)
+    _entmax_rows_fwd_kernel[grid](
+        x2d, p, tau, alpha_t, alpha_value, n_rows, n_cols, x2d.stride(0), p.stride(0),
+        ALPHA_PER_ROW=per_row, ALPHA_MODE=mode, SINGLE=single, BLOCK_M=block_m, BLOCK_N=bn,
+        LANE=lane, NB=NBINS, HIST_IT=HIST_ITERS, N_STEPS=3 if single else 2, num_warps=warps,
+    )
+    return p, tau
+
+
+def entmax_rows_backward(p: torch.Tensor, grad_p: torch.Tensor, alpha_rows: AlphaLike,
+                         need_alpha_grad: bool, *, block_n: Optional[int] = None,
+                         num_warps: Optional[int] = None
+                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of alpha-entmax rows from the forward's output (DESIGN.md section 1 closed forms).
+
+    p: (R, n) probabilities from entmax_rows_forward; grad_p: (R, n) dL/dp (any float dtype/strides).
+    alpha_rows: the float or (R,) tensor given to the forward. With s = p^(2 - alpha):
+      grad_x = s * (grad_p - sum(s grad_p) / sum(s))   (R, n), p's dtype; zeros on all -inf rows;
+      grad_alpha (R,) float32 per row when need_alpha_grad (requires an (R,) tensor alpha), else None:
+      sum_j g_j [(p_j - s^_j) / (alpha - 1)^2 - (p_j log p_j - s^_j H) / (alpha - 1)],
+      s^ = s / sum(s), H = sum_j p_j log p_j (natural log).
+    """
+    if p.stride(1) != 1:
+        p = p.contiguous()
+    if grad_p.stride(-1) != 1 or grad_p.shape != p.shape:
+        grad_p = grad_p.expand(p.shape).contiguous()
+    n_rows, n_cols = p.shape
+    per_row, mode, alpha_value = _alpha_mode(alpha_rows)
+    if need_alpha_grad and not per_row:
+        raise ValueError("entmax_rows_backward: an alpha gradient needs `alpha_rows` as an (R,) tensor")
+    dx = torch.empty_like(p)
+    dalpha = torch.empty(n_rows, device=p.device, dtype=torch.float32) if need_alpha_grad else None
+    if n_rows == 0 or n_cols == 0:
+        return dx, (dalpha.zero_() if need_alpha_grad else None)
+    alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, p.device)
+    single, block_m, bn, _, warps = _tile_config(n_cols, per_row, block_n, num_warps)
+    grid = (triton.cdiv(n_rows, block_m),)
+    _entmax_rows_bwd_kernel[grid](
+        p, grad_p, dx, alpha_t, dalpha if need_alpha_grad else alpha_t, alpha_value,
+        n_rows, n_cols, p.stride(0), grad_p.stride(0), dx.stride(0),
+        ALPHA_PER_ROW=per_row, ALPHA_MODE=mode, NEED_DALPHA=need_alpha_grad, SINGLE=single,
+        BLOCK_M=block_m, BLOCK_N=bn, num_warps=warps,
+    )
+    return dx, dalpha
+
+
+class FusedEntmaxRows(torch.autograd.Function):
+    """Autograd Function over rows: apply(x2d (R, n), alpha_rows float | (R,) tensor) -> p (R, n)."""
+
+    @staticmethod
+    def forward(ctx, x2d, alpha_rows):
+        p, _ = entmax_rows_forward(x2d, alpha_rows)
+        ctx.alpha_value = None if isinstance(alpha_rows, torch.Tensor) else alpha_rows
+        ctx.save_for_backward(p, *([alpha_rows] if isinstance(alpha_rows, torch.Tensor) else []))
+        return p
+
+    @staticmethod
+    def backward(ctx, grad_p):
+        p, *rest = ctx.saved_tensors
+        alpha = rest[0] if rest else ctx.alpha_value
+        need_alpha = bool(rest) and ctx.needs_input_grad[1]
+        dx, dalpha = entmax_rows_backward(p, grad_p, alpha, need_alpha)
+        if dalpha is not None:
+            dalpha = dalpha.to(rest[0].dtype)
+        return dx, dalpha
+
+
+def _alpha_to_rows(alpha: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(R,) float32 view of a tensor alpha broadcast to x with `dim` of size 1, rows ordered as
+    x.movedim(dim, -1); differentiable, so autograd sums the row gradients back to alpha's shape."""
+    target = list(x.shape)
+    target[dim] = 1
+    try:
+        a = alpha.to(torch.float32).expand(target)
+    except RuntimeError as err:
+        raise ValueError(f"fused_entmax: `alpha` of shape {tuple(alpha.shape)} does not broadcast to "
+                         f"{tuple(target)} (x's shape with dim {dim} of size 1)") from err
+    return a.movedim(dim, -1).reshape(-1)
+
+
+def fused_entmax(x: torch.Tensor, alpha: AlphaLike = 1.5, dim: int = -1) -> torch.Tensor:
+    """alpha-entmax of x along `dim` with the fused kernels; differentiable w.r.t. x and alpha.
+
+    x: any shape (at least 1-D), float16 / bfloat16 / float32 (float64 computed in float32), on CUDA
+        (or CPU under TRITON_INTERPRET=1). `dim` is moved last; no copy is made when x is contiguous
+        along it already (dim = -1 on a row-contiguous tensor), otherwise one copy.
+    alpha: python float in (1, 2] (1.5 and 2.0 take exact fast paths) or a tensor broadcastable to x
+        with `dim` kept as size 1; its gradient comes back in alpha's own shape.
+    Returns p with x's shape and dtype: non-negative, summing to 1 along dim (0 for all -inf slices).
+    """
+    if x.dim() == 0:
+        raise ValueError("fused_entmax: `x` must have at least one dimension, got a 0-d tensor")
+    dim = dim % x.dim()
+    xt = x.movedim(dim, -1)
+    n = xt.shape[-1]
+    x2d = xt.reshape(math.prod(xt.shape[:-1]), n)
+    if isinstance(alpha, torch.Tensor):
+        alpha_rows = _alpha_to_rows(alpha, x, dim)
+    elif isinstance(alpha, numbers.Real):
+        alpha_rows = float(alpha)
+    else:
+        raise TypeError(f"fused_entmax: `alpha` must be a float or a tensor, got {type(alpha).__name__}")
+    p2d = FusedEntmaxRows.apply(x2d, alpha_rows)
+    return p2d.reshape(xt.shape).movedim(-1, dim)

@@ -1,0 +1,274 @@
+"""Fused row-wise entmax kernels (src/entflash/kernels/rowwise.py) against float64 oracles.
+
+On CPU the kernels run through the Triton interpreter (tests/conftest.py) at small shapes; the
+`gpu` group runs them at vocabulary scale. Oracles: `entmax.entmax_bisect` in float64 (probabilities
+and gradients, x and alpha) and the exact `entflash.reference.rowwise.entmax_threshold` (tau).
+"""
+import math
+
+import pytest
+import torch
+
+from entmax import entmax_bisect
+
+from entflash.kernels import rowwise as kr
+from entflash.reference.rowwise import entmax_threshold
+
+ALPHAS = [1.01, 1.25, 1.5, 1.75, 2.0]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def oracle(x, alpha, dim=-1):
+    """float64 alpha-entmax of x (any dtype) along dim; alpha float or tensor broadcastable over rows."""
+    a = alpha.double() if isinstance(alpha, torch.Tensor) else torch.tensor(alpha, dtype=torch.float64)
+    return entmax_bisect(x.double(), a.to(x.device), dim=dim, n_iter=100)
+
+
+def p_tol(alpha):
+    """Absolute tolerance on p for float32 inputs: with r = 1/(alpha-1), rounding of the shifted score
+    (about 6e-8 relative) is amplified r times in p = u^r."""
+    return 2e-6 + 6e-8 / (alpha - 1)
+
+
+def random_rows(rows, n, scale=2.0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, n, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make torch.empty return NaN-filled float tensors, so an output entry the kernel never writes shows."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+# ----------------------------------------------------------------------------- forward, uniform alpha
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("n,block_n", [(1, None), (7, None), (64, None), (1000, None), (5000, None),
+                                       (5000, 1024)])
+def test_forward_matches_oracle(n, block_n, alpha, poison_empty):
+    x = random_rows(3, n, seed=n + int(100 * alpha))
+    p, tau = kr.entmax_rows_forward(x, alpha, block_n=block_n)
+    ref = oracle(x, alpha)
+    assert p.dtype == x.dtype and p.shape == x.shape
+    assert not torch.isnan(p).any() and not torch.isnan(tau).any()
+    assert (p >= 0).all()
+    torch.testing.assert_close(p.double(), ref, atol=p_tol(alpha), rtol=0)
+    torch.testing.assert_close(p.double().sum(-1), torch.ones(3, dtype=torch.float64, device=DEVICE),
+                               atol=30 * p_tol(alpha), rtol=0)
+    # tau in (alpha - 1) * x units: float32 of (alpha-1)*max plus the shift
+    tau_ref = entmax_threshold(x.double(), alpha, dim=-1).squeeze(-1)
+    torch.testing.assert_close(tau.double(), tau_ref, atol=1e-5, rtol=1e-6)
+    # support: entries that are exactly zero in the oracle (by a margin) are exactly zero here
+    sure_zero = (alpha - 1) * x.double() < tau_ref[:, None] - 1e-4
+    assert (p[sure_zero] == 0).all()
+
+
+def test_forward_chunked_equals_single_block():
+    x = random_rows(2, 1500, scale=3.0, seed=11)
+    for alpha in (1.25, 1.5, 2.0):
+        p1, t1 = kr.entmax_rows_forward(x, alpha)
+        p2, t2 = kr.entmax_rows_forward(x, alpha, block_n=256)
+        torch.testing.assert_close(p1, p2, atol=p_tol(alpha), rtol=0)
+        torch.testing.assert_close(t1, t2, atol=1e-6, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- per-row alpha, dim, dtype
+
+@pytest.mark.parametrize("n,block_n", [(7, None), (1000, None), (3000, 1024)])
+def test_forward_per_row_alpha(n, block_n):
+    alphas = torch.tensor([1.01, 1.3, 1.5, 1.9, 2.0], device=DEVICE)
+    x = random_rows(5, n, seed=n)
+    p, tau = kr.entmax_rows_forward(x, alphas, block_n=block_n)
+    ref = oracle(x, alphas[:, None])
+    assert not torch.isnan(p).any()
+    torch.testing.assert_close(p.double(), ref, atol=p_tol(1.01), rtol=0)
+    tau_ref = entmax_threshold(x.double(), alphas.double()[:, None], dim=-1).squeeze(-1)
+    torch.testing.assert_close(tau.double(), tau_ref, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_fused_entmax_any_dim_and_broadcast_alpha(dim):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 33, 3, generator=g) * 2).to(DEVICE)[:, 3:8]  # strided view (2, 5, 3)
+    shape = [2, 5, 3]
+    shape[dim] = 1
+    # broadcast over dim 0 (or, for dim = 0, given with dim 0 of size 1)
+    alpha = (1.05 + 0.9 * torch.rand(shape if dim == 0 else shape[1:], generator=g)).to(DEVICE)
+    p = kr.fused_entmax(x, alpha, dim=dim)
+    ref = oracle(x, alpha.expand(shape), dim=dim)
+    assert p.shape == x.shape
+    torch.testing.assert_close(p.double(), ref, atol=p_tol(1.05), rtol=0)
+
+
+def test_fused_entmax_last_dim_contiguous_makes_no_copy(monkeypatch):
+    x = random_rows(6, 50, seed=5).reshape(2, 3, 50)
+    seen = {}
+    real = kr.entmax_rows_forward
+
+    def spy(x2d, alpha_rows, **kw):
+        seen["ptr"] = x2d.data_ptr()
+        return real(x2d, alpha_rows, **kw)
+
+    monkeypatch.setattr(kr, "entmax_rows_forward", spy)
+    kr.fused_entmax(x, 1.5, dim=-1)
+    assert seen["ptr"] == x.data_ptr()
+
+
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+def test_forward_bfloat16(alpha):
+    x = random_rows(3, 1000, dtype=torch.bfloat16, seed=21)
+    p, _ = kr.entmax_rows_forward(x, alpha)
+    assert p.dtype == torch.bfloat16
+    ref = oracle(x, alpha)  # on the bf16-rounded input
+    torch.testing.assert_close(p.double(), ref, atol=4e-3, rtol=1e-2)
+    assert abs(p.double().sum(-1) - 1).max() < 2e-2
+
+
+# ----------------------------------------------------------------------------- extreme inputs
+
+def test_extreme_logits_no_nan():
+    n = 300
+    g = torch.Generator().manual_seed(9)
+    rows = [
+        (torch.randint(0, 2, (n,), generator=g) * 2 - 1).float() * 1e4,  # +-1e4: ties at the max
+        torch.full((n,), 3.7),  # all equal: uniform
+        torch.cat([torch.tensor([50.0]), torch.randn(n - 1, generator=g)]),  # one dominant
+        torch.where(torch.rand(n, generator=g) < 0.5, float("-inf"), torch.randn(n, generator=g)),
+        torch.full((n,), float("-inf")),  # nothing visible
+        torch.randn(n, generator=g) * 1e4 + 1e4,  # large offset and spread
+    ]
+    x = torch.stack(rows).to(DEVICE)
+    for alpha in (1.01, 1.5, 2.0):
+        p, tau = kr.entmax_rows_forward(x, alpha)
+        assert not torch.isnan(p).any()
+        assert (p[4] == 0).all() and math.isinf(tau[4].item()) and tau[4] > 0
+        ref = oracle(x[[0, 1, 2, 3, 5]], alpha)
+        torch.testing.assert_close(p[[0, 1, 2, 3, 5]].double(), ref, atol=p_tol(alpha), rtol=0)
+        assert torch.allclose(p[1], torch.full_like(p[1], 1.0 / n))
+        if alpha >= 1.5:  # near alpha = 1 the tail is tiny but not zero
+            assert p[2, 0] == 1.0 and (p[2, 1:] == 0).all()
+
+
+def test_all_neg_inf_rows_have_zero_gradients():
+    x = random_rows(3, 40, seed=2)
+    x[1] = float("-inf")
+    x.requires_grad_(True)
+    alpha = torch.tensor([1.3, 1.6, 1.9], device=DEVICE, requires_grad=True)
+    p = kr.fused_entmax(x, alpha[:, None], dim=-1)
+    (p * torch.randn_like(p)).sum().backward()
+    assert not torch.isnan(x.grad).any() and not torch.isnan(alpha.grad).any()
+    assert (x.grad[1] == 0).all() and alpha.grad[1] == 0 and (p[1] == 0).all()
+
+
+def test_empty_shapes():
+    p, tau = kr.entmax_rows_forward(torch.zeros(0, 5, device=DEVICE), 1.5)
+    assert p.shape == (0, 5) and tau.shape == (0,)
+    out = kr.fused_entmax(torch.zeros(2, 0, 3, device=DEVICE), 1.5, dim=1)
+    assert out.shape == (2, 0, 3)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def oracle_grads(x, alpha, gout, dim=-1):
+    """float64 (dx, dalpha) of sum(entmax(x, alpha) * gout) by autograd through entmax_bisect."""
+    xd = x.detach().double().requires_grad_(True)
+    ad = alpha.detach().double().requires_grad_(True)
+    (entmax_bisect(xd, ad, dim=dim, n_iter=100) * gout.double()).sum().backward()
+    return xd.grad, ad.grad
+
+
+@pytest.mark.parametrize("n,block_n", [(7, None), (1000, None), (3000, 1024)])
+def test_gradients_x_and_per_row_alpha(n, block_n):
+    alphas = torch.tensor([1.1, 1.4, 1.5, 1.8, 2.0], device=DEVICE)
+    x = random_rows(5, n, seed=n + 1)
+    gout = random_rows(5, n, scale=1.0, seed=n + 2)
+    p, _ = kr.entmax_rows_forward(x, alphas, block_n=block_n)
+    dx, da = kr.entmax_rows_backward(p, gout, alphas, True, block_n=block_n)
+    rdx, rda = oracle_grads(x, alphas[:, None], gout)
+    torch.testing.assert_close(dx.double(), rdx, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(da.double(), rda[:, 0], atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
+def test_gradients_uniform_alpha_autograd(alpha):
+    x = random_rows(4, 200, seed=7).reshape(2, 2, 200).requires_grad_(True)
+    gout = random_rows(4, 200, scale=1.0, seed=8).reshape(2, 2, 200)
+    (kr.fused_entmax(x, alpha, dim=-1) * gout).sum().backward()
+    rdx, _ = oracle_grads(x, torch.tensor(alpha), gout)
+    torch.testing.assert_close(x.grad.double(), rdx, atol=2e-5, rtol=1e-4)
+
+
+def test_alpha_gradient_reduced_to_alpha_shape_with_dim():
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 20, 4, generator=g) * 2).to(DEVICE).requires_grad_(True)
+    alpha = (1.2 + 0.6 * torch.rand(4, generator=g)).to(DEVICE).requires_grad_(True)  # one per last index
+    gout = torch.randn(3, 20, 4, generator=g).to(DEVICE)
+    (kr.fused_entmax(x, alpha, dim=1) * gout).sum().backward()
+    rdx, rda = oracle_grads(x, alpha.expand(3, 1, 4), gout, dim=1)
+    assert alpha.grad.shape == alpha.shape
+    torch.testing.assert_close(x.grad.double(), rdx, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(alpha.grad.double(), rda.sum(dim=(0, 1)), atol=2e-4, rtol=1e-3)
+
+
+def test_backward_writes_every_entry(poison_empty):
+    x = random_rows(2, 1500, seed=13)
+    alphas = torch.tensor([1.3, 1.7], device=DEVICE)
+    p, _ = kr.entmax_rows_forward(x, alphas, block_n=512)
+    dx, da = kr.entmax_rows_backward(p, torch.randn_like(p), alphas, True, block_n=512)
+    assert not torch.isnan(p).any() and not torch.isnan(dx).any() and not torch.isnan(da).any()
+
+
+def test_rejects_bad_alpha():
+    x = random_rows(2, 8)
+    with pytest.raises(ValueError, match="alpha"):
+        kr.entmax_rows_forward(x, 1.0)
+    with pytest.raises(ValueError, match="alpha_rows"):
+        kr.entmax_rows_forward(x, torch.full((3,), 1.5, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- GPU, vocabulary scale
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+def test_gpu_vocabulary_scale_forward(dtype, alpha):
+    x = (torch.randn(1024, 131072, device="cuda") * 3).to(dtype)
+    p, tau = kr.entmax_rows_forward(x, alpha)
+    assert not torch.isnan(p).any()
+    sums = p.double().sum(-1)
+    assert (sums - 1).abs().max() < (1e-4 if dtype == torch.float32 else 3e-2)
+    rows = x[:64]
+    ref = oracle(rows, alpha)
+    atol = p_tol(alpha) if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(p[:64].double(), ref, atol=atol, rtol=0 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_vocabulary_scale_gradients():
+    alphas = torch.linspace(1.1, 2.0, 16, device="cuda")
+    x = torch.randn(16, 131072, device="cuda") * 3
+    gout = torch.randn_like(x)
+    p, _ = kr.entmax_rows_forward(x, alphas)
+    dx, da = kr.entmax_rows_backward(p, gout, alphas, True)
+    rdx, rda = oracle_grads(x, alphas[:, None], gout)
+    torch.testing.assert_close(dx.double(), rdx, atol=5e-5, rtol=1e-3)
+    torch.testing.assert_close(da.double(), rda[:, 0], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_extreme_and_long_rows():
+    x = torch.randn(8, 262144, device="cuda") * 1e4
+    x[3] = float("-inf")
+    x[5] = 1.0
+    p = kr.fused_entmax(x, 1.5)
+    assert not torch.isnan(p).any() and (p[3] == 0).all()
+    assert torch.allclose(p[5], torch.full_like(p[5], 1 / 262144))
+    ok = [0, 1, 2, 4, 6, 7]
+    torch.testing.assert_close(p[ok].double(), oracle(x[ok], 1.5), atol=1e-5, rtol=0)
