@@ -161,6 +161,36 @@ def test_chunking_matches_a_single_chunk(chunk_rows):
         torch.testing.assert_close(chunked, single, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("causal,window,num_queries,num_keys", [
+    (True, None, 9, 6),          # early chunks see no key at all
+    (True, (2, None), 5, 11),
+    (False, (1, 0), 8, 8),
+    (False, (None, 1), 7, 9),
+    (False, (3, 2), 10, 4),
+])
+def test_key_bounded_chunks_match_the_oracle(causal, window, num_queries, num_keys):
+    q, k, v = random_inputs(num_queries * 31 + num_keys, 1, 2, 1, num_queries, num_keys, 4)
+    grad_out = torch.randn(q.shape, dtype=torch.float64)
+    expected, _ = dense_oracle(q, k, v, 1.5, causal, 0.5, window)
+    expected_grads = torch.autograd.grad((expected * grad_out).sum(), (q, k, v))
+    for rows in (1, 2, 3):
+        out = torch_attention(q, k, v, 1.5, causal, 0.5, window, None, None, False, chunk_rows=rows)
+        torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-9)
+        grads = torch.autograd.grad((out * grad_out).sum(), (q, k, v))
+        for mine, reference in zip(grads, expected_grads):
+            torch.testing.assert_close(mine, reference, atol=1e-8, rtol=1e-7)
+
+
+def test_no_keys_at_all_gives_zero_rows():
+    q = torch.randn(2, 2, 3, 4, requires_grad=True)
+    empty = torch.randn(2, 1, 0, 4)
+    out, aux = torch_attention(q, empty, empty, 1.5, False, 0.5, None, None, None, True)
+    assert out.shape == q.shape and out.abs().max() == 0
+    assert torch.isinf(aux["tau"]).all() and (aux["support"] == 0).all()
+    (out * torch.randn_like(out)).sum().backward()
+    assert q.grad.abs().max() == 0
+
+
 def test_chunk_rows_follow_the_memory_budget():
     rows = [query_chunk_rows(2, 8, 4096, torch.float32, budget_bytes=budget) for budget in (1, 2**20, 2**26, 2**30)]
     assert rows[0] == 1

@@ -23,6 +23,8 @@ from entflash.reference.rowwise import entmax_threshold
 CHUNK_MEMORY_BUDGET_BYTES = 256 * 2**20
 # Number of live (chunk x Nk) tensors in the backward, the heavier of the two passes.
 _LIVE_SCORE_TENSORS = 8
+# With causal or windowed masks, chunks are at least this many rows and at most 1/8 of the queries.
+_MIN_BOUNDED_CHUNK_ROWS = 64
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -43,14 +45,15 @@ def query_chunk_rows(batch: int, num_q_heads: int, num_keys: int, dtype: torch.d
 def visibility_mask(query_start: int, query_stop: int, num_queries: int, num_keys: int, causal: bool,
                     window: Optional[Tuple[Optional[int], Optional[int]]],
                     seqlens_q: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
-                    device: torch.device) -> torch.Tensor:
-    """Which keys each query of rows [query_start, query_stop) may see (docs/ARCHITECTURE.md semantics).
+                    device: torch.device, key_start: int = 0, key_stop: Optional[int] = None) -> torch.Tensor:
+    """Which keys of [key_start, key_stop) (default: all) each query of rows [query_start, query_stop) may see,
+    following the docs/ARCHITECTURE.md semantics.
 
     With Lq = seqlens_q[b] (else num_queries), Lk = seqlens_k[b] (else num_keys) and offset = Lk - Lq,
     query i sees key j iff i < Lq, j < Lk, (causal) j <= i + offset, and (window (l, r))
     i + offset - l <= j <= i + offset + r, a None side being unlimited.
 
-    Returns a bool tensor (B, rows, num_keys) when any seqlens is given, else (1, rows, num_keys).
+    Returns a bool tensor (B, rows, keys) when any seqlens is given, else (1, rows, keys).
     """
     def lengths(seqlens, default):
         if seqlens is None:
@@ -60,7 +63,7 @@ def visibility_mask(query_start: int, query_stop: int, num_queries: int, num_key
     length_q = lengths(seqlens_q, num_queries)
     length_k = lengths(seqlens_k, num_keys)
     query = torch.arange(query_start, query_stop, device=device).view(1, -1, 1)
-    key = torch.arange(num_keys, device=device).view(1, 1, -1)
+    key = torch.arange(key_start, num_keys if key_stop is None else key_stop, device=device).view(1, 1, -1)
     own_key = query + (length_k - length_q)
     visible = (query < length_q) & (key < length_k)
     if causal:
@@ -92,8 +95,12 @@ class _Problem:
         if isinstance(alpha, torch.Tensor):
             alpha = alpha.detach().to(self.dtype).view(1, self.num_kv_heads, self.group, 1, 1)
         self.alpha = alpha
+        self.keys_bounded = seqlens_q is None and seqlens_k is None and (
+            causal or (window is not None and window != (None, None)))
         if chunk_rows is None:
             chunk_rows = query_chunk_rows(self.batch, self.num_q_heads, self.num_keys, self.dtype)
+            if self.keys_bounded:  # smaller chunks skip more keys that no row of the chunk can see
+                chunk_rows = min(chunk_rows, max(_MIN_BOUNDED_CHUNK_ROWS, -(-self.num_queries // 8)))
         self.chunk_rows = max(1, int(chunk_rows))
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,20 +108,32 @@ class _Problem:
         return x.unflatten(1, (self.num_kv_heads, self.group))
 
     def chunks(self):
-        """Row ranges (start, stop) covering the queries."""
+        """Row ranges [start, stop) covering the queries, each with the key range [key_start, key_stop) outside
+        of which no row of the chunk sees a key (all keys when sequence lengths vary per batch entry)."""
         for start in range(0, self.num_queries, self.chunk_rows):
-            yield start, min(start + self.chunk_rows, self.num_queries)
+            stop = min(start + self.chunk_rows, self.num_queries)
+            key_start, key_stop = 0, self.num_keys
+            if self.keys_bounded:
+                offset = self.num_keys - self.num_queries
+                left, right = self.window if self.window is not None else (None, None)
+                if left is not None:
+                    key_start = min(max(start + offset - left, 0), self.num_keys)
+                if self.causal or right is not None:
+                    last_visible = stop - 1 + offset + (0 if self.causal else right)
+                    key_stop = min(max(last_visible + 1, 0), self.num_keys)
+            yield start, stop, key_start, max(key_start, key_stop)
 
     def flat_rows(self, x_chunk: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, G, rows, X) chunk -> (B, Hkv, G * rows, X) in the compute dtype."""
         return x_chunk.to(self.dtype).flatten(2, 3)
 
-    def scores(self, q_rows: torch.Tensor, k: torch.Tensor, start: int, stop: int):
-        """Masked scores of one chunk: (B, Hkv, G, rows, Nk), -inf where a key is not visible,
-        and the (B or 1, 1, 1, rows, 1) bool marking rows that see at least one key."""
+    def scores(self, q_rows: torch.Tensor, k: torch.Tensor, start: int, stop: int, key_start: int, key_stop: int):
+        """Masked scores of one chunk against keys [key_start, key_stop): (B, Hkv, G, rows, keys), -inf where a
+        key is not visible, and the (B or 1, 1, 1, rows, 1) bool marking rows that see at least one key."""
         visible = visibility_mask(start, stop, self.num_queries, self.num_keys, self.causal, self.window,
-                                  self.seqlens_q, self.seqlens_k, self.device)[:, None, None]
-        scores = (q_rows @ k.transpose(-1, -2)).unflatten(2, (self.group, stop - start)) * self.scale
+                                  self.seqlens_q, self.seqlens_k, self.device, key_start, key_stop)[:, None, None]
+        keys = k[:, :, key_start:key_stop]
+        scores = (q_rows @ keys.transpose(-1, -2)).unflatten(2, (self.group, stop - start)) * self.scale
         return scores.masked_fill(~visible, -math.inf), visible.any(dim=-1, keepdim=True)
 
     def shifted(self, scores: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -144,14 +163,18 @@ def _forward(problem: _Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     tau = torch.empty(p_.batch, p_.num_kv_heads, p_.group, p_.num_queries, dtype=p_.dtype, device=p_.device)
     support = torch.empty(p_.batch, p_.num_kv_heads, p_.group, p_.num_queries, dtype=torch.int32,
                           device=p_.device)
-    for start, stop in p_.chunks():
-        scores, row_has_key = p_.scores(p_.flat_rows(q5[:, :, :, start:stop]), k_c, start, stop)
+    for start, stop, key_start, key_stop in p_.chunks():
+        if key_start == key_stop:  # no row of the chunk sees a key
+            out[:, :, :, start:stop], tau[:, :, :, start:stop], support[:, :, :, start:stop] = 0, math.inf, 0
+            continue
+        scores, row_has_key = p_.scores(p_.flat_rows(q5[:, :, :, start:stop]), k_c, start, stop, key_start,
+                                        key_stop)
         solvable = scores.masked_fill(~row_has_key, 0.0)
         tau_chunk = entmax_threshold(solvable, p_.alpha, dim=-1)
         tau_chunk = tau_chunk.masked_fill(~row_has_key, math.inf)
         shifted = p_.shifted(scores, tau_chunk)
         probs = p_.probabilities(shifted)
-        out_rows = probs.flatten(2, 3) @ v_c
+        out_rows = probs.flatten(2, 3) @ v_c[:, :, key_start:key_stop]
         out[:, :, :, start:stop] = out_rows.unflatten(2, (p_.group, stop - start))
         tau[:, :, :, start:stop] = tau_chunk.squeeze(-1)
         support[:, :, :, start:stop] = (shifted > 0).sum(-1, dtype=torch.int32)
@@ -172,18 +195,20 @@ def _backward(problem: _Problem, q, k, v, tau, grad_out, need_q, need_k, need_v,
     dk = zeros_like_k() if need_k else None
     dv = zeros_like_k() if need_v else None
     dalpha = torch.zeros(p_.num_kv_heads, p_.group, dtype=p_.dtype, device=p_.device) if need_alpha else None
-    for start, stop in p_.chunks():
-        rows = stop - start
+    for start, stop, key_start, key_stop in p_.chunks():
+        if key_start == key_stop:  # no row of the chunk sees a key: zero gradients
+            continue
+        rows, keys = stop - start, slice(key_start, key_stop)
         q_rows = p_.flat_rows(q5[:, :, :, start:stop])
         grad_rows = p_.flat_rows(grad_out5[:, :, :, start:stop])
-        scores, _ = p_.scores(q_rows, k_c, start, stop)
+        scores, _ = p_.scores(q_rows, k_c, start, stop, key_start, key_stop)
         shifted = p_.shifted(scores, tau[:, :, :, start:stop, None])
         probs = p_.probabilities(shifted)
         if need_v:
-            dv += probs.flatten(2, 3).transpose(-1, -2) @ grad_rows
+            dv[:, :, keys] += probs.flatten(2, 3).transpose(-1, -2) @ grad_rows
         if not (need_q or need_k or need_alpha):
             continue
-        grad_probs = (grad_rows @ v_c.transpose(-1, -2)).unflatten(2, (p_.group, rows))
+        grad_probs = (grad_rows @ v_c[:, :, keys].transpose(-1, -2)).unflatten(2, (p_.group, rows))
         slopes = p_.slopes(shifted)
         slope_sum = slopes.sum(-1, keepdim=True)
         safe_sum = torch.where(slope_sum > 0, slope_sum, torch.ones_like(slope_sum))
@@ -192,9 +217,9 @@ def _backward(problem: _Problem, q, k, v, tau, grad_out, need_q, need_k, need_v,
             grad_scores = slopes * (grad_probs - (normalized_slopes * grad_probs).sum(-1, keepdim=True))
             grad_scores = grad_scores.flatten(2, 3) * p_.scale
             if need_q:
-                dq[:, :, :, start:stop] = (grad_scores @ k_c).unflatten(2, (p_.group, rows))
+                dq[:, :, :, start:stop] = (grad_scores @ k_c[:, :, keys]).unflatten(2, (p_.group, rows))
             if need_k:
-                dk += grad_scores.transpose(-1, -2) @ q_rows
+                dk[:, :, keys] += grad_scores.transpose(-1, -2) @ q_rows
         if need_alpha:
             dalpha += _alpha_gradient_rows(p_, shifted, probs, normalized_slopes, grad_probs).sum(dim=(0, 3))
     dq = dq.flatten(1, 2) if need_q else None
