@@ -199,3 +199,24 @@ def test_varlen_triton_pads_for_the_fused_backend_or_uses_its_varlen_entry(fake_
     fake_fused.triton_attention_varlen = lambda *args: varlen_calls.append(args) or args[0]
     assert entmax_attention_varlen(*arguments, backend="triton") is q
     assert len(varlen_calls) == 1 and len(fake_fused.triton_attention.calls) == 1
+
+
+def test_fused_backend_agrees_with_the_torch_backend_through_the_api():
+    """Integration with entflash.autograd (interpreter on CPU): padded call with seqlens, and the varlen call."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.detach().to(device) for t in _inputs(9, 2, 4, 2, 20, 24, 16))
+    seqlens = (torch.tensor([20, 7], device=device), torch.tensor([24, 0], device=device))
+    results = [entmax_attention(q, k, v, causal=True, seqlens=seqlens, return_aux=True, backend=backend)
+               for backend in ("triton", "torch")]
+    (fused, fused_aux), (exact, exact_aux) = results
+    torch.testing.assert_close(fused, exact, atol=2e-5, rtol=2e-5)
+    assert torch.equal(fused_aux["support"], exact_aux["support"])
+
+    lengths_q, lengths_k = [5, 0, 11], [9, 3, 11]
+    generator = torch.Generator().manual_seed(10)
+    packed = [torch.randn(total, heads, 16, generator=generator).to(device)
+              for total, heads in ((sum(lengths_q), 4), (sum(lengths_k), 2), (sum(lengths_k), 2))]
+    arguments = (*packed, _cu(lengths_q).to(device), _cu(lengths_k).to(device), 11, 11)
+    torch.testing.assert_close(entmax_attention_varlen(*arguments, window=(4, 2), backend="triton"),
+                               entmax_attention_varlen(*arguments, window=(4, 2), backend="torch"),
+                               atol=2e-5, rtol=2e-5)
