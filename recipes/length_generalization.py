@@ -47,7 +47,7 @@ class RecipeConfig:
     position_encoding: str = "rope"
     # training
     train_length: int = 64
-    steps: int = 1000
+    steps: int = 500
     batch_size: int = 64
     learning_rate: float = 2e-3
     weight_decay: float = 0.01
@@ -69,7 +69,7 @@ class RecipeConfig:
     flipflop_read_probability: float = 0.1
     lm_max_bytes: int = 20_000_000
     # throughput benchmark (training tokens/s on random tokens, after the runs)
-    throughput_lengths: Tuple[int, ...] = (64, 1024)
+    throughput_lengths: Tuple[int, ...] = (64, 1024, 4096)
     throughput_batch_tokens: int = 16384
     throughput_steps: int = 10
     # execution

@@ -62,8 +62,9 @@ def write_results(document: Dict, out_dir: str) -> str:
 
 
 def merge_results(directories: List[str]) -> Dict:
-    """One document from the results.json files of several output directories (runs and throughput rows
-    concatenated; config and environment of the first, the others' kept under "merged_from")."""
+    """One document from the results.json files of several output directories: runs and throughput rows
+    concatenated; the first's config and environment, with the warnings and entmax backends of all; each
+    source's config and environment under "merged_from"."""
     documents = []
     for directory in directories:
         path = os.path.join(directory, RESULTS_FILE)
@@ -71,8 +72,13 @@ def merge_results(directories: List[str]) -> Dict:
             raise FileNotFoundError(f"merge: no {RESULTS_FILE} in {directory!r}")
         with open(path) as handle:
             documents.append(json.load(handle))
-    merged = {"config": documents[0]["config"], "environment": documents[0]["environment"], "runs": [],
-              "throughput": [], "merged_from": []}
+    environment = dict(documents[0]["environment"])
+    environment["warnings"] = sorted({w for d in documents for w in d["environment"].get("warnings", [])})
+    backends = {d["environment"]["entmax_backend"] for d in documents if "entmax_backend" in d["environment"]}
+    if backends:
+        environment["entmax_backend"] = ",".join(sorted(backends))
+    merged = {"config": documents[0]["config"], "environment": environment, "runs": [], "throughput": [],
+              "merged_from": []}
     for directory, document in zip(directories, documents):
         merged["runs"].extend(document["runs"])
         merged["throughput"].extend(document.get("throughput", []))

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The recipe's evidence run on one GPU (see recipes/README.md), from the repository root:
+#     bash recipes/run_gpu.sh DEST [flags passed to every training process]
+# 1. recipes.backend_check: the fused ("triton") entmax backend is used only if it matches the exact one;
+#    otherwise every entmax model trains on the exact torch backend (DEST/backend_check.json says which).
+# 2. One training process per attention type, run side by side on the GPU (small models are launch-bound, so
+#    they overlap well); their tokens/s are therefore measured while sharing the GPU.
+# 3. Training throughput of each type measured alone (fresh models, random tokens), one type after another.
+# 4. Merge into DEST/results.json and DEST/length_generalization.png; logs without progress bars in DEST/train.log.
+set -uo pipefail
+dest=${1:?usage: bash recipes/run_gpu.sh DEST [flags]}
+shift
+python=${PYTHON:-python3}
+work=${RECIPE_WORK:-/tmp/recipe_runs}
+export PYTHONUNBUFFERED=1
+mkdir -p "$dest" "$work"
+if $python -m recipes.backend_check > "$dest/backend_check.json"; then backend=triton; else backend=torch; fi
+echo "entmax backend for training: $backend"
+types=(softmax entmax learnable asentmax)
+pids=()
+for attention in "${types[@]}"; do
+    $python -m recipes.length_generalization --config gpu --attention "$attention" --entmax-backend "$backend" \
+        --throughput-lengths '' --out "$work/$attention" "$@" > "$work/$attention.log" 2>&1 &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+$python -m recipes.length_generalization --config gpu --tasks '' --entmax-backend "$backend" \
+    --out "$work/throughput" "$@" > "$work/throughput.log" 2>&1
+finished=()
+for name in "${types[@]}" throughput; do
+    [ -f "$work/$name/results.json" ] && finished+=("$work/$name")
+done
+for name in "${types[@]}" throughput; do
+    echo "== $name"
+    tr '\r' '\n' < "$work/$name.log" | grep -v '%|' | grep -v '^\s*$'
+done > "$dest/train.log"
+cat "$dest/train.log"
+$python -m recipes.length_generalization --merge "${finished[@]}" --out "$dest"
