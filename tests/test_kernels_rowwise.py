@@ -272,3 +272,73 @@ def test_gpu_extreme_and_long_rows():
     assert torch.allclose(p[5], torch.full_like(p[5], 1 / 262144))
     ok = [0, 1, 2, 4, 6, 7]
     torch.testing.assert_close(p[ok].double(), oracle(x[ok], 1.5), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- fused entmax loss
+
+def oracle_loss(z, target, alpha, eps, ignore_index=-100):
+    """float64 Fenchel-Young loss per row: <p - y, z> + H(p) - H(y), H the Tsallis alpha-entropy."""
+    z = z.double()
+    n = z.shape[-1]
+    p = oracle(z, alpha)
+    y = torch.full_like(z, eps / n)
+    keep = target != ignore_index
+    y[torch.arange(len(target)), target.clamp(min=0)] += 1 - eps
+
+    def tsallis(q):
+        return (1 - (q ** alpha).sum(-1)) / (alpha * (alpha - 1))
+
+    return torch.where(keep, ((p - y) * z).sum(-1) + tsallis(p) - tsallis(y), 0.0)
+
+
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+@pytest.mark.parametrize("n,eps,chunked", [(7, 0.0, False), (1000, 0.1, False), (3000, 0.2, True)])
+def test_loss_and_gradient_match_oracle(n, eps, chunked, alpha, monkeypatch):
+    if chunked:
+        monkeypatch.setattr(kr, "SINGLE_MAX_COLS", 512)
+        monkeypatch.setattr(kr, "CHUNK_COLS", 1024)
+    z = random_rows(4, n, seed=n + 5)
+    target = torch.randint(0, n, (4,), generator=torch.Generator().manual_seed(n)).to(DEVICE)
+    target[1] = -100
+    zk = z.clone().requires_grad_(True)
+    loss = kr.fused_entmax_loss(zk, target, alpha, label_smoothing=eps, reduction="none")
+    gl = torch.rand(4, device=DEVICE) + 0.5
+    (loss * gl).sum().backward()
+    zr = z.double().requires_grad_(True)
+    ref = oracle_loss(zr, target, alpha, eps)
+    (ref * gl.double()).sum().backward()
+    assert loss.shape == (4,) and loss[1] == 0 and (zk.grad[1] == 0).all()
+    torch.testing.assert_close(loss.double(), ref, atol=5e-6, rtol=1e-5)
+    torch.testing.assert_close(zk.grad.double(), zr.grad, atol=2e-6, rtol=1e-5)
+
+
+def test_loss_reductions_and_entmax_package():
+    from entmax import entmax_bisect_loss, sparsemax_loss
+
+    z = random_rows(6, 50, seed=31).reshape(2, 3, 50)
+    target = torch.tensor([[3, 7, -100], [0, 49, 12]], device=DEVICE)
+    rows = kr.fused_entmax_loss(z, target, 1.5, reduction="none")
+    assert rows.shape == (2, 3)
+    keep = target != -100
+    torch.testing.assert_close(kr.fused_entmax_loss(z, target, 1.5, reduction="sum"), rows.sum())
+    torch.testing.assert_close(kr.fused_entmax_loss(z, target, 1.5), rows.sum() / keep.sum())
+    zk, tk = z.reshape(6, 50)[keep.reshape(-1)], target[keep]
+    ref15 = entmax_bisect_loss(zk.double(), tk, alpha=1.5, n_iter=100)
+    torch.testing.assert_close(rows[keep].double(), ref15, atol=5e-6, rtol=1e-5)
+    ref2 = sparsemax_loss(zk.double(), tk)
+    torch.testing.assert_close(kr.fused_entmax_loss(zk, tk, 2.0, reduction="none").double(), ref2,
+                               atol=5e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_loss_vocabulary_scale():
+    z = torch.randn(512, 131072, device="cuda", dtype=torch.bfloat16) * 3
+    target = torch.randint(0, 131072, (512,), device="cuda")
+    zk = z.clone().requires_grad_(True)
+    loss = kr.fused_entmax_loss(zk, target, 1.5, label_smoothing=0.1, reduction="none")
+    loss.sum().backward()
+    zr = z[:32].double().requires_grad_(True)
+    ref = oracle_loss(zr, target[:32], 1.5, 0.1)
+    ref.sum().backward()
+    torch.testing.assert_close(loss[:32].double(), ref, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(zk.grad[:32].double(), zr.grad, atol=4e-3, rtol=1e-2)

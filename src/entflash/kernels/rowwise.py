@@ -94,11 +94,18 @@ def _bin_counts(x, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANE: tl.con
 @triton.jit
 def _entmax_rows_fwd_kernel(
     X, P, TAU, ALPHA, alpha_value, n_rows, n_cols, stride_x, stride_p,
+    TGT, LOSS, ZMAX, ignore_index, eps, h_target,
     ALPHA_PER_ROW: tl.constexpr, ALPHA_MODE: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANE: tl.constexpr, NB: tl.constexpr,
-    HIST_IT: tl.constexpr, N_STEPS: tl.constexpr,
+    HIST_IT: tl.constexpr, N_STEPS: tl.constexpr, IS_LOSS: tl.constexpr,
 ):
-    """One program solves BLOCK_M rows: writes p (rows, n_cols) in P's dtype and tau (rows,) fp32."""
+    """One program solves BLOCK_M rows.
+
+    IS_LOSS = False: writes p (rows, n_cols) in P's dtype and tau (rows,) fp32 ((alpha-1)*x units).
+    IS_LOSS = True: p is never written; writes the entmax (Fenchel-Young) loss per row to LOSS
+    (0 where TGT == ignore_index; target distribution (1 - eps) one-hot + eps / n, whose Tsallis
+    entropy is h_target), and, for the backward, the shifted tau to TAU and the row max to ZMAX.
+    """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -151,20 +158,85 @@ def _entmax_rows_fwd_kernel(
             g = tl.sum(g_acc, axis=1)
         tau = newton_tau(tau, f, g, expo, ALPHA_MODE)
 
-    # 4. output
-    if SINGLE:
-        p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
-        tl.store(P + rows[:, None] * stride_p + cols[None, :], p.to(P.dtype.element_ty),
-                 mask=row_ok[:, None] & (cols[None, :] < n_cols))
+    # 4. output: p, or the loss terms sum p^alpha = sum p u, sum p x, sum z
+    if IS_LOSS:
+        if SINGLE:
+            p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
+            spu = tl.sum(p * u, axis=1)
+            spx = tl.sum(tl.where(p > 0, p * x, 0.0), axis=1)
+            sp = tl.sum(p, axis=1)
+            sz = tl.sum(tl.where(cols[None, :] < n_cols, z.to(tl.float32), 0.0), axis=1)
+        else:
+            spu_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            spx_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            sp_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            sz_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK_N):
+                c = start + cols
+                xc = _load_shifted(X, rows, c, n_rows, n_cols, stride_x, zsafe, am1)
+                p, s, u = entmax_p(xc, tau, rm1, ALPHA_MODE)
+                spu_acc += p * u
+                spx_acc += tl.where(p > 0, p * xc, 0.0)
+                sp_acc += p
+                if eps > 0:
+                    sz_acc += tl.where(c[None, :] < n_cols, xc / am1 + zsafe[:, None], 0.0)
+            spu = tl.sum(spu_acc, axis=1)
+            spx = tl.sum(spx_acc, axis=1)
+            sp = tl.sum(sp_acc, axis=1)
+            sz = tl.sum(sz_acc, axis=1)
+        tgt = tl.load(TGT + rows, mask=row_ok, other=ignore_index)
+        keep = row_ok & (tgt != ignore_index)
+        z_t = tl.load(X + rows * stride_x + tgt, mask=keep & (tgt >= 0) & (tgt < n_cols), other=0.0)
+        # <p, z> + H(p) - <y, z> - H(y), H(p) = (1 - sum p^alpha) / (alpha (alpha - 1))
+        loss = ((1.0 - spu) / (alpha * am1) + zsafe * sp + spx / am1
+                - (1.0 - eps) * z_t.to(tl.float32) - h_target)
+        if eps > 0:
+            loss -= eps * sz / n_cols
+        tl.store(LOSS + rows, tl.where(keep, loss, 0.0), mask=row_ok)
+        tl.store(TAU + rows, tau, mask=row_ok)
+        tl.store(ZMAX + rows, zsafe, mask=row_ok)
     else:
-        for start in range(0, n_cols, BLOCK_N):
-            c = start + cols
-            xc = _load_shifted(X, rows, c, n_rows, n_cols, stride_x, zsafe, am1)
-            p, s, u = entmax_p(xc, tau, rm1, ALPHA_MODE)
-            tl.store(P + rows[:, None] * stride_p + c[None, :], p.to(P.dtype.element_ty),
-                     mask=row_ok[:, None] & (c[None, :] < n_cols))
-    tau_out = tl.where(valid, am1 * zsafe + tau, float("inf"))
-    tl.store(TAU + rows, tau_out, mask=row_ok)
+        if SINGLE:
+            p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
+            tl.store(P + rows[:, None] * stride_p + cols[None, :], p.to(P.dtype.element_ty),
+                     mask=row_ok[:, None] & (cols[None, :] < n_cols))
+        else:
+            for start in range(0, n_cols, BLOCK_N):
+                c = start + cols
+                xc = _load_shifted(X, rows, c, n_rows, n_cols, stride_x, zsafe, am1)
+                p, s, u = entmax_p(xc, tau, rm1, ALPHA_MODE)
+                tl.store(P + rows[:, None] * stride_p + c[None, :], p.to(P.dtype.element_ty),
+                         mask=row_ok[:, None] & (c[None, :] < n_cols))
+        tau_out = tl.where(valid, am1 * zsafe + tau, float("inf"))
+        tl.store(TAU + rows, tau_out, mask=row_ok)
+
+
+@triton.jit
+def _entmax_loss_bwd_kernel(
+    X, TAU, ZMAX, TGT, GL, DX, alpha_value, n_rows, n_cols, stride_x, stride_dx, ignore_index, eps,
+    ALPHA_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dx = gl * (p - y) per row, p recomputed from the logits and the saved (shifted tau, row max);
+    y = (1 - eps) one-hot(target) + eps / n; rows whose target is ignore_index get zeros."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    am1 = alpha_value - 1.0
+    rm1 = (2.0 - alpha_value) / am1
+    row_ok = rows < n_rows
+    tau = tl.load(TAU + rows, mask=row_ok, other=float("inf"))
+    zmax = tl.load(ZMAX + rows, mask=row_ok, other=0.0)
+    tgt = tl.load(TGT + rows, mask=row_ok, other=ignore_index)
+    gl = tl.load(GL + rows, mask=row_ok, other=0.0).to(tl.float32)
+    gl = tl.where(tgt != ignore_index, gl, 0.0)
+    for start in range(0, n_cols, BLOCK_N):
+        c = start + cols
+        xc = _load_shifted(X, rows, c, n_rows, n_cols, stride_x, zmax, am1)
+        p, s, u = entmax_p(xc, tau, rm1, ALPHA_MODE)
+        y = tl.where(c[None, :] == tgt[:, None], 1.0 - eps, 0.0) + eps / n_cols
+        tl.store(DX + rows[:, None] * stride_dx + c[None, :],
+                 (gl[:, None] * (p - y)).to(DX.dtype.element_ty),
+                 mask=row_ok[:, None] & (c[None, :] < n_cols))
 
 
 @triton.jit
@@ -282,6 +354,37 @@ def _alpha_args(alpha_rows: AlphaLike, n_rows: int, device) -> Tuple[torch.Tenso
     return torch.empty(1, device=device, dtype=torch.float32), float(alpha_rows)
 
 
+def _launch_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, block_n: Optional[int],
+                    num_warps: Optional[int], loss_args=None):
+    """Runs the forward kernel; loss_args = (target (R,) int64, ignore_index, eps, h_target) switches
+    it to the loss mode. Returns (p, tau) or (loss (R,), shifted tau (R,), row max (R,))."""
+    n_rows, n_cols = x2d.shape
+    per_row, mode, alpha_value = _alpha_mode(alpha_rows)
+    alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, x2d.device)
+    single, block_m, bn, lane, warps = _tile_config(n_cols, per_row, block_n, num_warps)
+    tau = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
+    if loss_args is None:
+        p = torch.empty((n_rows, n_cols), device=x2d.device, dtype=x2d.dtype)
+        tgt, loss, zmax, ignore_index, eps, h_target = tau, tau, tau, 0, 0.0, 0.0
+    else:
+        tgt, ignore_index, eps, h_target = loss_args
+        p = tau
+        loss = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
+        zmax = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
+    if n_rows == 0 or n_cols == 0:
+        tau.fill_(float("inf"))
+        return (p, tau) if loss_args is None else (loss.zero_(), tau, zmax.zero_())
+    grid = (triton.cdiv(n_rows, block_m),)
+    _entmax_rows_fwd_kernel[grid](
+        x2d, p, tau, alpha_t, alpha_value, n_rows, n_cols, x2d.stride(0), p.stride(0),
+        tgt, loss, zmax, ignore_index, eps, h_target,
+        ALPHA_PER_ROW=per_row, ALPHA_MODE=mode, SINGLE=single, BLOCK_M=block_m, BLOCK_N=bn,
+        LANE=lane, NB=NBINS, HIST_IT=HIST_ITERS, N_STEPS=3 if single else 2,
+        IS_LOSS=loss_args is not None, num_warps=warps,
+    )
+    return (p, tau) if loss_args is None else (loss, tau, zmax)
+
+
 def entmax_rows_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, *, block_n: Optional[int] = None,
                         num_warps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """alpha-entmax of every row of a 2-D tensor, in one fused kernel.
@@ -298,21 +401,7 @@ def entmax_rows_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, *, block_n: Op
         raise ValueError(f"entmax_rows_forward: `x2d` must be 2-D, got shape {tuple(x2d.shape)}")
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
-    n_rows, n_cols = x2d.shape
-    per_row, mode, alpha_value = _alpha_mode(alpha_rows)
-    p = torch.empty((n_rows, n_cols), device=x2d.device, dtype=x2d.dtype)
-    tau = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
-    if n_rows == 0 or n_cols == 0:
-        return p, tau.fill_(float("inf"))
-    alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, x2d.device)
-    single, block_m, bn, lane, warps = _tile_config(n_cols, per_row, block_n, num_warps)
-    grid = (triton.cdiv(n_rows, block_m),)
-    _entmax_rows_fwd_kernel[grid](
-        x2d, p, tau, alpha_t, alpha_value, n_rows, n_cols, x2d.stride(0), p.stride(0),
-        ALPHA_PER_ROW=per_row, ALPHA_MODE=mode, SINGLE=single, BLOCK_M=block_m, BLOCK_N=bn,
-        LANE=lane, NB=NBINS, HIST_IT=HIST_ITERS, N_STEPS=3 if single else 2, num_warps=warps,
-    )
-    return p, tau
+    return _launch_forward(x2d, alpha_rows, block_n, num_warps)
 
 
 def entmax_rows_backward(p: torch.Tensor, grad_p: torch.Tensor, alpha_rows: AlphaLike,
@@ -410,3 +499,81 @@ def fused_entmax(x: torch.Tensor, alpha: AlphaLike = 1.5, dim: int = -1) -> torc
         raise TypeError(f"fused_entmax: `alpha` must be a float or a tensor, got {type(alpha).__name__}")
     p2d = FusedEntmaxRows.apply(x2d, alpha_rows)
     return p2d.reshape(xt.shape).movedim(-1, dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# entmax (Fenchel-Young) loss
+# ----------------------------------------------------------------------------------------------
+
+def _target_tsallis_entropy(alpha: float, eps: float, n: int) -> float:
+    """Tsallis alpha-entropy (1 - sum y^alpha) / (alpha (alpha - 1)) of y = (1 - eps) one-hot + eps / n."""
+    if eps == 0.0:
+        return 0.0
+    top, rest = 1.0 - eps + eps / n, eps / n
+    return (1.0 - top ** alpha - (n - 1) * rest ** alpha) / (alpha * (alpha - 1.0))
+
+
+class FusedEntmaxLossRows(torch.autograd.Function):
+    """apply(logits2d (R, C), target (R,) int64, alpha float, ignore_index int, eps float) -> (R,) fp32.
+
+    Saves the logits, targets and two floats per row (shifted tau, row max); the backward recomputes p
+    and writes grad * (p - y) without ever storing p."""
+
+    @staticmethod
+    def forward(ctx, logits2d, target, alpha, ignore_index, eps):
+        h = _target_tsallis_entropy(alpha, eps, logits2d.shape[1])
+        loss, tau, zmax = _launch_forward(logits2d, alpha, None, None, (target, ignore_index, eps, h))
+        ctx.save_for_backward(logits2d, target, tau, zmax)
+        ctx.args = (alpha, ignore_index, eps)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits2d, target, tau, zmax = ctx.saved_tensors
+        alpha, ignore_index, eps = ctx.args
+        n_rows, n_cols = logits2d.shape
+        dx = torch.empty_like(logits2d)
+        if dx.numel():
+            per_row, mode, alpha_value = _alpha_mode(alpha)
+            single, block_m, bn, _, warps = _tile_config(n_cols, False, None, None)
+            _entmax_loss_bwd_kernel[(triton.cdiv(n_rows, block_m),)](
+                logits2d, tau, zmax, target, grad_loss.contiguous(), dx, alpha_value, n_rows, n_cols,
+                logits2d.stride(0), dx.stride(0), ignore_index, eps,
+                ALPHA_MODE=mode, BLOCK_M=block_m, BLOCK_N=bn, num_warps=warps,
+            )
+        return dx, None, None, None, None
+
+
+def fused_entmax_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.5,
+                      ignore_index: int = -100, label_smoothing: float = 0.0,
+                      reduction: str = "mean") -> torch.Tensor:
+    """Entmax (Fenchel-Young) loss with fused kernels; the sparse counterpart of cross-entropy.
+
+    loss_i = <p_i - y_i, z_i> + H(p_i) - H(y_i), p_i = entmax_alpha(z_i), H the Tsallis alpha-entropy
+    (1 - sum p^alpha) / (alpha (alpha - 1)), y_i = (1 - label_smoothing) one-hot(target_i) +
+    label_smoothing / C. Its gradient w.r.t. z_i is p_i - y_i (recomputed in the backward, p never stored).
+    logits: (..., C) float16 / bfloat16 / float32 (classes LAST), CUDA or interpreter; target: (...) int
+    class indices in [0, C) or ignore_index (those rows give loss 0 and zero gradient).
+    alpha: python float in (1, 2] (2 = sparsemax loss). reduction: "none" -> (...) float32 losses,
+    "sum", or "mean" (over non-ignored rows, as torch.nn.functional.cross_entropy).
+    """
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"fused_entmax_loss: `reduction` must be 'none', 'sum' or 'mean', got {reduction!r}")
+    if isinstance(alpha, torch.Tensor) or not isinstance(alpha, numbers.Real):
+        raise TypeError("fused_entmax_loss: `alpha` must be a python float in (1, 2]")
+    if logits.dim() < 1 or tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"fused_entmax_loss: `target` must have shape {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(target.shape)}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"fused_entmax_loss: `label_smoothing` must lie in [0, 1], got {label_smoothing!r}")
+    n = logits.shape[-1]
+    x2d = logits.reshape(math.prod(logits.shape[:-1]), n)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    tgt = target.reshape(-1).to(torch.int64).contiguous()
+    rows = FusedEntmaxLossRows.apply(x2d, tgt, float(alpha), int(ignore_index), float(label_smoothing))
+    if reduction == "none":
+        return rows.reshape(target.shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (tgt != ignore_index).sum()
