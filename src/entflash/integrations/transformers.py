@@ -1,0 +1,493 @@
+"""HuggingFace transformers integration: `attn_implementation="entmax"`.
+
+    from entflash.integrations.transformers import register
+    register("entmax", alpha=1.5)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="entmax")
+
+`register` adds two functions under one name: the attention function (transformers' `AttentionInterface`) and
+its mask function (`AttentionMaskInterface`, transformers >= 4.53). The mask function hands the attention
+function a compact description instead of a dense (B, 1, Nq, Nk) mask:
+
+* None: no padding; the pattern comes from the layer (`module.is_causal` / the `is_causal` kwarg, and the
+  `sliding_window` kwarg / `module.sliding_window`);
+* a bool tensor (B, Nk'): which keys hold real tokens (Nk' <= Nk: key slots after Nk' are never visible, e.g. the
+  unused tail of a static cache); for causal layers the queries are the last Nq of those Nk' positions;
+* an int64 tensor (B, N): segment ids of packed sequences (transformers detected packing from position_ids);
+* a 4-D tensor (bool, True = visible, or float additive): any other pattern (custom and/or mask functions,
+  chunked or block attention, older transformers versions) -> the exact dense path, with a one-time warning.
+
+Semantics follow transformers' masks: causal = key position <= query position; a sliding window of size w on a
+causal layer keeps keys with query - w < key (entmax window (w - 1, 0)), on a bidirectional layer
+|query - key| <= w (window (w, w)). Right padding becomes `seqlens`; any other padding is removed (tokens packed
+into `entmax_attention_varlen`, exact because tokens keep their order); padded query rows return zeros.
+Packed batches (`cu_seq_lens_q` / `cu_seq_lens_k` kwargs, or segment ids) run `entmax_attention_varlen`.
+Attention dropout > 0 (training) runs the exact dense path, since dropout acts on the probabilities.
+
+`add_learnable_alpha(model, ...)` gives each attention layer per-head learnable alpha (and optionally ASEntmax)
+parameters, stored as `layer.entflash` (an `entflash.nn.EntmaxAttention`) and read by the attention function.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from entflash import checks
+from entflash.api import entmax_attention, entmax_attention_varlen
+from entflash.nn import EntmaxAttention, dense_entmax_attention
+
+# Attribute under which add_learnable_alpha stores the per-layer parameters.
+PARAMETERS_ATTRIBUTE = "entflash"
+# Attribute under which the per-token ASEntmax hook keeps the layer's input hidden states for one call.
+_HIDDEN_ATTRIBUTE = "_entflash_hidden_states"
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"entflash transformers integration: {message}", stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mask function
+# ---------------------------------------------------------------------------------------------------------------
+
+def _closure_values(function: Callable) -> Dict[str, object]:
+    try:
+        return dict(inspect.getclosurevars(function).nonlocals)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _local_name(function: Callable) -> str:
+    """'outer.<locals>.inner' -> 'outer'; a module-level function's own name otherwise."""
+    qualname = getattr(function, "__qualname__", "")
+    return qualname.split(".<locals>.")[0] if ".<locals>." in qualname else qualname
+
+
+def classify_mask_function(mask_function: Callable):
+    """Recognize transformers' standard mask functions.
+
+    Returns ("causal" | "bidirectional", packed_sequence_mask or None) for the causal, bidirectional and
+    sliding-window patterns (the window itself is read from the layer) and their packed-sequence wrappers;
+    None for anything else (custom or/and masks, chunked or block attention), which then needs a dense mask.
+    """
+    from transformers import masking_utils
+
+    if mask_function is masking_utils.causal_mask_function:
+        return "causal", None
+    if mask_function is masking_utils.bidirectional_mask_function:
+        return "bidirectional", None
+    if _local_name(mask_function) != "and_masks":
+        return None
+    parts = _closure_values(mask_function).get("mask_functions")
+    if not isinstance(parts, tuple) or len(parts) != 2:
+        return None
+    names = [_local_name(part) for part in parts]
+    if names == ["sliding_window_overlay", "causal_mask_function"]:
+        return "causal", None
+    if names == ["sliding_window_bidirectional_overlay", "bidirectional_mask_function"]:
+        return "bidirectional", None
+    if names == ["packed_sequence_mask_function", "remap_positions_for_packed_sequence"]:
+        segments = _closure_values(parts[0]).get("packed_sequence_mask")
+        inner = classify_mask_function(_closure_values(parts[1]).get("mask_function"))
+        if isinstance(segments, torch.Tensor) and inner is not None and inner[1] is None:
+            return inner[0], segments
+    return None
+
+
+def _as_int(value) -> int:
+    return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+
+
+def entmax_mask(batch_size: int, q_length: Optional[int] = None, kv_length: int = 0, q_offset=0, kv_offset=0,
+                mask_function: Optional[Callable] = None, attention_mask: Optional[torch.Tensor] = None,
+                cache_position: Optional[torch.Tensor] = None, **kwargs) -> Optional[torch.Tensor]:
+    """Mask function for `AttentionMaskInterface` (same keyword arguments as transformers' `sdpa_mask`).
+
+    batch_size, q_length, kv_length: sizes of the attention call; q_offset / kv_offset: absolute position of the
+    first query / key slot (older transformers pass `cache_position` instead of q_length / q_offset).
+    attention_mask: the 2-D (B, >= kv_offset + kv_length) padding mask (True / 1 = real token) or None.
+    Returns the compact description documented in the module docstring.
+    """
+    from transformers import masking_utils
+
+    if cache_position is not None and q_length is None:
+        q_length, q_offset = int(cache_position.shape[0]), _as_int(cache_position[0])
+    if mask_function is None:
+        mask_function = masking_utils.causal_mask_function
+    kind = classify_mask_function(mask_function)
+    if kind is None:
+        _warn_once("dense-mask", "this model builds a custom attention mask (not causal / sliding window / padding "
+                   "/ packing); the exact dense path is used (O(N^2) memory)")
+        dense_kwargs = {key: kwargs[key] for key in ("use_vmap", "device") if key in kwargs}
+        return masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                                       q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                                       attention_mask=attention_mask, allow_is_causal_skip=False,
+                                       allow_is_bidirectional_skip=False, **dense_kwargs)
+    pattern, segments = kind
+    if segments is not None:
+        return segments.to(torch.int64)
+    q_offset, kv_offset = _as_int(q_offset), _as_int(kv_offset)
+    # Causal: key slots after the last query are never visible (e.g. a static cache's unused tail).
+    visible_length = kv_length
+    if pattern == "causal":
+        visible_length = max(0, min(kv_length, q_offset + q_length - kv_offset))
+    if attention_mask is None:
+        if visible_length == kv_length:
+            return None
+        device = kwargs.get("device", "cpu")
+        return torch.ones(batch_size, visible_length, dtype=torch.bool, device=device)
+    padding = attention_mask.to(torch.bool)
+    if padding.shape[-1] < kv_offset + kv_length:
+        padding = torch.nn.functional.pad(padding, (0, kv_offset + kv_length - padding.shape[-1]))
+    keys = padding[:, kv_offset:kv_offset + visible_length]
+    if visible_length == kv_length and bool(keys.all()):
+        return None
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention function
+# ---------------------------------------------------------------------------------------------------------------
+
+def _layer_window(causal: bool, sliding_window) -> Optional[Tuple[int, int]]:
+    """transformers' sliding_window w -> entmax window (left, right)."""
+    if sliding_window is None:
+        return None
+    if not checks._is_integer(sliding_window) or sliding_window < 1:
+        checks.fail(ValueError, "entmax attention", "sliding_window", "be an int >= 1 or None", repr(sliding_window))
+    return (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
+
+
+def _is_prefix(valid: torch.Tensor) -> bool:
+    """True when every row of the bool (B, N) tensor is True on a prefix and False after it."""
+    lengths = valid.sum(dim=1, keepdim=True)
+    return bool(torch.equal(torch.arange(valid.shape[1], device=valid.device)[None] < lengths, valid))
+
+
+def _is_contiguous(valid: torch.Tensor) -> bool:
+    """True when the True entries of every row of the bool (B, N) tensor form one run (or none)."""
+    starts = valid & ~torch.nn.functional.pad(valid, (1, 0))[:, :-1]
+    return bool((starts.sum(dim=1) <= 1).all())
+
+
+def _dense_keep(num_queries: int, num_keys: int, causal: bool, window, device, key_valid=None, segments=None):
+    """Dense visibility (B or 1, 1, Nq, Nk) for self-attention whose queries are the last Nq of the Nk keys."""
+    query = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
+    key = torch.arange(num_keys, device=device)[None]
+    keep = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device)
+    if causal:
+        keep = keep & (key <= query)
+    if window is not None:
+        keep = keep & (key >= query - window[0]) & (key <= query + window[1])
+    keep = keep[None]
+    if key_valid is not None:
+        keep = keep & key_valid[:, None, :]
+    if segments is not None:
+        keep = keep & (segments[:, num_keys - num_queries:, None] == segments[:, None, :])
+    return keep[:, None]
+
+
+def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(lengths.to(torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def _segments_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths,
+                                   output_size=total)
+
+
+class _Call:
+    """One attention call: (B, H, N, D) tensors and the options every path shares."""
+
+    def __init__(self, query, key, value, alpha, scale, backend):
+        self.query, self.key, self.value = query, key, value
+        self.alpha, self.scale, self.backend = alpha, scale, backend
+
+    def padded(self, causal, window, seqlens=None) -> torch.Tensor:
+        return entmax_attention(self.query, self.key, self.value, alpha=self.alpha, causal=causal,
+                                scale=self.scale, window=window, seqlens=seqlens, backend=self.backend)
+
+    def dense(self, keep=None, bias=None, dropout_p=0.0) -> torch.Tensor:
+        out, _ = dense_entmax_attention(self.query, self.key, self.value, alpha=self.alpha, scale=self.scale,
+                                        keep=keep, bias=bias, dropout_p=dropout_p)
+        return out
+
+    def unpadded(self, query_valid: torch.Tensor, key_valid: torch.Tensor, causal, window) -> torch.Tensor:
+        """Gather real tokens (bool (B, Nq) / (B, Nk)) into varlen form, attend, scatter back (zeros elsewhere)."""
+        tokens_q = self.query.transpose(1, 2)[query_valid]
+        tokens_k = self.key.transpose(1, 2)[key_valid]
+        tokens_v = self.value.transpose(1, 2)[key_valid]
+        lengths_q, lengths_k = query_valid.sum(dim=1), key_valid.sum(dim=1)
+        tokens_out = entmax_attention_varlen(
+            tokens_q, tokens_k, tokens_v, _cu_seqlens(lengths_q), _cu_seqlens(lengths_k),
+            max(int(lengths_q.max()), 1), max(int(lengths_k.max()), 1), alpha=self.alpha, causal=causal,
+            scale=self.scale, window=window, backend=self.backend)
+        out = tokens_out.new_zeros(self.query.shape[0], self.query.shape[2], *tokens_out.shape[1:])
+        out[query_valid] = tokens_out
+        return out.transpose(1, 2)
+
+    def packed(self, segments: torch.Tensor, causal, window) -> torch.Tensor:
+        """Self-attention within runs of equal segment ids (int (B, N)); runs never cross batch rows."""
+        batch, num_tokens = segments.shape
+        row_major = segments.to(torch.int64) + torch.arange(batch, device=segments.device)[:, None] * (
+            int(segments.max()) + 1 if segments.numel() else 1)
+        _, lengths = torch.unique_consecutive(row_major.reshape(-1), return_counts=True)
+        cu_seqlens = _cu_seqlens(lengths)
+        max_length = int(lengths.max())
+        flat = [t.transpose(1, 2).reshape(batch * num_tokens, t.shape[1], t.shape[3])
+                for t in (self.query, self.key, self.value)]
+        out = entmax_attention_varlen(*flat, cu_seqlens, cu_seqlens, max_length, max_length, alpha=self.alpha,
+                                      causal=causal, scale=self.scale, window=window, backend=self.backend)
+        return out.view(batch, num_tokens, *out.shape[1:]).transpose(1, 2)
+
+
+def _layer_parameters(module: nn.Module, num_heads: int) -> Optional[EntmaxAttention]:
+    parameters = getattr(module, PARAMETERS_ATTRIBUTE, None)
+    if parameters is None:
+        return None
+    if parameters.num_heads != num_heads:
+        checks.fail(ValueError, "entmax attention", f"{type(module).__name__}.{PARAMETERS_ATTRIBUTE}",
+                    f"hold {num_heads} heads (the query's)", f"{parameters.num_heads}")
+    return parameters
+
+
+def _asentmax_positions(kwargs, num_queries: int, num_keys: int, device) -> torch.Tensor:
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == num_queries:
+        return position_ids.reshape(-1, num_queries).to(device)
+    return torch.arange(num_keys - num_queries, num_keys, device=device)[None]
+
+
+def make_attention_function(alpha=1.5, backend: str = "auto") -> Callable:
+    """The function registered with transformers' AttentionInterface.
+
+    alpha: default alpha (float in (1, 2] or an (H,) tensor) for layers without `add_learnable_alpha` parameters.
+    backend: entmax_attention backend ("auto", "torch", "triton").
+
+    The returned function has transformers' attention-function signature:
+    (module, query (B, H, Nq, D), key, value (B, Hkv, Nk, D), attention_mask, dropout=0.0, scaling=None,
+    sliding_window=None, is_causal=None, **kwargs) -> (output (B, Nq, H, D), None).
+    """
+    caller = "entmax attention"
+    default_alpha = checks.check_alpha(alpha, 1, torch.device("cpu"), "register") if not isinstance(
+        alpha, torch.Tensor) else alpha
+    backend = checks.check_backend(backend, "register")
+
+    def entmax_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                                 scaling: Optional[float] = None, sliding_window: Optional[int] = None,
+                                 is_causal: Optional[bool] = None, **kwargs):
+        for name in _UNSUPPORTED_KWARGS:
+            if kwargs.get(name) is not None:
+                checks.fail(ValueError, caller, name, "be None (alpha-entmax attention has no such option)",
+                            repr(type(kwargs[name]).__name__))
+        if kwargs.get("output_attentions"):
+            _warn_once("weights", "output_attentions is not supported; attention weights are returned as None")
+        num_queries, num_keys = query.shape[2], key.shape[2]
+        parameters = _layer_parameters(module, query.shape[1])
+        if parameters is not None:
+            layer_alpha = parameters.alpha_for(query)
+            if parameters.asentmax is not None:
+                positions = _asentmax_positions(kwargs, num_queries, num_keys, query.device)
+                query = parameters.scale_queries(query, positions, getattr(module, _HIDDEN_ATTRIBUTE, None))
+        else:
+            layer_alpha = default_alpha
+            if isinstance(layer_alpha, torch.Tensor):
+                layer_alpha = layer_alpha.to(query.device)
+        causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", True))
+        if sliding_window is None:
+            sliding_window = getattr(module, "sliding_window", None)
+        window = _layer_window(causal, sliding_window)
+        call = _Call(query, key, value, layer_alpha, scaling, backend)
+        dropout_p = float(dropout) if module.training else 0.0
+        out = _dispatch(call, attention_mask, causal, window, dropout_p, kwargs)
+        return out.transpose(1, 2).contiguous(), None
+
+    entmax_attention_forward.default_alpha = default_alpha
+    return entmax_attention_forward
+
+
+def _dispatch(call: _Call, attention_mask, causal: bool, window, dropout_p: float, kwargs) -> torch.Tensor:
+    """Pick the path for one call; returns (B, H, Nq, D)."""
+    query = call.query
+    batch, num_queries, num_keys = query.shape[0], query.shape[2], call.key.shape[2]
+    cu_seq_lens_q, cu_seq_lens_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+        if cu_seq_lens_k is not None and cu_seq_lens_q is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+            checks.fail(ValueError, "entmax attention", "cu_seq_lens_k", "equal cu_seq_lens_q (packed self-attention)",
+                        "different offsets")
+        if num_queries != num_keys:
+            checks.fail(ValueError, "entmax attention", "cu_seq_lens_q", "come with Nq == Nk (no KV cache)",
+                        f"Nq={num_queries}, Nk={num_keys}")
+        cu_seqlens = cu_seq_lens_q if cu_seq_lens_q is not None else cu_seq_lens_k
+        attention_mask = _segments_from_cu_seqlens(cu_seqlens.to(query.device), batch * num_queries).view(
+            batch, num_queries)
+
+    if attention_mask is None:
+        if dropout_p > 0:
+            return call.dense(keep=_dense_keep(num_queries, num_keys, causal, window, query.device), dropout_p=dropout_p)
+        return call.padded(causal, window)
+
+    if attention_mask.dim() == 4:
+        _warn_once("dense-4d", "received a dense 4-D attention mask; using the exact dense path (O(N^2) memory)")
+        mask = attention_mask[:, :, :, :num_keys]
+        if mask.dtype == torch.bool:
+            return call.dense(keep=mask, dropout_p=dropout_p)
+        return call.dense(bias=mask, dropout_p=dropout_p)
+
+    if attention_mask.dim() != 2:
+        checks.fail(ValueError, "entmax attention", "attention_mask", "be None, 2-D or 4-D",
+                    f"shape {tuple(attention_mask.shape)}")
+
+    if not attention_mask.dtype == torch.bool:  # packed segment ids
+        if tuple(attention_mask.shape) != (batch, num_queries) or num_queries != num_keys:
+            checks.fail(ValueError, "entmax attention", "attention_mask",
+                        f"hold segment ids of shape ({batch}, {num_queries}) with Nq == Nk", 
+                        f"shape {tuple(attention_mask.shape)}, Nk={num_keys}")
+        segments = attention_mask.to(query.device)
+        if dropout_p > 0:
+            keep = _dense_keep(num_queries, num_keys, causal, window, query.device, segments=segments)
+            return call.dense(keep=keep, dropout_p=dropout_p)
+        return call.packed(segments, causal, window)
+
+    key_valid = attention_mask.to(query.device)
+    visible_keys = key_valid.shape[1]
+    if visible_keys > num_keys or (causal and visible_keys < num_queries):
+        checks.fail(ValueError, "entmax attention", "attention_mask",
+                    f"have between {num_queries if causal else 1} and {num_keys} key columns",
+                    f"shape {tuple(key_valid.shape)}")
+    if visible_keys < num_keys:
+        call.key, call.value = call.key[:, :, :visible_keys], call.value[:, :, :visible_keys]
+        num_keys = visible_keys
+    query_valid = key_valid[:, num_keys - num_queries:] if causal else torch.ones(
+        batch, num_queries, dtype=torch.bool, device=query.device)
+    # Query positions are only defined relative to the keys for causal layers; bidirectional windows need Nq == Nk.
+    if dropout_p > 0 or (window is not None and not _is_contiguous(key_valid)) or (
+            not causal and window is not None and (num_queries != num_keys or not bool(key_valid.all()))):
+        if not causal and num_queries != num_keys and window is not None:
+            checks.fail(ValueError, "entmax attention", "sliding_window", "be None for cross-attention", repr(window))
+        keep = _dense_keep(num_queries, num_keys, causal, window, query.device, key_valid=key_valid)
+        keep = keep & query_valid[:, None, :, None]
+        return call.dense(keep=keep, dropout_p=dropout_p)
+    if bool(key_valid.all()):
+        return call.padded(causal, window)
+    if _is_prefix(key_valid) and _is_prefix(query_valid):
+        lengths_q = query_valid.sum(dim=1).to(torch.int32) if causal else None
+        return call.padded(causal, window, seqlens=(lengths_q, key_valid.sum(dim=1).to(torch.int32)))
+    return call.unpadded(query_valid, key_valid, causal, window)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registration and learnable parameters
+# ---------------------------------------------------------------------------------------------------------------
+
+def register(name: str = "entmax", alpha=1.5, backend: str = "auto") -> str:
+    """Register alpha-entmax attention with transformers under `name`; returns `name`.
+
+    name: the `attn_implementation` string to use (from_pretrained / from_config / set_attn_implementation).
+    alpha: default alpha for every layer, a float in (1, 2] or an (H,) tensor (layers with parameters from
+        `add_learnable_alpha` use their own).
+    backend: "auto" (fused kernels on CUDA, exact torch path elsewhere), "torch" or "triton".
+
+    Registers the attention function with `AttentionInterface` and, where transformers has it (>= 4.53),
+    `entmax_mask` with `AttentionMaskInterface` under the same name.
+    """
+    if not isinstance(name, str) or not name or name in ("eager", "sdpa") or name.startswith("flash_attention"):
+        checks.fail(ValueError, "register", "name", "be a new non-empty attention implementation name", repr(name))
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, make_attention_function(alpha, backend))
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # transformers < 4.53 builds dense 4-D masks itself: the dense path handles them
+        return name
+    AttentionMaskInterface.register(name, entmax_mask)
+    return name
+
+
+def _head_count(module: nn.Module, model: nn.Module) -> Optional[int]:
+    for attribute in ("num_heads", "num_attention_heads", "n_head"):
+        value = getattr(module, attribute, None)
+        if checks._is_integer(value):
+            return int(value)
+    for config in (getattr(module, "config", None), getattr(model, "config", None)):
+        if config is None:
+            continue
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        value = getattr(text_config, "num_attention_heads", None)
+        if checks._is_integer(value):
+            return int(value)
+    return None
+
+
+def attention_layers(model: nn.Module) -> List[nn.Module]:
+    """The attention layers of a transformers model: modules with an `is_causal` attribute that dispatch to the
+    attention interface (the innermost such modules; wrappers holding one are skipped)."""
+    candidates = [module for module in model.modules()
+                  if hasattr(module, "is_causal") and any(isinstance(child, nn.Module) for child in module.children())
+                  and not isinstance(module, EntmaxAttention)]
+    innermost = []
+    for module in candidates:
+        if not any(other is not module and other in set(module.modules()) for other in candidates):
+            innermost.append(module)
+    return innermost
+
+
+def _remember_hidden_states(module: nn.Module, args, kwargs) -> None:
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    setattr(module, _HIDDEN_ATTRIBUTE, hidden if isinstance(hidden, torch.Tensor) else None)
+
+
+def _forget_hidden_states(module: nn.Module, args, kwargs, output) -> None:
+    setattr(module, _HIDDEN_ATTRIBUTE, None)
+
+
+def add_learnable_alpha(model: nn.Module, init_alpha: Union[float, List[float]] = 1.5,
+                        asentmax: Union[bool, str] = False, asentmax_init: Tuple[float, float] = (0.1, 1.0)
+                        ) -> List[nn.Module]:
+    """Give every attention layer of `model` per-head learnable alpha (and optionally ASEntmax) parameters.
+
+    init_alpha: initial alpha in (1, 2), a float or one float per head.
+    asentmax: False; True or "head" (beta, gamma learnable per head); "token" (predicted per token from the
+        layer's input hidden state; a forward pre-hook keeps it for the attention function).
+    asentmax_init: initial (beta, gamma).
+
+    The parameters live in `layer.entflash` (an entflash.nn.EntmaxAttention, on the layer's device and in
+    float32), so they are part of model.parameters() and the state_dict. They take effect when the model runs with
+    an attention implementation registered by `register`. Returns the modified layers.
+    """
+    caller = "add_learnable_alpha"
+    if not isinstance(model, nn.Module):
+        checks.fail(TypeError, caller, "model", "be a torch.nn.Module", checks._describe(model))
+    mode = {False: None, None: None, True: "head", "head": "head", "token": "token"}.get(asentmax, "invalid")
+    if mode == "invalid":
+        checks.fail(ValueError, caller, "asentmax", "be False, True, 'head' or 'token'", repr(asentmax))
+    layers = attention_layers(model)
+    if not layers:
+        checks.fail(ValueError, caller, "model", "contain attention layers (modules with `is_causal`)",
+                    type(model).__name__)
+    hidden_size = None
+    if mode == "token":
+        config = model.config.get_text_config() if hasattr(model, "config") else None
+        hidden_size = getattr(config, "hidden_size", None)
+    for layer in layers:
+        num_heads = _head_count(layer, model)
+        if num_heads is None:
+            checks.fail(ValueError, caller, "model", "expose its number of attention heads", type(layer).__name__)
+        reference = next(layer.parameters())
+        parameters = EntmaxAttention(num_heads, init_alpha, learn_alpha=True, asentmax=mode,
+                                     hidden_size=hidden_size, asentmax_init=asentmax_init)
+        setattr(layer, PARAMETERS_ATTRIBUTE, parameters.to(reference.device))
+        if mode == "token":
+            layer.register_forward_pre_hook(_remember_hidden_states, with_kwargs=True)
+            layer.register_forward_hook(_forget_hidden_states, with_kwargs=True)
+    return layers
