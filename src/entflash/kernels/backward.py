@@ -123,6 +123,29 @@ def _rows_kernel(DO, O2, S, O3, HROW, AM1, DELTA, DAROW,
 
 
 @triton.jit
+def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, offs_m, offs_n, offs_d, dmask,
+               s_qm, s_qd, s_dom, s_dod, s_tm, coef, inv, sexp, Nq, Lq, Lk, off, wl, wr,
+               CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+               ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Add one (key block x query block) tile to dK (unscaled) and dV; the tile is kept transposed."""
+    mmask = offs_m < Nq
+    qmask = mmask[:, None] & dmask[None, :]
+    q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=qmask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, mask=qmask, other=0.0)
+    tau = tl.load(t_base + offs_m * s_tm, mask=mmask, other=float("inf"))
+    delta = tl.load(d_base + offs_m, mask=mmask, other=0.0)
+    zero = tl.zeros([offs_n.shape[0], offs_m.shape[0]], dtype=tl.float32)
+    x = coef * _bwd_mm(k, tl.trans(q), zero, DOT_PREC, UPCAST) - tau[None, :]
+    vis = _bwd_visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR)
+    p, s = _bwd_probs(tl.where(vis, x, -1.0), inv, sexp, ALPHA_MODE)
+    dv = _bwd_mm(p.to(do.dtype), do, dv, DOT_PREC, UPCAST)
+    g = _bwd_mm(v, tl.trans(do), zero, DOT_PREC, UPCAST)
+    dz = s * (g - delta[None, :])
+    dk = _bwd_mm(dz.to(q.dtype), q, dk, DOT_PREC, UPCAST)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, DK, DV, CNT, IDX, SEQQ, SEQK,
                  s_qb, s_qh, s_qm, s_qd,
                  s_kb, s_kh, s_kn, s_kd,
@@ -132,11 +155,14 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, DK, DV, CNT, IDX, SEQ
                  s_dkb, s_dkh, s_dkn, s_dkd,
                  s_dvb, s_dvh, s_dvn, s_dvd,
                  Hq, Hkv, G, Nq, Nk, D, n_kblocks, n_qblocks, wl, wr, scale,
-                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                 QB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                  CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
                  HAS_SEQ: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
                  UPCAST: tl.constexpr):
-    """dK, dV of one (batch, kv head, key block), summed over the query heads of its group."""
+    """dK, dV of one (batch, kv head, key block of BN), summed over the query heads of its group.
+
+    The list IDX holds marked query blocks of QB rows; each is visited in QB // BM steps of BM rows.
+    """
     bkv = tl.program_id(0)
     n = tl.program_id(1)
     b = bkv // Hkv
@@ -153,7 +179,6 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, DK, DV, CNT, IDX, SEQ
                 mask=kmask, other=0.0)
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BD], dtype=tl.float32)
-    zero_t = tl.zeros([BN, BM], dtype=tl.float32)
     for hh in range(0, G):
         h = kvh * G + hh
         coef = tl.load(COEF + h)
@@ -167,27 +192,41 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, DK, DV, CNT, IDX, SEQ
         d_base = DELTA + (b64 * Hq + h) * Nq
         for t in range(0, cnt):
             m = tl.load(IDX + row * n_qblocks + t)
-            offs_m = m * BM + tl.arange(0, BM)
-            mmask = offs_m < Nq
-            qmask = mmask[:, None] & dmask[None, :]
-            q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=qmask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, mask=qmask, other=0.0)
-            tau = tl.load(t_base + offs_m * s_tm, mask=mmask, other=float("inf"))
-            delta = tl.load(d_base + offs_m, mask=mmask, other=0.0)
-            # transposed tile: rows are keys, columns are queries
-            x = coef * _bwd_mm(k, tl.trans(q), zero_t, DOT_PREC, UPCAST) - tau[None, :]
-            vis = _bwd_visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, wl, wr,
-                               CAUSAL, HAS_WL, HAS_WR)
-            p, s = _bwd_probs(tl.where(vis, x, -1.0), inv, sexp, ALPHA_MODE)
-            dv = _bwd_mm(p.to(do.dtype), do, dv, DOT_PREC, UPCAST)
-            g = _bwd_mm(v, tl.trans(do), zero_t, DOT_PREC, UPCAST)
-            dz = s * (g - delta[None, :])
-            dk = _bwd_mm(dz.to(q.dtype), q, dk, DOT_PREC, UPCAST)
+            for sub in tl.static_range(QB // BM):
+                offs_m = m * QB + sub * BM + tl.arange(0, BM)
+                dk, dv = _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, offs_m, offs_n,
+                                    offs_d, dmask, s_qm, s_qd, s_dom, s_dod, s_tm, coef, inv, sexp,
+                                    Nq, Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR, ALPHA_MODE,
+                                    DOT_PREC, UPCAST)
     dk = dk * scale
     tl.store(DK + b64 * s_dkb + kvh * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
              dk.to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + b64 * s_dvb + kvh * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :] * s_dvd,
              dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _dq_step(q, do, tau, delta, dq, gp, psum, k_base, v_base, offs_m, offs_n, offs_d, dmask,
+             s_kn, s_kd, s_vn, s_vd, coef, inv, sexp, Nk, Lq, Lk, off, wl, wr,
+             CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+             ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+             ALPHA_GRAD: tl.constexpr):
+    """Add one (query block x key block) tile to dQ (unscaled) and, with ALPHA_GRAD, to the row sums
+    sum_j g_ij p_ij (gp) and sum_j p_ij (psum)."""
+    kmask = (offs_n < Nk)[:, None] & dmask[None, :]
+    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kmask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kmask, other=0.0)
+    zero = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.float32)
+    x = coef * _bwd_mm(q, tl.trans(k), zero, DOT_PREC, UPCAST) - tau[:, None]
+    vis = _bwd_visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR)
+    p, s = _bwd_probs(tl.where(vis, x, -1.0), inv, sexp, ALPHA_MODE)
+    g = _bwd_mm(do, tl.trans(v), zero, DOT_PREC, UPCAST)
+    if ALPHA_GRAD:
+        gp += tl.sum(g * p, axis=1)
+        psum += tl.sum(p, axis=1)
+    dz = s * (g - delta[:, None])
+    dq = _bwd_mm(dz.to(k.dtype), k, dq, DOT_PREC, UPCAST)
+    return dq, gp, psum
 
 
 @triton.jit
@@ -199,13 +238,15 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, AM1, DAROW, DQ, CNT, ID
                s_tb, s_th, s_tm,
                s_dqb, s_dqh, s_dqm, s_dqd,
                Hq, G, Nq, Nk, D, n_qblocks, n_kblocks, wl, wr, scale,
-               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+               KB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
                HAS_SEQ: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
                UPCAST: tl.constexpr, REVERSE: tl.constexpr, ALPHA_GRAD: tl.constexpr):
-    """dQ of one (batch, query head, query block) over its marked key blocks; with ALPHA_GRAD it also
-    completes the rows' dL/dalpha with (sum_j g_ij p_ij - delta_i)/(alpha-1)^2, the sum formed here
-    exactly (the stored output is rounded to the input dtype, too coarse for alpha near 1)."""
+    """dQ of one (batch, query head, query block of BM) over its marked key blocks of KB keys, each
+    visited in KB // BN steps. With ALPHA_GRAD it also completes the rows' dL/dalpha with
+    (sum_j g_ij p_ij / sum_j p_ij - delta_i)/(alpha-1)^2, the sum formed here from the tiles (the stored
+    output is rounded to the input dtype, too coarse for alpha near 1; dividing by sum_j p_ij removes
+    the rounding of tau, which the formula would amplify by 1/(alpha-1)^2)."""
     bh = tl.program_id(0)
     m = tl.program_id(1)
     if REVERSE:  # causal: the last query blocks have the most work, start them first
@@ -234,23 +275,16 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, AM1, DAROW, DQ, CNT, ID
     row = (b64 * Hq + h) * n_qblocks + m
     cnt = tl.load(CNT + row)
     dq = tl.zeros([BM, BD], dtype=tl.float32)
-    zero_t = tl.zeros([BM, BN], dtype=tl.float32)
     gp = tl.zeros([BM], dtype=tl.float32)
+    psum = tl.zeros([BM], dtype=tl.float32)
     for t in range(0, cnt):
         n = tl.load(IDX + row * n_kblocks + t)
-        offs_n = n * BN + tl.arange(0, BN)
-        kmask = (offs_n < Nk)[:, None] & dmask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kmask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kmask, other=0.0)
-        x = coef * _bwd_mm(q, tl.trans(k), zero_t, DOT_PREC, UPCAST) - tau[:, None]
-        vis = _bwd_visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, wl, wr,
-                           CAUSAL, HAS_WL, HAS_WR)
-        p, s = _bwd_probs(tl.where(vis, x, -1.0), inv, sexp, ALPHA_MODE)
-        g = _bwd_mm(do, tl.trans(v), zero_t, DOT_PREC, UPCAST)
-        if ALPHA_GRAD:
-            gp += tl.sum(g * p, axis=1)
-        dz = s * (g - delta[:, None])
-        dq = _bwd_mm(dz.to(k.dtype), k, dq, DOT_PREC, UPCAST)
+        for sub in tl.static_range(KB // BN):
+            offs_n = n * KB + sub * BN + tl.arange(0, BN)
+            dq, gp, psum = _dq_step(q, do, tau, delta, dq, gp, psum, k_base, v_base, offs_m, offs_n,
+                                    offs_d, dmask, s_kn, s_kd, s_vn, s_vd, coef, inv, sexp, Nk, Lq, Lk,
+                                    off, wl, wr, CAUSAL, HAS_WL, HAS_WR, ALPHA_MODE, DOT_PREC, UPCAST,
+                                    ALPHA_GRAD)
     dq = dq * scale
     tl.store(DQ + b64 * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
              dq.to(DQ.dtype.element_ty), mask=qmask)
@@ -258,6 +292,7 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, AM1, DAROW, DQ, CNT, ID
         am1 = tl.load(AM1 + h)
         da_ptr = DAROW + (b64 * Hq + h) * Nq + offs_m
         part = tl.load(da_ptr, mask=mmask, other=0.0)
+        gp = tl.where(psum > 0.0, gp / tl.where(psum > 0.0, psum, 1.0), 0.0)
         tl.store(da_ptr, part + (gp - delta) / (am1 * am1), mask=mmask)
 
 
@@ -290,6 +325,11 @@ def block_lists(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, order.to(torch.int32).contiguous()
 
 
+def _alloc_like(t: torch.Tensor) -> torch.Tensor:
+    """Uninitialized output shaped and strided like t (the kernels write every element)."""
+    return torch.empty_like(t)
+
+
 def _interpreting() -> bool:
     """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -309,7 +349,11 @@ def _alpha_tables(alpha, Hq: int, scale: float, device):
 
 
 def _pick_blocks(D: int, device: torch.device):
-    """Block sizes (multiples of the 64x64 tile map) and launch options for this head dim."""
+    """Block sizes and launch options for this head dim.
+
+    bm_dq: query rows per dQ program (multiple of 64); bn_dq: keys per dQ inner step (32, 64, 128...);
+    bn_kv: keys per dK/dV program (multiple of 64); bm_kv: query rows per dK/dV inner step.
+    """
     if device.type != "cuda":
         return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=4, stages=1)
     if D <= 64:
@@ -337,7 +381,7 @@ def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, 
                         scale python float (scores are scale * q.k); window None or (left, right) ints/None;
                         seqlens_q, seqlens_k None or (B,) int tensors (right padding); semantics as in
                         docs/ARCHITECTURE.md.
-      blocks            optional dict overriding the block sizes (tests); sizes are multiples of 64.
+      blocks            optional dict overriding block sizes and launch options (see _pick_blocks).
     Returns (dq, dk, dv, dalpha): dq like q, dk/dv like k/v (input dtype, fp32 accumulation inside) and
     dalpha (Hq,) float32 when alpha_requires_grad else None. Fully masked rows contribute nothing.
 
@@ -388,30 +432,30 @@ def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, 
     tile_map = tile_map.to(dev)
 
     # dK, dV: transposed map, one program per (batch, kv head, key block)
-    bm, bn = cfg["bm_kv"], cfg["bn_kv"]
-    kv_map = coarsen_tile_map(tile_map, bm // MAP_BLOCK, bn // MAP_BLOCK).transpose(2, 3)
+    qb, bm, bn = max(cfg["bm_kv"], MAP_BLOCK), cfg["bm_kv"], cfg["bn_kv"]
+    kv_map = coarsen_tile_map(tile_map, qb // MAP_BLOCK, bn // MAP_BLOCK).transpose(2, 3)
     cnt_kv, idx_kv = block_lists(kv_map)
     n_kb, n_qb = kv_map.shape[2], kv_map.shape[3]
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dk = _alloc_like(k)
+    dv = _alloc_like(v)
     _dkdv_kernel[(B * Hkv, n_kb)](
         q, k, v, grad_out, tau, delta, coef, inv, sexp, dk, dv, cnt_kv, idx_kv, sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(),
         *dk.stride(), *dv.stride(),
         Hq, Hkv, G, Nq, Nk, D, n_kb, n_qb, wl_i, wr_i, float(scale),
-        BM=bm, BN=bn, BD=BD, **common)
+        QB=qb, BM=bm, BN=bn, BD=BD, **common)
 
     # dQ: one program per (batch, query head, query block)
-    bm, bn = cfg["bm_dq"], cfg["bn_dq"]
-    q_map = coarsen_tile_map(tile_map, bm // MAP_BLOCK, bn // MAP_BLOCK)
+    kb, bm, bn = max(cfg["bn_dq"], MAP_BLOCK), cfg["bm_dq"], cfg["bn_dq"]
+    q_map = coarsen_tile_map(tile_map, bm // MAP_BLOCK, kb // MAP_BLOCK)
     cnt_q, idx_q = block_lists(q_map)
     n_qb, n_kb = q_map.shape[2], q_map.shape[3]
-    dq = torch.empty_like(q)
+    dq = _alloc_like(q)
     _dq_kernel[(B * Hq, n_qb)](
         q, k, v, grad_out, tau, delta, coef, inv, sexp, am1, darow, dq, cnt_q, idx_q, sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(), *dq.stride(),
         Hq, G, Nq, Nk, D, n_qb, n_kb, wl_i, wr_i, float(scale),
-        BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad, **common)
+        KB=kb, BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad, **common)
 
     dalpha = None
     if alpha_requires_grad:
