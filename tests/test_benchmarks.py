@@ -1,0 +1,115 @@
+"""The benchmark harness: exact block sparsity, and the --cpu mode end to end (JSON schema, plots, table)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.inputs import calibrate_strength, make_inputs  # noqa: E402
+from benchmarks.sparsity import block_sparsity, valid_tiles  # noqa: E402
+
+TOP_LEVEL = {"device", "torch", "triton", "commit", "date", "records"}
+RECORD_FIELDS = {"impl", "N", "D", "H", "B", "causal", "alpha", "block_sparsity", "block_sparsity_tiles",
+                 "fwd_ms", "fwd_bwd_ms", "ratio_fwd_to_fa2", "ratio_fwd_bwd_to_fa2", "peak_mem_gib",
+                 "compile_s", "error", "skipped"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: extra threads only contend with other test workers (2 threads were 25x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tile_any(matrix, tile):
+    """(..., A, B) bool -> (..., ceil(A/r), ceil(B/c)): whether each r x c tile holds a True."""
+    rows, cols = tile
+    padded = torch.nn.functional.pad(matrix.float(), (0, -matrix.shape[-1] % cols, 0, -matrix.shape[-2] % rows))
+    shape = padded.shape[:-2] + (padded.shape[-2] // rows, rows, padded.shape[-1] // cols, cols)
+    return padded.reshape(shape).amax(dim=(-1, -3)) > 0
+
+
+def brute_force_sparsity(q, k, alpha, causal, tile):
+    """Block sparsity from dense float64 entmax (the `entmax` package) over all tiles."""
+    from entmax import entmax_bisect
+
+    n = q.shape[2]
+    visible = torch.ones(n, n, dtype=torch.bool)
+    if causal:
+        visible = visible.tril()
+    scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    p = entmax_bisect(scores.masked_fill(~visible, float("-inf")), alpha, dim=-1, n_iter=200)
+    valid = _tile_any(visible, tile)
+    nonzero = _tile_any(p > 0, tile) & valid
+    return 1 - nonzero.sum().item() / (valid.sum().item() * q.shape[0] * q.shape[1])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparsity_matches_dense_entmax(causal):
+    inputs = make_inputs(1, 2, 200, 16, strength=1.5, length=4.0, seed=3, dtype=torch.float64)
+    tiles = ((16, 16), (32, 16))
+    # few candidates and small chunks: exercises the full-row fallback and the chunk loop
+    measured = block_sparsity(inputs.q, inputs.k, alpha=1.5, causal=causal, tiles=tiles, candidates=8,
+                              chunk_elements=4000)
+    for tile in tiles:
+        expected = brute_force_sparsity(inputs.q, inputs.k, 1.5, causal, tile)
+        assert measured[f"{tile[0]}x{tile[1]}"] == pytest.approx(expected, abs=1e-12)
+    assert 0 < measured["16x16"] < 1
+
+
+def test_valid_tiles_causal_excludes_tiles_above_the_diagonal():
+    valid = valid_tiles(130, 130, (64, 64), causal=True)
+    assert valid.tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert valid_tiles(130, 130, (64, 64), causal=False).all()
+
+
+def test_calibration_raises_sparsity_with_the_target():
+    strength = calibrate_strength(0.5, 256, 16, causal=False, tile=(32, 32), heads=1, steps=6)
+    assert strength > 0
+    assert calibrate_strength(0.0, 256, 16) == 0.0
+
+
+def test_cpu_mode_end_to_end(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", ENTFLASH_COMMIT="testcommit")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.attention", "--cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("|")  # the table comes last
+
+    (json_path,) = tmp_path.glob("*.json")
+    assert json_path.name.startswith("cpu-") and json_path.name.endswith("-testcommit.json")
+    document = json.loads(json_path.read_text())
+    assert TOP_LEVEL <= set(document)
+    records = document["records"]
+    assert records
+    for record in records:
+        assert RECORD_FIELDS <= set(record), RECORD_FIELDS - set(record)
+        assert 0.0 <= record["block_sparsity"] <= 1.0
+        assert all(0.0 <= value <= 1.0 for value in record["block_sparsity_tiles"].values())
+        assert record["error"] is None or isinstance(record["error"], str)
+
+    baseline = [r for r in records if r["impl"] == document["ratio_baseline"]]
+    assert baseline and all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["error"] is None for r in baseline)
+    assert all(r["ratio_fwd_to_fa2"] == pytest.approx(1.0) for r in baseline)
+    dense_entmax = [r for r in records if r["impl"] == "entmax_bisect"]
+    assert dense_entmax and all(r["fwd_bwd_ms"] is not None for r in dense_entmax)
+
+    for causal in (True, False):
+        case = [r for r in baseline if r["causal"] == causal]
+        dense = [r["block_sparsity"] for r in case if r["target_sparsity"] == 0]
+        structured = [r["block_sparsity"] for r in case if r["target_sparsity"] > 0]
+        assert dense and structured and min(structured) > max(dense)
+
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == sorted(f"{json_path.stem}-D16-{c}.png" for c in ("causal", "noncausal"))
+    assert all((tmp_path / name).stat().st_size > 0 for name in pngs)
