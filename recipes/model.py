@@ -2,12 +2,13 @@
 
 Attention types (ATTENTION_TYPES), all causal, all on (B, H, N, D) tensors:
   "softmax"    torch's scaled_dot_product_attention.
-  "entmax"     entflash.api.entmax_attention with alpha = 1.5.
-  "learnable"  entmax with a learnable alpha per head: alpha = 1 + sigmoid(a), a of shape (H,) starting at 0
-               (alpha = 1.5).
+  "entmax"     alpha = 1.5 entmax attention.
+  "learnable"  entmax with a learnable alpha per head: alpha = 1 + sigmoid(a), a of shape (H,), starting at 1.5.
   "asentmax"   ASEntmax: alpha = 1.5 entmax after scaling the query at 0-based position i by
                1 + beta * log(i + 2) ** gamma, with beta = softplus(b) and gamma = 2 * tanh(c), b and c learnable
-               per head. Scaling q row-wise scales that query's logits.
+               per head (initially beta = 0.1, gamma = 1). Scaling q row-wise scales that query's logits.
+The three entmax types are entflash.nn.EntmaxAttention (which calls entflash.api.entmax_attention: fused Triton
+kernels on CUDA, the exact torch path on CPU).
 Positions: rotary embeddings ("rope") or none ("nope").
 """
 from __future__ import annotations
@@ -67,12 +68,15 @@ def rotate(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
 
 
-def _entmax_attention():
+def _entmax_module(config: ModelConfig):
+    """entflash.nn.EntmaxAttention configured for config.attention (one of the three entmax types)."""
     try:
-        from entflash.api import entmax_attention
+        from entflash.nn import EntmaxAttention
     except ImportError as error:
-        raise ImportError(f"entmax attention types need entflash.api.entmax_attention ({error})") from error
-    return entmax_attention
+        raise ImportError(f"attention {config.attention!r} needs entflash.nn.EntmaxAttention ({error})") from error
+    return EntmaxAttention(config.num_heads, alpha=ENTMAX_ALPHA, learn_alpha=config.attention == "learnable",
+                           asentmax="head" if config.attention == "asentmax" else None,
+                           backend=config.entmax_backend)
 
 
 class SwitchableAttention(nn.Module):
@@ -83,28 +87,7 @@ class SwitchableAttention(nn.Module):
         self.config = config
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
-        heads = config.num_heads
-        if config.attention == "learnable":
-            self.alpha_logit = nn.Parameter(torch.zeros(heads))
-        if config.attention == "asentmax":
-            self.beta_raw = nn.Parameter(torch.full((heads,), -3.0))
-            self.gamma_raw = nn.Parameter(torch.full((heads,), 0.5))
-        self._entmax = None if config.attention == "softmax" else _entmax_attention()
-
-    def alpha(self):
-        """The entmax alpha: a float, or a (H,) tensor for "learnable" (None for softmax)."""
-        if self.config.attention == "softmax":
-            return None
-        if self.config.attention == "learnable":
-            return 1.0 + torch.sigmoid(self.alpha_logit)
-        return ENTMAX_ALPHA
-
-    def query_scale(self, length: int, device: torch.device) -> torch.Tensor:
-        """ASEntmax's per-head, per-position query scale 1 + beta * log(i + 2) ** gamma: (H, length, 1)."""
-        beta = F.softplus(self.beta_raw).view(-1, 1)
-        gamma = (2.0 * torch.tanh(self.gamma_raw)).view(-1, 1)
-        log_position = torch.log(torch.arange(length, device=device, dtype=torch.float32) + 2.0).view(1, -1)
-        return (1.0 + beta * log_position ** gamma).unsqueeze(-1)
+        self.entmax = None if config.attention == "softmax" else _entmax_module(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
@@ -112,12 +95,10 @@ class SwitchableAttention(nn.Module):
         q, k, v = self.qkv(x).view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
         if self.config.position_encoding == "rope":
             q, k = rotate(q), rotate(k)
-        if self.config.attention == "softmax":
+        if self.entmax is None:
             mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            if self.config.attention == "asentmax":
-                q = q * self.query_scale(length, x.device).to(q.dtype)
-            mixed = self._entmax(q, k, v, alpha=self.alpha(), causal=True, backend=self.config.entmax_backend)
+            mixed = self.entmax(q, k, v, causal=True)
         return self.out(mixed.transpose(1, 2).reshape(batch, length, self.config.d_model))
 
 
@@ -160,10 +141,10 @@ class Decoder(nn.Module):
         as plain lists, for the results file."""
         values = {}
         for index, block in enumerate(self.blocks):
-            attention = block.attention
+            entmax = block.attention.entmax
             if self.config.attention == "learnable":
-                values[f"layer{index}.alpha"] = attention.alpha().detach().cpu().tolist()
+                values[f"layer{index}.alpha"] = entmax.alpha().detach().cpu().tolist()
             if self.config.attention == "asentmax":
-                values[f"layer{index}.beta"] = F.softplus(attention.beta_raw).detach().cpu().tolist()
-                values[f"layer{index}.gamma"] = (2 * torch.tanh(attention.gamma_raw)).detach().cpu().tolist()
+                values[f"layer{index}.beta"] = F.softplus(entmax.asentmax.beta_raw).detach().cpu().tolist()
+                values[f"layer{index}.gamma"] = (2 * torch.tanh(entmax.asentmax.gamma_raw)).detach().cpu().tolist()
         return values

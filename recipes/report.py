@@ -56,8 +56,9 @@ def write_results(document: Dict, out_dir: str) -> str:
     document["summary"] = summarize(document["runs"])
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, RESULTS_FILE)
-    with open(path, "w") as handle:
+    with open(path + ".tmp", "w") as handle:
         json.dump(document, handle, indent=1)
+    os.replace(path + ".tmp", path)  # a process killed mid-write leaves the previous complete file
     return path
 
 

@@ -7,24 +7,30 @@
 #    they overlap well); their tokens/s are therefore measured while sharing the GPU.
 # 3. Training throughput of each type measured alone (fresh models, random tokens), one type after another.
 # 4. Merge into DEST/results.json and DEST/length_generalization.png; logs without progress bars in DEST/train.log.
+# Hard wall-clock limits in seconds (a killed process keeps the runs it finished): RECIPE_CHECK_TIMEOUT,
+# RECIPE_TRAIN_TIMEOUT, RECIPE_THROUGHPUT_TIMEOUT (unlimited by default).
 set -uo pipefail
 dest=${1:?usage: bash recipes/run_gpu.sh DEST [flags]}
 shift
 python=${PYTHON:-python3}
 work=${RECIPE_WORK:-/tmp/recipe_runs}
 export PYTHONUNBUFFERED=1
+unlimited=1000000
+check_timeout=${RECIPE_CHECK_TIMEOUT:-$unlimited}
+train_timeout=${RECIPE_TRAIN_TIMEOUT:-$unlimited}
+throughput_timeout=${RECIPE_THROUGHPUT_TIMEOUT:-$unlimited}
 mkdir -p "$dest" "$work"
-if $python -m recipes.backend_check > "$dest/backend_check.json"; then backend=triton; else backend=torch; fi
+if timeout "$check_timeout" $python -m recipes.backend_check > "$dest/backend_check.json"; then backend=triton; else backend=torch; fi
 echo "entmax backend for training: $backend"
 types=(softmax entmax learnable asentmax)
 pids=()
 for attention in "${types[@]}"; do
-    $python -m recipes.length_generalization --config gpu --attention "$attention" --entmax-backend "$backend" \
+    timeout "$train_timeout" $python -m recipes.length_generalization --config gpu --attention "$attention" --entmax-backend "$backend" \
         --throughput-lengths '' --out "$work/$attention" "$@" > "$work/$attention.log" 2>&1 &
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
-$python -m recipes.length_generalization --config gpu --tasks '' --entmax-backend "$backend" \
+timeout "$throughput_timeout" $python -m recipes.length_generalization --config gpu --tasks '' --entmax-backend "$backend" \
     --out "$work/throughput" "$@" > "$work/throughput.log" 2>&1
 finished=()
 for name in "${types[@]}" throughput; do
