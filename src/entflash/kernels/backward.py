@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import os
 
-
 import torch
 import triton
 import triton.language as tl
+
+from entflash.kernels.common import entmax_s, mma, visible_mask
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 
@@ -27,50 +28,6 @@ MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 # ----------------------------------------------------------------------------------------------
 # jit helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _bwd_visible(qi, kj, Lq, Lk, off, wl, wr,
-                 CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
-    """Visibility of key kj to query qi (broadcastable int tensors), bottom-right aligned."""
-    vis = (qi < Lq) & (kj < Lk)
-    if CAUSAL:
-        vis = vis & (kj <= qi + off)
-    if HAS_WL:
-        vis = vis & (kj >= qi + off - wl)
-    if HAS_WR:
-        vis = vis & (kj <= qi + off + wr)
-    return vis
-
-
-@triton.jit
-def _bwd_probs(x, inv_am1, s_exp, ALPHA_MODE: tl.constexpr):
-    """p = [x]_+^(1/(alpha-1)) and s = p^(2-alpha) for x in (alpha-1)*score units (x may be -inf).
-
-    ALPHA_MODE 1: alpha = 1.5 (p = u^2, s = u); 2: alpha = 2 (p = u, s = [u > 0]); 0: any alpha
-    through exp2/log2 with per-head exponents inv_am1 = 1/(alpha-1), s_exp = (2-alpha)/(alpha-1).
-    """
-    u = tl.maximum(x, 0.0)
-    if ALPHA_MODE == 1:
-        p = u * u
-        s = u
-    elif ALPHA_MODE == 2:
-        p = u
-        s = tl.where(u > 0.0, 1.0, 0.0)
-    else:
-        pos = u > 0.0
-        lu = tl.log2(tl.where(pos, u, 1.0))
-        p = tl.where(pos, tl.exp2(lu * inv_am1), 0.0)
-        s = tl.where(pos, tl.exp2(lu * s_exp), 0.0)
-    return p, s
-
-
-@triton.jit
-def _bwd_mm(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b in fp32. UPCAST feeds fp32 operands (Triton 3.6's interpreter multiplies bf16 bit patterns)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
 @triton.jit
 def _bwd_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_SEQ: tl.constexpr):
     """Valid query/key lengths of batch b and the bottom-right offset Lk - Lq."""
@@ -124,7 +81,7 @@ def _rows_kernel(DO, O2, S, O3, HROW, AM1, DELTA, DAROW,
 
 @triton.jit
 def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, offs_m, offs_n, offs_d, dmask,
-               s_qm, s_qd, s_dom, s_dod, s_tm, coef, inv, sexp, Nq, Lq, Lk, off, wl, wr,
+               s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp, Nq, Lq, Lk, off, wl, wr,
                CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
                ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Add one (key block x query block) tile to dK (unscaled) and dV; the tile is kept transposed."""
@@ -135,18 +92,19 @@ def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, offs_m, offs_n, of
     tau = tl.load(t_base + offs_m * s_tm, mask=mmask, other=float("inf"))
     delta = tl.load(d_base + offs_m, mask=mmask, other=0.0)
     zero = tl.zeros([offs_n.shape[0], offs_m.shape[0]], dtype=tl.float32)
-    x = coef * _bwd_mm(k, tl.trans(q), zero, DOT_PREC, UPCAST) - tau[None, :]
-    vis = _bwd_visible(offs_m[None, :], offs_n[:, None], Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR)
-    p, s = _bwd_probs(tl.where(vis, x, -1.0), inv, sexp, ALPHA_MODE)
-    dv = _bwd_mm(p.to(do.dtype), do, dv, DOT_PREC, UPCAST)
-    g = _bwd_mm(v, tl.trans(do), zero, DOT_PREC, UPCAST)
+    x = coef * mma(k, tl.trans(q), zero, DOT_PREC, UPCAST) - tau[None, :]
+    vis = tl.trans(visible_mask(offs_m, offs_n, Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR))
+    u = tl.where(vis, tl.maximum(x, 0.0), 0.0)
+    s = entmax_s(u, sexp, ALPHA_MODE)
+    dv = mma((u * s).to(do.dtype), do, dv, DOT_PREC, UPCAST)
+    g = mma(v, tl.trans(do), zero, DOT_PREC, UPCAST)
     dz = s * (g - delta[None, :])
-    dk = _bwd_mm(dz.to(q.dtype), q, dk, DOT_PREC, UPCAST)
+    dk = mma(dz.to(q.dtype), q, dk, DOT_PREC, UPCAST)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, DK, DV, CNT, IDX, SEQQ, SEQK,
+def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SEQK,
                  s_qb, s_qh, s_qm, s_qd,
                  s_kb, s_kh, s_kn, s_kd,
                  s_vb, s_vh, s_vn, s_vd,
@@ -182,7 +140,6 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, DK, DV, CNT, IDX, SEQ
     for hh in range(0, G):
         h = kvh * G + hh
         coef = tl.load(COEF + h)
-        inv = tl.load(INV + h)
         sexp = tl.load(SEXP + h)
         row = (b64 * Hq + h) * n_kblocks + n
         cnt = tl.load(CNT + row)
@@ -195,7 +152,7 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, DK, DV, CNT, IDX, SEQ
             for sub in tl.static_range(QB // BM):
                 offs_m = m * QB + sub * BM + tl.arange(0, BM)
                 dk, dv = _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, offs_m, offs_n,
-                                    offs_d, dmask, s_qm, s_qd, s_dom, s_dod, s_tm, coef, inv, sexp,
+                                    offs_d, dmask, s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp,
                                     Nq, Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR, ALPHA_MODE,
                                     DOT_PREC, UPCAST)
     dk = dk * scale
@@ -207,7 +164,7 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, DK, DV, CNT, IDX, SEQ
 
 @triton.jit
 def _dq_step(q, do, tau, delta, dq, gp, psum, k_base, v_base, offs_m, offs_n, offs_d, dmask,
-             s_kn, s_kd, s_vn, s_vd, coef, inv, sexp, Nk, Lq, Lk, off, wl, wr,
+             s_kn, s_kd, s_vn, s_vd, coef, sexp, Nk, Lq, Lk, off, wl, wr,
              CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
              ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
              ALPHA_GRAD: tl.constexpr):
@@ -217,20 +174,22 @@ def _dq_step(q, do, tau, delta, dq, gp, psum, k_base, v_base, offs_m, offs_n, of
     k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kmask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kmask, other=0.0)
     zero = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.float32)
-    x = coef * _bwd_mm(q, tl.trans(k), zero, DOT_PREC, UPCAST) - tau[:, None]
-    vis = _bwd_visible(offs_m[:, None], offs_n[None, :], Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR)
-    p, s = _bwd_probs(tl.where(vis, x, -1.0), inv, sexp, ALPHA_MODE)
-    g = _bwd_mm(do, tl.trans(v), zero, DOT_PREC, UPCAST)
+    x = coef * mma(q, tl.trans(k), zero, DOT_PREC, UPCAST) - tau[:, None]
+    vis = visible_mask(offs_m, offs_n, Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR)
+    u = tl.where(vis, tl.maximum(x, 0.0), 0.0)
+    s = entmax_s(u, sexp, ALPHA_MODE)
+    g = mma(do, tl.trans(v), zero, DOT_PREC, UPCAST)
     if ALPHA_GRAD:
+        p = u * s
         gp += tl.sum(g * p, axis=1)
         psum += tl.sum(p, axis=1)
     dz = s * (g - delta[:, None])
-    dq = _bwd_mm(dz.to(k.dtype), k, dq, DOT_PREC, UPCAST)
+    dq = mma(dz.to(k.dtype), k, dq, DOT_PREC, UPCAST)
     return dq, gp, psum
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, AM1, DAROW, DQ, CNT, IDX, SEQQ, SEQK,
+def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SEQQ, SEQK,
                s_qb, s_qh, s_qm, s_qd,
                s_kb, s_kh, s_kn, s_kd,
                s_vb, s_vh, s_vn, s_vd,
@@ -257,7 +216,6 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, AM1, DAROW, DQ, CNT, ID
     Lq, Lk, off = _bwd_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_SEQ)
     b64 = b.to(tl.int64)
     coef = tl.load(COEF + h)
-    inv = tl.load(INV + h)
     sexp = tl.load(SEXP + h)
     offs_m = m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
@@ -282,7 +240,7 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, INV, SEXP, AM1, DAROW, DQ, CNT, ID
         for sub in tl.static_range(KB // BN):
             offs_n = n * KB + sub * BN + tl.arange(0, BN)
             dq, gp, psum = _dq_step(q, do, tau, delta, dq, gp, psum, k_base, v_base, offs_m, offs_n,
-                                    offs_d, dmask, s_kn, s_kd, s_vn, s_vd, coef, inv, sexp, Nk, Lq, Lk,
+                                    offs_d, dmask, s_kn, s_kd, s_vn, s_vd, coef, sexp, Nk, Lq, Lk,
                                     off, wl, wr, CAUSAL, HAS_WL, HAS_WR, ALPHA_MODE, DOT_PREC, UPCAST,
                                     ALPHA_GRAD)
     dq = dq * scale
@@ -336,7 +294,7 @@ def _interpreting() -> bool:
 
 
 def _alpha_tables(alpha, Hq: int, scale: float, device):
-    """Per-head fp32 tables: alpha-1, (alpha-1)*scale, 1/(alpha-1), (2-alpha)/(alpha-1); and a fast-path id."""
+    """Per-head fp32 tables alpha-1, (alpha-1)*scale, (2-alpha)/(alpha-1), and the ALPHA_MODE fast-path id."""
     if isinstance(alpha, torch.Tensor):
         a = alpha.detach().to(device=device, dtype=torch.float64).reshape(-1).expand(Hq)
         mode = 0
@@ -344,7 +302,7 @@ def _alpha_tables(alpha, Hq: int, scale: float, device):
         a = torch.full((Hq,), float(alpha), dtype=torch.float64, device=device)
         mode = 1 if float(alpha) == 1.5 else 2 if float(alpha) == 2.0 else 0
     am1 = a - 1.0
-    tabs = [am1, am1 * scale, 1.0 / am1, (2.0 - a) / am1]
+    tabs = [am1, am1 * scale, (2.0 - a) / am1]
     return [t.to(torch.float32).contiguous() for t in tabs], mode
 
 
@@ -404,7 +362,7 @@ def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, 
     cfg = _pick_blocks(D, dev)
     if blocks:
         cfg.update(blocks)
-    (am1, coef, inv, sexp), mode = _alpha_tables(alpha, Hq, scale, dev)
+    (am1, coef, sexp), mode = _alpha_tables(alpha, Hq, scale, dev)
     tau = tau.to(torch.float32)
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
@@ -439,7 +397,7 @@ def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, 
     dk = _alloc_like(k)
     dv = _alloc_like(v)
     _dkdv_kernel[(B * Hkv, n_kb)](
-        q, k, v, grad_out, tau, delta, coef, inv, sexp, dk, dv, cnt_kv, idx_kv, sq, sk,
+        q, k, v, grad_out, tau, delta, coef, sexp, dk, dv, cnt_kv, idx_kv, sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(),
         *dk.stride(), *dv.stride(),
         Hq, Hkv, G, Nq, Nk, D, n_kb, n_qb, wl_i, wr_i, float(scale),
@@ -452,7 +410,7 @@ def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, 
     n_qb, n_kb = q_map.shape[2], q_map.shape[3]
     dq = _alloc_like(q)
     _dq_kernel[(B * Hq, n_qb)](
-        q, k, v, grad_out, tau, delta, coef, inv, sexp, am1, darow, dq, cnt_q, idx_q, sq, sk,
+        q, k, v, grad_out, tau, delta, coef, sexp, am1, darow, dq, cnt_q, idx_q, sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(), *dq.stride(),
         Hq, G, Nq, Nk, D, n_qb, n_kb, wl_i, wr_i, float(scale),
         KB=kb, BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad, **common)
