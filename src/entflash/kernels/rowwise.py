@@ -7,8 +7,8 @@ How a row is solved (one program owns BLOCK_M whole rows):
 
 1. row max zmax; every later step works on shifted scores x = (alpha - 1) * (z - zmax) <= 0, so the
    max sits at 0, the window that can be non-zero is [-1, 0], and large logits keep full precision;
-2. a histogram of x over NBINS bins of that window (``common.histogram_tile``) and a guaranteed lower
-   bound of tau from the bin counts (``common.histogram_lower_tau``);
+2. a histogram of x over NBINS bins of that window (Triton's histogram, counts of any size) and a
+   guaranteed lower bound of tau from the bin counts (``common.histogram_lower_tau``);
 3. N_STEPS Newton steps on the r-norm of [x - tau]_+ (``common.newton_tau``): that function is convex
    and decreasing, so each iterate stays a lower bound of tau (no non-zero entry can be lost) and
    converges quadratically; two steps from the histogram bound reach float32 accuracy;
@@ -29,20 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (
-    entmax_p,
-    histogram_lower_tau,
-    histogram_tile,
-    newton_tau,
-    pow_row,
-)
+from entflash.kernels.common import entmax_p, histogram_lower_tau, newton_tau, pow_row
 
 SINGLE_MAX_COLS = 32768  # rows up to this length are solved in registers
 CHUNK_COLS = 8192  # column chunk of the multi-sweep path
 CHUNK_WARPS = 16
 NBINS = 32  # histogram bins over the window [-1, 0] of shifted scores
 HIST_ITERS = 4  # Newton steps on the histogram's lower-edge model
-HIST_LANE = 128  # columns per histogram_tile call (its 8-bit lanes hold at most 255 counts)
 
 AlphaLike = Union[float, torch.Tensor]
 
@@ -74,17 +67,21 @@ def _load_shifted(X, rows, cols, n_rows, n_cols, stride, zmax, am1):
 
 
 @triton.jit
-def _bin_counts(x, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANE: tl.constexpr,
-                NB: tl.constexpr):
-    """Per-row histogram (BLOCK_M, NB) int32 of shifted scores x (BLOCK_M, BLOCK_N) below row max m.
+def _bin_counts(x, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """Per-row histogram (BLOCK_M, NB) int32 of shifted scores x (BLOCK_M, BLOCK_N) below the row max
+    m (BLOCK_M,), in the bins of common.histogram_lower_tau: bin b holds m - (b+1)/NB < x <= m - b/NB;
+    scores at or below m - 1 are not counted.
 
-    common.histogram_tile packs counts in 8-bit lanes, so the tile is cut into LANE-wide pieces
-    (LANE <= 255) that are counted as separate rows and summed back."""
-    G: tl.constexpr = BLOCK_N // LANE
-    xs = tl.reshape(x, (BLOCK_M * G, LANE))
-    ms = tl.reshape(tl.broadcast_to(m[:, None], (BLOCK_M, G)), (BLOCK_M * G,))
-    c = histogram_tile(xs, ms, NB)
-    return tl.sum(tl.reshape(c, (BLOCK_M, G, NB)), axis=1)
+    Long rows put up to n (256k and more) scores in one bin, beyond the 8/16-bit lanes of the
+    attention kernels' packed counters, so rows use Triton's histogram with one NB-bin block per row.
+    """
+    t = (m[:, None] - x) * NB
+    inwin = (t < NB) & (x > float("-inf"))
+    b = tl.minimum(tl.maximum(tl.where(inwin, t, 0.0).to(tl.int32), 0), NB - 1)
+    idx = b + (tl.arange(0, BLOCK_M) * NB)[:, None]
+    h = tl.histogram(tl.reshape(idx, (BLOCK_M * BLOCK_N,)), BLOCK_M * NB,
+                     mask=tl.reshape(inwin, (BLOCK_M * BLOCK_N,)))
+    return tl.reshape(h, (BLOCK_M, NB)).to(tl.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +93,7 @@ def _entmax_rows_fwd_kernel(
     X, P, TAU, ALPHA, alpha_value, n_rows, n_cols, stride_x, stride_p,
     TGT, LOSS, ZMAX, ignore_index, eps, h_target,
     ALPHA_PER_ROW: tl.constexpr, ALPHA_MODE: tl.constexpr, SINGLE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LANE: tl.constexpr, NB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
     HIST_IT: tl.constexpr, N_STEPS: tl.constexpr, IS_LOSS: tl.constexpr,
 ):
     """One program solves BLOCK_M rows.
@@ -132,12 +129,12 @@ def _entmax_rows_fwd_kernel(
     # 2. histogram of the window [-1, 0] -> guaranteed lower bound of tau
     if SINGLE:
         x = (z.to(tl.float32) - zsafe[:, None]) * am1
-        counts = _bin_counts(x, m, BLOCK_M, BLOCK_N, LANE, NB)
+        counts = _bin_counts(x, m, BLOCK_M, BLOCK_N, NB)
     else:
         counts = tl.zeros((BLOCK_M, NB), dtype=tl.int32)
         for start in range(0, n_cols, BLOCK_N):
             xc = _load_shifted(X, rows, start + cols, n_rows, n_cols, stride_x, zsafe, am1)
-            counts += _bin_counts(xc, m, BLOCK_M, BLOCK_N, LANE, NB)
+            counts += _bin_counts(xc, m, BLOCK_M, BLOCK_N, NB)
     tau = histogram_lower_tau(counts, m, rm1, expo, ALPHA_MODE, NB, HIST_IT)
 
     # 3. Newton steps on the r-norm (iterates stay below the true tau)
@@ -332,7 +329,7 @@ def _alpha_mode(alpha_rows: AlphaLike) -> Tuple[bool, int, float]:
 
 
 def _tile_config(n_cols: int, per_row: bool, block_n: Optional[int], num_warps: Optional[int]):
-    """(SINGLE, BLOCK_M, BLOCK_N, LANE, num_warps) for rows of n_cols columns."""
+    """(SINGLE, BLOCK_M, BLOCK_N, num_warps) for rows of n_cols columns."""
     if block_n is None:
         single = n_cols <= SINGLE_MAX_COLS
         block_n = triton.next_power_of_2(max(n_cols, 16)) if single else CHUNK_COLS
@@ -342,7 +339,7 @@ def _tile_config(n_cols: int, per_row: bool, block_n: Optional[int], num_warps: 
     block_m = 1 if (per_row or not single) else max(1, min(16, 2048 // block_n))
     if num_warps is None:
         num_warps = CHUNK_WARPS if not single else min(32, max(4, block_m * block_n // 1024))
-    return single, block_m, block_n, min(HIST_LANE, block_n), num_warps
+    return single, block_m, block_n, num_warps
 
 
 def _alpha_args(alpha_rows: AlphaLike, n_rows: int, device) -> Tuple[torch.Tensor, float]:
@@ -361,7 +358,7 @@ def _launch_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, block_n: Optional[
     n_rows, n_cols = x2d.shape
     per_row, mode, alpha_value = _alpha_mode(alpha_rows)
     alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, x2d.device)
-    single, block_m, bn, lane, warps = _tile_config(n_cols, per_row, block_n, num_warps)
+    single, block_m, bn, warps = _tile_config(n_cols, per_row, block_n, num_warps)
     tau = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
     if loss_args is None:
         p = torch.empty((n_rows, n_cols), device=x2d.device, dtype=x2d.dtype)
@@ -379,7 +376,7 @@ def _launch_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, block_n: Optional[
         x2d, p, tau, alpha_t, alpha_value, n_rows, n_cols, x2d.stride(0), p.stride(0),
         tgt, loss, zmax, ignore_index, eps, h_target,
         ALPHA_PER_ROW=per_row, ALPHA_MODE=mode, SINGLE=single, BLOCK_M=block_m, BLOCK_N=bn,
-        LANE=lane, NB=NBINS, HIST_IT=HIST_ITERS, N_STEPS=3 if single else 2,
+        NB=NBINS, HIST_IT=HIST_ITERS, N_STEPS=3 if single else 2,
         IS_LOSS=loss_args is not None, num_warps=warps,
     )
     return (p, tau) if loss_args is None else (loss, tau, zmax)
@@ -430,7 +427,7 @@ def entmax_rows_backward(p: torch.Tensor, grad_p: torch.Tensor, alpha_rows: Alph
     if n_rows == 0 or n_cols == 0:
         return dx, (dalpha.zero_() if need_alpha_grad else None)
     alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, p.device)
-    single, block_m, bn, _, warps = _tile_config(n_cols, per_row, block_n, num_warps)
+    single, block_m, bn, warps = _tile_config(n_cols, per_row, block_n, num_warps)
     grid = (triton.cdiv(n_rows, block_m),)
     _entmax_rows_bwd_kernel[grid](
         p, grad_p, dx, alpha_t, dalpha if need_alpha_grad else alpha_t, alpha_value,
@@ -535,7 +532,7 @@ class FusedEntmaxLossRows(torch.autograd.Function):
         dx = torch.empty_like(logits2d)
         if dx.numel():
             per_row, mode, alpha_value = _alpha_mode(alpha)
-            single, block_m, bn, _, warps = _tile_config(n_cols, False, None, None)
+            single, block_m, bn, warps = _tile_config(n_cols, False, None, None)
             _entmax_loss_bwd_kernel[(triton.cdiv(n_rows, block_m),)](
                 logits2d, tau, zmax, target, grad_loss.contiguous(), dx, alpha_value, n_rows, n_cols,
                 logits2d.stride(0), dx.stride(0), ignore_index, eps,
