@@ -1,0 +1,1 @@
+"""Benchmark harness for entflash: `python -m benchmarks.attention` (see benchmarks/README.md)."""

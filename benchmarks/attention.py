@@ -144,7 +144,7 @@ def run_case(seq_len: int, head_dim: int, causal: bool, level: float, preset: Pr
     heads = max(1, preset.hidden // head_dim)
     started = time.perf_counter()
     strength = calibrate_strength(level, seq_len, head_dim, alpha=alpha, causal=causal, tile=tiles[0],
-                                  sinks=sinks, device=preset.device)
+                                  sinks=sinks, device=preset.device, dtype=preset.dtype)
     inputs = make_inputs(batch, heads, seq_len, head_dim, strength=strength, sinks=sinks, seed=seed,
                          device=preset.device, dtype=preset.dtype)
     sparsity = block_sparsity(inputs.q, inputs.k, alpha=alpha, causal=causal, tiles=tiles)

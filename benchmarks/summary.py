@@ -1,0 +1,37 @@
+"""Short summary of a harness JSON: `python -m benchmarks.summary RESULTS.json` (used by scripts/gpu_check.sh).
+
+Prints the device and versions, each distinct error per implementation (with how many records hit it),
+and the markdown table.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from benchmarks.report import markdown_table
+
+
+def summarize(document: dict) -> str:
+    """The summary text of one results document."""
+    lines = [f"device {document['device']}  torch {document['torch']}  triton {document['triton']}  "
+             f"commit {document['commit']}  date {document['date']}  records {len(document['records'])}"]
+    errors = Counter((r["impl"], r["error"]) for r in document["records"] if r["error"])
+    for (impl, error), count in sorted(errors.items()):
+        lines.append(f"  error x{count} {impl}: {error[:240]}")
+    if not errors:
+        lines.append("  no implementation raised an error")
+    impls = document["settings"]["impls"]
+    lines += ["", markdown_table(document, impls)]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """Print the summary of each JSON path given on the command line."""
+    for path in (argv if argv is not None else sys.argv[1:]):
+        print(summarize(json.loads(Path(path).read_text())))
+
+
+if __name__ == "__main__":
+    main()

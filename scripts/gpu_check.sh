@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The one command to check a kernel change on the GPU machine (run from the repository root there):
+#   bash scripts/gpu_check.sh [extra flags for python -m benchmarks.attention, e.g. --impls fa2 ours]
+# 1. installs the carried wheels (.whl/*.whl: adasplash, entmax) into /tmp/site, when .whl exists;
+# 2. runs the GPU tests:       python3 -m pytest -q -m gpu tests/
+# 3. runs the quick benchmark: python3 -m benchmarks.attention --quick
+# 4. prints a one-screen summary (GPU, test result, benchmark errors and table).
+# Logs, JSON and PNGs go to $OUT (the device tool's folder that comes back), else /tmp/gpu_check.
+# Environment: ENTFLASH_COMMIT names the commit (the device copy has no git); GPU_CHECK_TEST_TIMEOUT and
+# GPU_CHECK_BENCH_TIMEOUT (seconds, default 240 each); GPU_CHECK_SKIP_TESTS=1 skips step 2;
+# GPU_CHECK_PRESET=paper|cpu runs that preset instead of --quick.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out="${OUT:-/tmp/gpu_check}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python="${PYTHON:-python3}"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || { echo "gpu_check: installing the carried wheels failed" >&2; exit 1; }
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+gpu="$(nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1 | head -1)"
+
+tests_rc=0
+if [ "${GPU_CHECK_SKIP_TESTS:-0}" != "1" ]; then
+    timeout "${GPU_CHECK_TEST_TIMEOUT:-240}" $python -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 \
+        | tee "$out/pytest_gpu.log"
+    tests_rc=${PIPESTATUS[0]}
+    [ "$tests_rc" = 5 ] && tests_rc=0  # pytest's "no test selected": no GPU tests yet
+fi
+
+preset="${GPU_CHECK_PRESET:-quick}"
+timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" $python -m benchmarks.attention "--$preset" --out "$out" "$@" 2>&1 \
+    | tee "$out/bench_$preset.log"
+bench_rc=${PIPESTATUS[0]}
+
+{
+    echo
+    echo "================ gpu_check summary ================"
+    echo "gpu:   $gpu"
+    if [ "${GPU_CHECK_SKIP_TESTS:-0}" = "1" ]; then
+        echo "tests: skipped (GPU_CHECK_SKIP_TESTS=1)"
+    else
+        echo "tests: exit $tests_rc ($( [ "$tests_rc" = 124 ] && echo "timed out; " )$(tail -1 "$out/pytest_gpu.log"))"
+        grep -E "^(FAILED|ERROR) " "$out/pytest_gpu.log" | head -15
+    fi
+    echo "bench: exit $bench_rc$( [ "$bench_rc" = 124 ] && echo " (timed out: JSON holds the cases done)")"
+    results="$(ls -t "$out"/*.json 2>/dev/null | head -1)"
+    if [ -n "$results" ]; then
+        $python -m benchmarks.summary "$results"
+    fi
+} | tee "$out/summary.txt"
+
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
