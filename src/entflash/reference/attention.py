@@ -190,10 +190,9 @@ def _backward(problem: _Problem, q, k, v, tau, grad_out, need_q, need_k, need_v,
     p_ = problem
     q5, grad_out5 = p_.grouped(q), p_.grouped(grad_out)
     k_c, v_c = k.to(p_.dtype), v.to(p_.dtype)
-    zeros_like_k = lambda: torch.zeros(k.shape, dtype=p_.dtype, device=p_.device)  # noqa: E731
     dq = torch.zeros(q5.shape, dtype=p_.dtype, device=p_.device) if need_q else None
-    dk = zeros_like_k() if need_k else None
-    dv = zeros_like_k() if need_v else None
+    dk = torch.zeros(k.shape, dtype=p_.dtype, device=p_.device) if need_k else None
+    dv = torch.zeros(v.shape, dtype=p_.dtype, device=p_.device) if need_v else None
     dalpha = torch.zeros(p_.num_kv_heads, p_.group, dtype=p_.dtype, device=p_.device) if need_alpha else None
     for start, stop, key_start, key_stop in p_.chunks():
         if key_start == key_stop:  # no row of the chunk sees a key: zero gradients
