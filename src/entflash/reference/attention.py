@@ -84,7 +84,7 @@ class _Problem:
     (B, Hkv, G * rows, D) so that one matmul against k or v of shape (B, Hkv, Nk, D) serves the whole group.
     """
 
-    def __init__(self, q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows):
+    def __init__(self, q, k, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows):
         self.batch, self.num_q_heads, self.num_queries, self.head_dim = q.shape
         self.num_kv_heads, self.num_keys = k.shape[1], k.shape[2]
         self.group = self.num_q_heads // self.num_kv_heads
@@ -239,7 +239,7 @@ def _alpha_gradient_rows(problem: _Problem, shifted, probs, normalized_slopes, g
 class _TorchAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows):
-        problem = _Problem(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows)
+        problem = _Problem(q, k, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows)
         out, tau, support = _forward(problem, q, k, v)
         ctx.problem = problem
         ctx.alpha_dtype = alpha.dtype if isinstance(alpha, torch.Tensor) else None
