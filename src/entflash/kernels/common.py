@@ -200,41 +200,69 @@ def sub_block_any(c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def tile_is_candidate(tmax_row_ptr, stride_tm, kb, thr_sub, n_sub_valid, BLOCK_M: tl.constexpr):
-    """May key tile kb hold a score above the rows' thresholds? Scalar bool.
+def compact_candidates(tmax_row_ptr, stride_tm, thr_sub, n_sub_valid, kb_lo, kb_hi, list_ptr,
+                       BLOCK_M: tl.constexpr, NK_CHUNK: tl.constexpr):
+    """Write the key tiles kb in [kb_lo, kb_hi) (at most NK_CHUNK of them) that may hold a score above
+    the rows' thresholds to list_ptr[0 : count], ascending; return count (int32 scalar).
 
     tmax_row_ptr points at the per-64x64-tile max of this program's first sub-block (row stride
-    stride_tm); thr_sub (BLOCK_M // 64,) holds each sub-block's lowest row threshold (+inf for a
-    sub-block without valid rows); n_sub_valid = number of sub-blocks inside the tensor.
+    stride_tm); thr_sub (BLOCK_M // 64,) is each sub-block's lowest row threshold (+inf for a sub-block
+    without valid rows); n_sub_valid = number of this program's sub-blocks inside the tensor. A tile is
+    a candidate when some sub-block's tile max exceeds that sub-block's threshold. The later loop
+    `for i in range(count): kb = tl.load(list_ptr + i)` then touches candidate tiles only, instead of
+    testing every tile serially. list_ptr is private to the program (NK_CHUNK int32 entries).
     """
     SUB: tl.constexpr = BLOCK_M // 64
-    sub = tl.arange(0, SUB)
-    tmax = tl.load(tmax_row_ptr + sub * stride_tm + kb, mask=sub < n_sub_valid, other=float("-inf"))
-    return tl.max((tmax > thr_sub).to(tl.int32), axis=0) > 0
+    sub = tl.arange(0, SUB)[:, None]
+    kk = kb_lo + tl.arange(0, NK_CHUNK)
+    tmax = tl.load(tmax_row_ptr + sub * stride_tm + kk[None, :],
+                   mask=(sub < n_sub_valid) & (kk[None, :] < kb_hi), other=float("-inf"))
+    cand = tl.max((tmax > thr_sub[:, None]).to(tl.int32), axis=0)
+    pos = tl.cumsum(cand, axis=0) - 1
+    tl.debug_barrier()  # earlier readers of the list are done
+    tl.store(list_ptr + pos, kk, mask=cand > 0)
+    tl.debug_barrier()  # the list is visible to every thread of the program
+    return tl.sum(cand, axis=0)
 
 
 @triton.jit
-def histogram_tile(x, m, NBINS: tl.constexpr):
-    """Per-row counts of the scores x (BLOCK_M, BLOCK_N) in NBINS bins of width 1/NBINS below the
-    row max m (BLOCK_M,): bin b holds m - (b+1)/NBINS < x <= m - b/NBINS. Returns (BLOCK_M, NBINS)
-    int32. Scores at or below m - 1 (never non-zero, since tau >= m - 1) are not counted.
+def histogram_words(x, m):
+    """Per-row counts of scores x (BLOCK_M, BLOCK_N <= 255) in 16 bins of width 1/16 below the row max
+    m (BLOCK_M,): bin b holds m - (b+1)/16 < x <= m - b/16 (bin 0 also takes rounding above m).
+    Scores at or below m - 1 (never non-zero, since tau >= m - 1) are not counted.
 
-    Four bins share one int32 word (8-bit lanes; a tile row adds at most BLOCK_N <= 255 per bin), so
-    each score costs NBINS // 4 selects and row sums instead of NBINS.
+    Returns four (BLOCK_M,) int64 words, word w holding bins 4w..4w+3 in 16-bit lanes, ready to be
+    summed over up to 65535 / BLOCK_N tiles. Four bins share one int32 during the row sums (8-bit
+    lanes), so a score costs 4 selects and 4 row sums rather than 16.
     """
-    t = tl.maximum((m[:, None] - x) * NBINS, 0.0)
-    inwin = (t < NBINS) & (x > float("-inf"))
+    t = tl.maximum((m[:, None] - x) * 16.0, 0.0)
+    inwin = (t < 16.0) & (x > float("-inf"))
     b = tl.where(inwin, t, 0.0).to(tl.int32)
     val = tl.where(inwin, 1 << ((b & 3) * 8), 0)
     word = b >> 2
-    bins = tl.arange(0, NBINS)
-    lane_shift = ((bins & 3) * 8)[None, :]
-    bin_word = (bins >> 2)[None, :]
-    counts = tl.zeros((x.shape[0], NBINS), dtype=tl.int32)
-    for w in tl.static_range(NBINS // 4):
-        packed = tl.sum(tl.where(word == w, val, 0), axis=1)
-        counts += tl.where(bin_word == w, (packed[:, None] >> lane_shift) & 255, 0)
-    return counts
+    w0 = _widen_lanes(tl.sum(tl.where(word == 0, val, 0), axis=1))
+    w1 = _widen_lanes(tl.sum(tl.where(word == 1, val, 0), axis=1))
+    w2 = _widen_lanes(tl.sum(tl.where(word == 2, val, 0), axis=1))
+    w3 = _widen_lanes(tl.sum(tl.where(word == 3, val, 0), axis=1))
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _widen_lanes(p):
+    """int32 with four 8-bit lanes -> int64 with the same four lanes 16 bits wide."""
+    p = p.to(tl.int64)
+    return (p & 0xFF) | ((p & 0xFF00) << 8) | ((p & 0xFF0000) << 16) | ((p & 0xFF000000) << 24)
+
+
+@triton.jit
+def unpack_words(w0, w1, w2, w3):
+    """Four (BLOCK_M,) int64 words of 16-bit lanes (histogram_words) -> (BLOCK_M, 16) int32 counts."""
+    bins = tl.arange(0, 16)[None, :]
+    shift = ((bins & 3) * 16).to(tl.int64)
+    wsel = bins >> 2
+    w = tl.where(wsel == 0, w0[:, None], tl.where(wsel == 1, w1[:, None],
+                 tl.where(wsel == 2, w2[:, None], w3[:, None])))
+    return ((w >> shift) & 0xFFFF).to(tl.int32)
 
 
 @triton.jit

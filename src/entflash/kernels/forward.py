@@ -22,7 +22,7 @@ def alpha_tensor(alpha, n_heads: int, device) -> torch.Tensor:
 
 
 def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlens_q=None, seqlens_k=None,
-                   alpha_grad=False, newton_iters=2, out=None):
+                   alpha_grad=False, newton_iters=1, out=None):
     """Fused alpha-entmax attention forward.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); float16, bfloat16 or float32 (float32 products use

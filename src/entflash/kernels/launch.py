@@ -41,6 +41,8 @@ class StageSpec:
     num_m_blocks: int
     grid: tuple
     alpha_mode: int
+    lists: torch.Tensor  # int32 scratch, NK_CHUNK entries per program: candidate key tiles
+    nk_chunk: int
     flags: dict = field(default_factory=dict)
     tiles: dict = field(default_factory=dict)
     sweep_launch: dict = field(default_factory=dict)
@@ -65,6 +67,7 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
         warps = 4 if block_d <= 128 else 8
     left, right = window if window is not None else (None, None)
     n_mb = triton.cdiv(Nq, block_m)
+    nk_chunk = min(512, max(16, triton.next_power_of_2(triton.cdiv(k.shape[2], 64))))
     return StageSpec(
         lq=seqlens_q if seqlens_q is not None else alpha_t,
         lk=seqlens_k if seqlens_k is not None else alpha_t,
@@ -74,6 +77,8 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
         num_m_blocks=n_mb,
         grid=(n_mb, B * H),
         alpha_mode=alpha_mode(alpha),
+        lists=torch.empty(n_mb * B * H * nk_chunk, device=q.device, dtype=torch.int32),
+        nk_chunk=nk_chunk,
         flags=dict(HAS_LQ=seqlens_q is not None, HAS_LK=seqlens_k is not None, CAUSAL=bool(causal),
                    WIN_LEFT=left is not None, WIN_RIGHT=right is not None),
         tiles=dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d,

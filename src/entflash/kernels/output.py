@@ -9,12 +9,12 @@ final solver pass.
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (LN2, entmax_p, key_range, load_rows, mma, program_coords, score_tile,
-                                     sub_block_any, sub_block_min_rows, tile_is_candidate)
+from entflash.kernels.common import (LN2, compact_candidates, entmax_p, key_range, load_rows, mma,
+                                     program_coords, score_tile, sub_block_any, sub_block_min_rows)
 
 
 @triton.jit
-def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow,
+def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
                    Out, TauOut, Support, TileMap, O2, S2, O3, Hrow,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -26,7 +26,7 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow,
                    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   ALPHA_MODE: tl.constexpr, ALPHA_GRAD: tl.constexpr):
+                   ALPHA_MODE: tl.constexpr, ALPHA_GRAD: tl.constexpr, NK_CHUNK: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -57,10 +57,14 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow,
     if ALPHA_GRAD:
         acc3 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         h_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        kb = start_n // BLOCK_N
-        if tile_is_candidate(TileMax + tile_off, stride_tm, kb, thr, n_sub_valid, BLOCK_M):
-            x, offs_n = score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, Nk, D,
+    list_ptr = Lists + (tl.program_id(1) * NUM_M_BLOCKS + tl.program_id(0)) * NK_CHUNK
+    kb_hi = (hi + BLOCK_N - 1) // BLOCK_N
+    for c0 in range(lo // BLOCK_N, kb_hi, NK_CHUNK):
+        n_cand = compact_candidates(TileMax + tile_off, stride_tm, thr, n_sub_valid, c0, kb_hi, list_ptr,
+                                    BLOCK_M, NK_CHUNK)
+        for i in range(0, n_cand):
+            kb = tl.load(list_ptr + i)
+            x, offs_n = score_tile(q, k_base, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, Nk, D,
                                    qk_scale, len_q, len_k, offset, win_left, win_right,
                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
             hit = sub_block_any(x > tau_low[:, None], BLOCK_M, BLOCK_N)
@@ -116,11 +120,12 @@ def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_g
     o3 = torch.empty((B, H, Nq, D), device=dev, dtype=torch.float32) if alpha_grad else o2
     hrow = torch.empty((B, H, Nq), device=dev, dtype=torch.float32) if alpha_grad else s2
     _output_kernel[spec.grid](
-        q, k, v, alpha_t, spec.lq, spec.lk, tile_max, tau, tau_low,
+        q, k, v, alpha_t, spec.lq, spec.lk, tile_max, tau, tau_low, spec.lists,
         out, tau_out, support, tile_map, o2, s2, o3, hrow,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tile_max.stride()[:3],
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, tile_max.shape[2], **spec.flags, **spec.tiles,
-        ALPHA_MODE=spec.alpha_mode, ALPHA_GRAD=bool(alpha_grad), **spec.sparse_launch)
+        ALPHA_MODE=spec.alpha_mode, ALPHA_GRAD=bool(alpha_grad),
+        NK_CHUNK=spec.nk_chunk, **spec.sparse_launch)
     return dict(out=out, tau=tau_out, support=support, tile_map=tile_map.view(torch.bool), o2=o2, s=s2,
                 o3=o3 if alpha_grad else None, hrow=hrow if alpha_grad else None)

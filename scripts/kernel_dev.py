@@ -1,0 +1,116 @@
+"""Quick GPU check and timing of the fused forward (developer tool; official numbers: benchmarks/).
+
+    PYTHONPATH=src python3 scripts/kernel_dev.py --shapes 4096:128 16384:128 --local 0 3 --out /tmp/dev.json
+
+For each (N, D) with B * N = 16k tokens and H * D = 2048, causal, bf16, and each locality strength:
+checks the output against the float32 reference on a slice of heads, then times (median ms,
+triton.testing.do_bench) FA2 (SDPA flash backend), our whole forward and each of its three stages, and
+reports block sparsity (64x64 tile map), support size and first-call (compile) time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def local_inputs(B, H, N, D, local, seed, dtype=torch.bfloat16):
+    """Random q, k, v (B, H, N, D) plus `local` times a shared positional code (geometric frequencies),
+    which concentrates attention near the diagonal as `local` grows."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, H, N, D, device="cuda", generator=g)
+    k = torch.randn(B, H, N, D, device="cuda", generator=g)
+    v = torch.randn(B, H, N, D, device="cuda", generator=g)
+    if local > 0:
+        freqs = 0.02 * 50.0 ** torch.linspace(0.0, 1.0, D // 2, device="cuda")
+        pos = torch.arange(N, device="cuda", dtype=torch.float32)[:, None] * freqs
+        code = torch.cat([pos.cos(), pos.sin()], dim=-1)
+        q = q + local * code
+        k = k + local * code
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="+", default=["4096:128", "16384:128", "4096:64", "16384:64"])
+    ap.add_argument("--local", nargs="+", type=float, default=[0.0, 3.0])
+    ap.add_argument("--alpha", type=float, default=1.5)
+    ap.add_argument("--newton", nargs="+", type=int, default=[2])
+    ap.add_argument("--noncausal", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from entflash.kernels.forward import alpha_tensor, entmax_forward
+    from entflash.kernels.launch import make_spec
+    from entflash.kernels.output import sparse_output
+    from entflash.kernels.solve import solve_tau
+    from entflash.kernels.sweep import dense_sweep
+    from entflash.reference.attention import torch_attention
+
+    causal = not args.noncausal
+    rows = []
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    for shape in args.shapes:
+        N, D = map(int, shape.split(":"))
+        B, H = max(1, 16384 // N), 2048 // D
+        for local in args.local:
+            q, k, v = local_inputs(B, H, N, D, local, seed=N + D)
+            scale = D ** -0.5
+            for ni in args.newton:
+                t0 = time.time()
+                res = entmax_forward(q, k, v, args.alpha, causal, scale, newton_iters=ni)
+                torch.cuda.synchronize()
+                first_call_s = time.time() - t0
+                # correctness on two heads of batch 0 against the float32 reference
+                hs = slice(0, 2)
+                ref, aux = torch_attention(q[:1, hs].float(), k[:1, hs].float(), v[:1, hs].float(), args.alpha,
+                                           causal, scale, None, None, None, True)
+                err = ((res["out"][:1, hs].float() - ref).norm() / ref.norm()).item()
+                tau_err = (res["tau"][:1, hs] - aux["tau"]).abs().max().item()
+                finite = bool(torch.isfinite(res["out"]).all())
+                n_tiles = res["tile_map"].shape[-1]
+                valid = torch.ones(n_tiles, n_tiles, dtype=torch.bool, device="cuda")
+                if causal:
+                    valid = valid.tril()
+                sparsity = 1 - (res["tile_map"] & valid).sum().item() / (valid.sum().item() * B * H)
+                support = res["support"].float().mean().item()
+                # timings
+                fwd = lambda: entmax_forward(q, k, v, args.alpha, causal, scale, newton_iters=ni)
+                ms = triton.testing.do_bench(fwd, warmup=50, rep=200, return_mode="median")
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    fa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                    fa()
+                    ms_fa = triton.testing.do_bench(fa, warmup=50, rep=200, return_mode="median")
+                a_t = alpha_tensor(args.alpha, H, q.device)
+                spec = make_spec(q, k, args.alpha, a_t, causal, None, None, None)
+                rm, tm = dense_sweep(q, k, a_t, scale, spec)
+                tau, tlo = solve_tau(q, k, a_t, scale, spec, rm, tm, ni)
+                ms_sweep = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec), return_mode="median")
+                ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, ni),
+                                                   return_mode="median")
+                ms_out = triton.testing.do_bench(
+                    lambda: sparse_output(q, k, v, a_t, scale, spec, tm, tau, tlo, False), return_mode="median")
+                row = dict(N=N, D=D, B=B, H=H, local=local, alpha=args.alpha, causal=causal, newton_iters=ni,
+                           rel_err=err, tau_err=tau_err, finite=finite, block_sparsity=sparsity,
+                           mean_support=support, ms=ms, ms_fa2=ms_fa, ratio=ms / ms_fa, ms_sweep=ms_sweep,
+                           ms_solve=ms_solve, ms_output=ms_out, first_call_s=first_call_s)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del res, ref, aux
+    print("\n   N    D local NI  sparsity support  err      ours ms  FA2 ms  ratio  sweep  solve output first_s")
+    for r in rows:
+        print(f"{r['N']:5d} {r['D']:4d} {r['local']:5.1f} {r['newton_iters']:2d} {r['block_sparsity']:8.3f} "
+              f"{r['mean_support']:7.1f} {r['rel_err']:.1e} {r['ms']:8.3f} {r['ms_fa2']:7.3f} {r['ratio']:6.2f} "
+              f"{r['ms_sweep']:6.3f} {r['ms_solve']:6.3f} {r['ms_output']:6.3f} {r['first_call_s']:6.1f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
