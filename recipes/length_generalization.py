@@ -191,17 +191,23 @@ def run_one(config: RecipeConfig, task, attention: str, seed: int, out_dir: str)
 
 def throughput_rows(config: RecipeConfig) -> List[Dict]:
     """Training tokens/s of each attention type at each of config.throughput_lengths (fresh models, random
-    tokens, batch = throughput_batch_tokens // length)."""
+    tokens, batch = throughput_batch_tokens // length). A length that fails (e.g. out of memory) gets an "error"
+    entry instead of "tokens_per_s"."""
     device, dtype = torch.device(config.device), DTYPES[config.dtype]
     rows = []
     for attention in config.attention:
         for length in config.throughput_lengths:
             batch = max(1, config.throughput_batch_tokens // length)
-            model = _model(config, attention, 256, 0)
-            tokens_per_s = measure_throughput(model, 256, length, batch, config.throughput_steps,
-                                              config.timing_warmup_steps, device, dtype)
-            rows.append({"attention": attention, "length": length, "batch_size": batch, "tokens_per_s": tokens_per_s})
-            print(f"throughput {attention:>10s} length {length:6d}: {tokens_per_s:12.0f} tokens/s", flush=True)
+            row = {"attention": attention, "length": length, "batch_size": batch, "dtype": config.dtype}
+            try:
+                model = _model(config, attention, 256, 0)
+                row["tokens_per_s"] = measure_throughput(model, 256, length, batch, config.throughput_steps,
+                                                         config.timing_warmup_steps, device, dtype)
+            except (RuntimeError, ValueError) as error:  # e.g. out of memory at a long length: keep the others
+                row["error"] = f"{type(error).__name__}: {error}"[:500]
+            rows.append(row)
+            shown = f"{row['tokens_per_s']:12.0f} tokens/s" if "tokens_per_s" in row else row["error"][:120]
+            print(f"throughput {attention:>10s} length {length:6d}: {shown}", flush=True)
     return rows
 
 

@@ -5,7 +5,8 @@ A results document is a dict:
   "environment"  device, versions, entmax backend, warnings seen
   "runs"         one dict per (task, attention, seed): "task", "metric", "attention", "seed", "train_length",
                  "eval" {str(length): value}, "train_tokens_per_s", "steps_done", "losses", ...
-  "throughput"   one dict per (attention, length): "attention", "length", "batch_size", "tokens_per_s"
+  "throughput"   one dict per (attention, length): "attention", "length", "batch_size", "dtype", and
+                 "tokens_per_s" (or "error" when that measurement failed)
   "summary"      {task: {"metric": str, "attention": {type: {"eval": {str(length): {"mean", "min", "max",
                  "std", "seeds"}}, "train_tokens_per_s": mean over seeds}}}}
 """
@@ -93,7 +94,7 @@ def plot_results(document: Dict, out_dir: str) -> str:
     min to max) and, when measured, a panel of training tokens/s vs length. Writes out_dir/<PLOT_FILE>."""
     summary = document.get("summary") or summarize(document["runs"])
     panels = list(summary.items())
-    throughput = document.get("throughput", [])
+    throughput = [row for row in document.get("throughput", []) if "tokens_per_s" in row]
     count = len(panels) + (1 if throughput else 0)
     if count == 0:
         raise ValueError("plot: the results hold no runs and no throughput rows")

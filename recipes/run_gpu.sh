@@ -8,7 +8,8 @@
 # 3. Training throughput of each type measured alone (fresh models, random tokens), one type after another.
 # 4. Merge into DEST/results.json and DEST/length_generalization.png; logs without progress bars in DEST/train.log.
 # Hard wall-clock limits in seconds (a killed process keeps the runs it finished): RECIPE_CHECK_TIMEOUT,
-# RECIPE_TRAIN_TIMEOUT, RECIPE_THROUGHPUT_TIMEOUT (unlimited by default).
+# RECIPE_TRAIN_TIMEOUT, RECIPE_THROUGHPUT_TIMEOUT (unlimited by default). RECIPE_FALLBACK_FLAGS: flags added
+# to every process when the check sends training to the (slower) torch backend, e.g. "--steps 300".
 set -uo pipefail
 dest=${1:?usage: bash recipes/run_gpu.sh DEST [flags]}
 shift
@@ -21,17 +22,20 @@ train_timeout=${RECIPE_TRAIN_TIMEOUT:-$unlimited}
 throughput_timeout=${RECIPE_THROUGHPUT_TIMEOUT:-$unlimited}
 mkdir -p "$dest" "$work"
 if timeout "$check_timeout" $python -m recipes.backend_check > "$dest/backend_check.json"; then backend=triton; else backend=torch; fi
-echo "entmax backend for training: $backend"
+fallback=()
+if [ "$backend" = torch ] && [ -n "${RECIPE_FALLBACK_FLAGS:-}" ]; then read -r -a fallback <<< "$RECIPE_FALLBACK_FLAGS"; fi
+echo "entmax backend for training: $backend ${fallback[*]}"
 types=(softmax entmax learnable asentmax)
 pids=()
 for attention in "${types[@]}"; do
-    timeout "$train_timeout" $python -m recipes.length_generalization --config gpu --attention "$attention" --entmax-backend "$backend" \
-        --throughput-lengths '' --out "$work/$attention" "$@" > "$work/$attention.log" 2>&1 &
+    timeout "$train_timeout" $python -m recipes.length_generalization --config gpu "$@" "${fallback[@]}" \
+        --attention "$attention" --entmax-backend "$backend" --throughput-lengths '' --out "$work/$attention" \
+        > "$work/$attention.log" 2>&1 &
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
-timeout "$throughput_timeout" $python -m recipes.length_generalization --config gpu --tasks '' --entmax-backend "$backend" \
-    --out "$work/throughput" "$@" > "$work/throughput.log" 2>&1
+timeout "$throughput_timeout" $python -m recipes.length_generalization --config gpu "$@" "${fallback[@]}" \
+    --tasks '' --entmax-backend "$backend" --out "$work/throughput" > "$work/throughput.log" 2>&1
 finished=()
 for name in "${types[@]}" throughput; do
     [ -f "$work/$name/results.json" ] && finished+=("$work/$name")
