@@ -2,12 +2,13 @@
 
 Three launches, each with one job:
 
-* ``_rows_kernel``: per query row, delta_i = dO_i . O2_i / S_i and, when alpha is learned, the row's
-  contribution to dL/dalpha (DESIGN.md section 1) from the row sums the forward saved;
+* ``_delta_kernel``: per query row, delta_i = dO_i . O2_i / S_i from the forward's O2 and S;
 * ``_dkdv_kernel``: one program per (batch, kv head, key block); it loops over the query heads of the
   GQA group and over the query blocks the transposed tile map marks, and sums dK, dV over the group in
   registers (no atomics);
-* ``_dq_kernel``: one program per (batch, query head, query block), looping over marked key blocks.
+* ``_dq_kernel``: one program per (batch, query head, query block), looping over marked key blocks;
+  when alpha is learned it also forms, from the tiles it visits anyway, the six row sums that give
+  each row's dL/dalpha (DESIGN.md section 1), summed into (Hq,) with torch.
 
 Each program walks a compact list of marked blocks built from the tile map with torch ops before launch,
 so unmarked tiles cost nothing. Every reduction has a fixed order: results are bit-identical run to run.
@@ -23,6 +24,7 @@ import triton.language as tl
 from entflash.kernels.common import entmax_s, mma, visible_mask
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,17 +46,12 @@ def _bwd_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_SEQ: tl.constexpr):
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _rows_kernel(DO, O2, S, O3, HROW, AM1, DELTA, DAROW,
-                 s_dob, s_doh, s_dom, s_dod,
-                 s_o2b, s_o2h, s_o2m, s_o2d,
-                 s_sb, s_sh, s_sm,
-                 s_o3b, s_o3h, s_o3m, s_o3d,
-                 s_hb, s_hh, s_hm,
-                 Hq, Nq, D,
-                 BR: tl.constexpr, BD: tl.constexpr, ALPHA_GRAD: tl.constexpr):
-    """Row scalars, fp32 (B,Hq,Nq) contiguous: delta_i = dO_i.O2_i / S_i and, if ALPHA_GRAD, the part
-    of the row's dL/dalpha that needs no sweep, -(dO_i.O3_i - delta_i Hrow_i)/(alpha-1).
-    The dQ kernel adds the rest, (sum_j g_ij p_ij - delta_i)/(alpha-1)^2."""
+def _delta_kernel(DO, O2, S, DELTA,
+                  s_dob, s_doh, s_dom, s_dod,
+                  s_o2b, s_o2h, s_o2m, s_o2d,
+                  s_sb, s_sh, s_sm,
+                  Hq, Nq, D, BR: tl.constexpr, BD: tl.constexpr):
+    """delta_i = dO_i . O2_i / S_i (0 where S_i = 0) into DELTA, fp32 (B, Hq, Nq) contiguous."""
     bh = tl.program_id(0)
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
@@ -70,13 +67,6 @@ def _rows_kernel(DO, O2, S, O3, HROW, AM1, DELTA, DAROW,
     live = ssum > 0.0
     delta = tl.where(live, tl.sum(do * o2, axis=1) / tl.where(live, ssum, 1.0), 0.0)
     tl.store(DELTA + bh * Nq + rows, delta, mask=rmask)
-    if ALPHA_GRAD:
-        o3 = tl.load(O3 + b * s_o3b + h * s_o3h + rows[:, None] * s_o3m + cols[None, :] * s_o3d,
-                     mask=m2, other=0.0).to(tl.float32)
-        hrow = tl.load(HROW + b * s_hb + h * s_hh + rows * s_hm, mask=rmask, other=0.0).to(tl.float32)
-        am1 = tl.load(AM1 + h)
-        part = -(tl.sum(do * o3, axis=1) - delta * hrow) / am1
-        tl.store(DAROW + bh * Nq + rows, tl.where(live, part, 0.0), mask=rmask)
 
 
 @triton.jit
@@ -163,13 +153,12 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SE
 
 
 @triton.jit
-def _dq_step(q, do, tau, delta, dq, gp, psum, k_base, v_base, offs_m, offs_n, offs_d, dmask,
+def _dq_step(q, do, tau, delta, dq, k_base, v_base, offs_m, offs_n, offs_d, dmask,
              s_kn, s_kd, s_vn, s_vd, coef, sexp, Nk, Lq, Lk, off, wl, wr,
              CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-             ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-             ALPHA_GRAD: tl.constexpr):
-    """Add one (query block x key block) tile to dQ (unscaled) and, with ALPHA_GRAD, to the row sums
-    sum_j g_ij p_ij (gp) and sum_j p_ij (psum)."""
+             ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Add one (query block x key block) tile to dQ (unscaled). Returns (dq, g, u, s): g = dO v^T,
+    u = [x - tau]_+ and s = p^(2-alpha) of the tile, for the alpha row sums."""
     kmask = (offs_n < Nk)[:, None] & dmask[None, :]
     k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kmask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kmask, other=0.0)
@@ -179,13 +168,36 @@ def _dq_step(q, do, tau, delta, dq, gp, psum, k_base, v_base, offs_m, offs_n, of
     u = tl.where(vis, tl.maximum(x, 0.0), 0.0)
     s = entmax_s(u, sexp, ALPHA_MODE)
     g = mma(do, tl.trans(v), zero, DOT_PREC, UPCAST)
-    if ALPHA_GRAD:
-        p = u * s
-        gp += tl.sum(g * p, axis=1)
-        psum += tl.sum(p, axis=1)
     dz = s * (g - delta[:, None])
     dq = mma(dz.to(k.dtype), k, dq, DOT_PREC, UPCAST)
-    return dq, gp, psum
+    return dq, g, u, s
+
+
+@triton.jit
+def _alpha_tile_sums(g, u, s, lcoef, a_gp, a_p, a_gs, a_s, a_gpl, a_pl):
+    """Add one tile to the row sums of g p, p, g s, s, g p log p, p log p (lcoef = ln 2 / (alpha-1),
+    so log p = lcoef * log2 u)."""
+    p = u * s
+    pl = tl.where(u > 0.0, p * (lcoef * tl.log2(tl.where(u > 0.0, u, 1.0))), 0.0)
+    return (a_gp + tl.sum(g * p, axis=1), a_p + tl.sum(p, axis=1),
+            a_gs + tl.sum(g * s, axis=1), a_s + tl.sum(s, axis=1),
+            a_gpl + tl.sum(g * pl, axis=1), a_pl + tl.sum(pl, axis=1))
+
+
+@triton.jit
+def _alpha_row_grad(am1, a_gp, a_p, a_gs, a_s, a_gpl, a_pl):
+    """Per-row dL/dalpha (DESIGN.md section 1) from the row sums, with p renormalized by sum_j p:
+    sum_j g_j [(p_j - s^_j)/(a-1)^2 - (p_j log p_j - s^_j H)/(a-1)], s^ = s / sum s, H = sum p log p.
+    Renormalizing removes the rounding of tau, which the formula amplifies by 1/(a-1)^2. 0 on empty rows."""
+    live = a_p > 0.0
+    P = tl.where(live, a_p, 1.0)
+    logP = tl.log(P)
+    gp = a_gp / P
+    gs = a_gs / tl.where(live, a_s, 1.0)
+    ent = a_pl / P - logP
+    gpl = a_gpl / P - gp * logP
+    da = (gp - gs) / (am1 * am1) - (gpl - gs * ent) / am1
+    return tl.where(live, da, 0.0)
 
 
 @triton.jit
@@ -202,10 +214,9 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
                HAS_SEQ: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
                UPCAST: tl.constexpr, REVERSE: tl.constexpr, ALPHA_GRAD: tl.constexpr):
     """dQ of one (batch, query head, query block of BM) over its marked key blocks of KB keys, each
-    visited in KB // BN steps. With ALPHA_GRAD it also completes the rows' dL/dalpha with
-    (sum_j g_ij p_ij / sum_j p_ij - delta_i)/(alpha-1)^2, the sum formed here from the tiles (the stored
-    output is rounded to the input dtype, too coarse for alpha near 1; dividing by sum_j p_ij removes
-    the rounding of tau, which the formula would amplify by 1/(alpha-1)^2)."""
+    visited in KB // BN steps. With ALPHA_GRAD it also writes the rows' dL/dalpha into DAROW, from six
+    row sums formed here from the tiles it visits anyway (no extra sweep, nothing saved by the forward:
+    the stored output is rounded to the input dtype, too coarse for alpha near 1)."""
     bh = tl.program_id(0)
     m = tl.program_id(1)
     if REVERSE:  # causal: the last query blocks have the most work, start them first
@@ -233,25 +244,30 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
     row = (b64 * Hq + h) * n_qblocks + m
     cnt = tl.load(CNT + row)
     dq = tl.zeros([BM, BD], dtype=tl.float32)
-    gp = tl.zeros([BM], dtype=tl.float32)
-    psum = tl.zeros([BM], dtype=tl.float32)
+    a_gp = tl.zeros([BM], dtype=tl.float32)
+    a_p = tl.zeros([BM], dtype=tl.float32)
+    a_gs = tl.zeros([BM], dtype=tl.float32)
+    a_s = tl.zeros([BM], dtype=tl.float32)
+    a_gpl = tl.zeros([BM], dtype=tl.float32)
+    a_pl = tl.zeros([BM], dtype=tl.float32)
+    am1 = tl.load(AM1 + h)
+    lcoef = LN2 / am1
     for t in range(0, cnt):
         n = tl.load(IDX + row * n_kblocks + t)
         for sub in tl.static_range(KB // BN):
             offs_n = n * KB + sub * BN + tl.arange(0, BN)
-            dq, gp, psum = _dq_step(q, do, tau, delta, dq, gp, psum, k_base, v_base, offs_m, offs_n,
-                                    offs_d, dmask, s_kn, s_kd, s_vn, s_vd, coef, sexp, Nk, Lq, Lk,
-                                    off, wl, wr, CAUSAL, HAS_WL, HAS_WR, ALPHA_MODE, DOT_PREC, UPCAST,
-                                    ALPHA_GRAD)
+            dq, g, u, s = _dq_step(q, do, tau, delta, dq, k_base, v_base, offs_m, offs_n, offs_d,
+                                   dmask, s_kn, s_kd, s_vn, s_vd, coef, sexp, Nk, Lq, Lk, off, wl, wr,
+                                   CAUSAL, HAS_WL, HAS_WR, ALPHA_MODE, DOT_PREC, UPCAST)
+            if ALPHA_GRAD:
+                a_gp, a_p, a_gs, a_s, a_gpl, a_pl = _alpha_tile_sums(g, u, s, lcoef, a_gp, a_p, a_gs,
+                                                                     a_s, a_gpl, a_pl)
     dq = dq * scale
     tl.store(DQ + b64 * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
              dq.to(DQ.dtype.element_ty), mask=qmask)
     if ALPHA_GRAD:
-        am1 = tl.load(AM1 + h)
-        da_ptr = DAROW + (b64 * Hq + h) * Nq + offs_m
-        part = tl.load(da_ptr, mask=mmask, other=0.0)
-        gp = tl.where(psum > 0.0, gp / tl.where(psum > 0.0, psum, 1.0), 0.0)
-        tl.store(da_ptr, part + (gp - delta) / (am1 * am1), mask=mmask)
+        tl.store(DAROW + (b64 * Hq + h) * Nq + offs_m,
+                 _alpha_row_grad(am1, a_gp, a_p, a_gs, a_s, a_gpl, a_pl), mask=mmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,14 +343,16 @@ def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, 
     """Gradients of alpha-entmax attention, visiting only the tiles the forward's tile map marks.
 
     Shapes and dtypes (any strides):
-      q, out, grad_out  (B, Hq, Nq, D)  float16 / bfloat16 / float32 (out, grad_out: any of these)
+      q, grad_out       (B, Hq, Nq, D)  float16 / bfloat16 / float32
       k, v              (B, Hkv, Nk, D) q's dtype; Hq % Hkv == 0, query head h uses kv head h // (Hq // Hkv)
       tau               (B, Hq, Nq) float32 threshold in (alpha-1)*score units, +inf on fully masked rows
       tile_map          (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool, a superset of the tiles holding p > 0
       o2                (B, Hq, Nq, D) float32, sum_j p_ij^(2-alpha) v_j
       s_sum             (B, Hq, Nq) float32, sum_j p_ij^(2-alpha) (0 on fully masked rows)
-      o3, h_row         (B, Hq, Nq, D), (B, Hq, Nq) float32: sum_j p log p v_j and sum_j p log p (natural
-                        log); needed only when alpha_requires_grad
+      out, o3, h_row    accepted for the backend contract and not read: delta comes from o2 / s_sum, and
+                        dalpha from row sums the dQ kernel forms with the final tau (the stored out is
+                        rounded to the input dtype, and O3 / Hrow computed at an earlier tau would bias
+                        a formula that amplifies errors by 1/(alpha-1)^2), so the forward need not save them
       alpha             python float in (1, 2] or (Hq,) tensor; causal bool (bottom-right aligned);
                         scale python float (scores are scale * q.k); window None or (left, right) ints/None;
                         seqlens_q, seqlens_k None or (B,) int tensors (right padding); semantics as in
@@ -354,8 +372,6 @@ def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, 
     Hkv, Nk = k.shape[1], k.shape[2]
     if Hq % Hkv != 0:
         raise ValueError(f"attention_backward: Hq={Hq} is not a multiple of Hkv={Hkv}")
-    if alpha_requires_grad and (o3 is None or h_row is None):
-        raise ValueError("attention_backward: alpha_requires_grad needs o3 and h_row from the forward")
     G = Hq // Hkv
     dev = q.device
     BD = max(16, triton.next_power_of_2(D))
@@ -366,15 +382,13 @@ def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, 
     tau = tau.to(torch.float32)
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
-    # delta and the per-row alpha gradient
+    # delta_i = dO_i . O2_i / S_i
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
     darow = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev) if alpha_requires_grad else delta
-    o3_, h_ = (o3, h_row) if alpha_requires_grad else (o2, s_sum)
     BR = 32 if BD <= 128 else 16
-    _rows_kernel[(B * Hq, triton.cdiv(Nq, BR))](
-        grad_out, o2, s_sum, o3_, h_, am1, delta, darow,
-        *grad_out.stride(), *o2.stride(), *s_sum.stride(), *o3_.stride(), *h_.stride(),
-        Hq, Nq, D, BR=BR, BD=BD, ALPHA_GRAD=alpha_requires_grad)
+    _delta_kernel[(B * Hq, triton.cdiv(Nq, BR))](
+        grad_out, o2, s_sum, delta, *grad_out.stride(), *o2.stride(), *s_sum.stride(),
+        Hq, Nq, D, BR=BR, BD=BD)
 
     has_seq = seqlens_q is not None or seqlens_k is not None
     if has_seq:
