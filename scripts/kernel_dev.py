@@ -37,7 +37,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=["4096:128", "16384:128", "4096:64", "16384:64"])
     ap.add_argument("--local", nargs="+", type=float, default=[0.0, 3.0])
     ap.add_argument("--alpha", type=float, default=1.5)
-    ap.add_argument("--newton", nargs="+", type=int, default=[2])
+    ap.add_argument("--newton", nargs="+", type=int, default=[1])
     ap.add_argument("--noncausal", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -80,8 +80,15 @@ def main():
                 sparsity = 1 - (res["tile_map"] & valid).sum().item() / (valid.sum().item() * B * H)
                 support = res["support"].float().mean().item()
                 # timings
-                fwd = lambda: entmax_forward(q, k, v, args.alpha, causal, scale, newton_iters=ni)
-                ms = triton.testing.do_bench(fwd, warmup=50, rep=200, return_mode="median")
+                def bench(**kw):
+                    fn = lambda: entmax_forward(q, k, v, args.alpha, causal, scale, newton_iters=ni, **kw)
+                    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+                ms = bench(save_bwd=False)                   # inference, closing Newton correction
+                ms_train = bench(save_bwd=True)              # also stores O2, S for the backward
+                ms_norm = bench(save_bwd=False, fold=False)  # inference, closed by normalization
+                res_n = entmax_forward(q, k, v, args.alpha, causal, scale, newton_iters=ni, save_bwd=False,
+                                       fold=False)
+                err_norm = ((res_n["out"][:1, hs].float() - ref).norm() / ref.norm()).item()
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     fa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
                     fa()
@@ -94,19 +101,23 @@ def main():
                 ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, ni),
                                                    return_mode="median")
                 ms_out = triton.testing.do_bench(
-                    lambda: sparse_output(q, k, v, a_t, scale, spec, tm, tau, tlo, False), return_mode="median")
+                    lambda: sparse_output(q, k, v, a_t, scale, spec, tm, tau, tlo, False, save_bwd=False),
+                    return_mode="median")
                 row = dict(N=N, D=D, B=B, H=H, local=local, alpha=args.alpha, causal=causal, newton_iters=ni,
                            rel_err=err, tau_err=tau_err, finite=finite, block_sparsity=sparsity,
-                           mean_support=support, ms=ms, ms_fa2=ms_fa, ratio=ms / ms_fa, ms_sweep=ms_sweep,
+                           mean_support=support, ms=ms, ms_fa2=ms_fa, ratio=ms / ms_fa, ms_train=ms_train,
+                           ms_normalized=ms_norm, rel_err_normalized=err_norm, ms_sweep=ms_sweep,
                            ms_solve=ms_solve, ms_output=ms_out, first_call_s=first_call_s)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del res, ref, aux
-    print("\n   N    D local NI  sparsity support  err      ours ms  FA2 ms  ratio  sweep  solve output first_s")
+    print("\n   N    D local NI  sparsity support  err      ours ms  FA2 ms  ratio  sweep  solve output first_s"
+          "  train  norm  err_norm")
     for r in rows:
         print(f"{r['N']:5d} {r['D']:4d} {r['local']:5.1f} {r['newton_iters']:2d} {r['block_sparsity']:8.3f} "
               f"{r['mean_support']:7.1f} {r['rel_err']:.1e} {r['ms']:8.3f} {r['ms_fa2']:7.3f} {r['ratio']:6.2f} "
-              f"{r['ms_sweep']:6.3f} {r['ms_solve']:6.3f} {r['ms_output']:6.3f} {r['first_call_s']:6.1f}")
+              f"{r['ms_sweep']:6.3f} {r['ms_solve']:6.3f} {r['ms_output']:6.3f} {r['first_call_s']:6.1f} "
+              f"{r['ms_train']:6.3f} {r['ms_normalized']:6.3f} {r['rel_err_normalized']:.1e}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -57,10 +57,11 @@ class TritonEntmaxAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k):
         alpha_grad = isinstance(alpha, torch.Tensor) and alpha.requires_grad
+        save_bwd = any(ctx.needs_input_grad[:4])
         # dalpha reads O3/Hrow at the solver's tau, which the closing correction does not update: one
         # more Newton pass keeps them float32-accurate.
         res = entmax_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, alpha_grad=alpha_grad,
-                             newton_iters=2 if alpha_grad else 1)
+                             newton_iters=2 if alpha_grad else None, save_bwd=save_bwd)
         ctx.args = (alpha if not isinstance(alpha, torch.Tensor) else None, causal, scale, window)
         ctx.alpha_is_tensor = isinstance(alpha, torch.Tensor)
         alpha_saved = alpha.detach() if ctx.alpha_is_tensor else torch.empty(0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from entflash.kernels.launch import make_spec
+from entflash.kernels.launch import ALPHA_2, make_spec
 from entflash.kernels.output import sparse_output
 from entflash.kernels.solve import solve_tau
 from entflash.kernels.sweep import dense_sweep
@@ -22,7 +22,7 @@ def alpha_tensor(alpha, n_heads: int, device) -> torch.Tensor:
 
 
 def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlens_q=None, seqlens_k=None,
-                   alpha_grad=False, newton_iters=1, out=None):
+                   alpha_grad=False, newton_iters=None, out=None, save_bwd=True, fold=True):
     """Fused alpha-entmax attention forward.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); float16, bfloat16 or float32 (float32 products use
@@ -35,8 +35,10 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     (alpha-1) * score, +inf for rows without a visible key); support (B, Hq, Nq) int32; tile_map
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool (a superset of the tiles holding non-zeros); o2, s (and
     o3, hrow when alpha_grad) for the backward; row_max and tile_max (tau units) from the sweep.
-    newton_iters: Newton passes of the solve stage; out: optional preallocated output (q's dtype and
-    shape, not for float64 inputs).
+    newton_iters: Newton passes of the solve stage (default 1; 2 for alpha = 2, whose piecewise-linear
+    F needs one more after a support change); out: optional preallocated output (q's dtype and shape,
+    not for float64 inputs); save_bwd=False (inference) returns o2/s/o3/hrow as None; fold=False (with
+    save_bwd=False) skips O2 and normalizes instead (output.sparse_output).
     """
     out_dtype = q.dtype
     if q.dtype == torch.float64:
@@ -48,9 +50,11 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     sq = seqlens_q.to(device=q.device, dtype=torch.int32).contiguous() if seqlens_q is not None else None
     sk = seqlens_k.to(device=q.device, dtype=torch.int32).contiguous() if seqlens_k is not None else None
     spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
+    if newton_iters is None:
+        newton_iters = 2 if spec.alpha_mode == ALPHA_2 else 1
     row_max, tile_max = dense_sweep(q, k, alpha_t, scale, spec)
     tau, tau_low = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, newton_iters)
-    res = sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad, out)
+    res = sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad, out, save_bwd, fold)
     if out_dtype != res["out"].dtype:
         res["out"] = res["out"].to(out_dtype)
     res["row_max"] = row_max

@@ -26,7 +26,8 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
                    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   ALPHA_MODE: tl.constexpr, ALPHA_GRAD: tl.constexpr, NK_CHUNK: tl.constexpr):
+                   ALPHA_MODE: tl.constexpr, ALPHA_GRAD: tl.constexpr, NK_CHUNK: tl.constexpr,
+                   FOLD: tl.constexpr, SAVE_BWD: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -72,7 +73,8 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
             v = load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, Nk, D)
             acc = mma(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
-            acc2 = mma(s.to(v.dtype), v, acc2, DOT_PREC, UPCAST)
+            if FOLD:
+                acc2 = mma(s.to(v.dtype), v, acc2, DOT_PREC, UPCAST)
             f_i += tl.sum(p, axis=1)
             s_i += tl.sum(s, axis=1)
             n_i += tl.sum((u > 0).to(tl.int32), axis=1)
@@ -82,21 +84,27 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
                 h_i += tl.sum(plogp, axis=1)
 
     c = tl.where(s_i > 0, (f_i - 1.0) / tl.where(s_i > 0, s_i, 1.0), 0.0)
-    out = acc - c[:, None] * acc2
+    if FOLD:
+        out = acc - c[:, None] * acc2
+    else:
+        # without O2, close by exact row normalization (first order in the solver's tau error)
+        out = acc / tl.where(f_i > 0, f_i, 1.0)[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_rows[:, None] & (offs_d[None, :] < D))
     tl.store(TauOut + row_ptr, tau + (alpha - 1.0) * c, mask=in_rows)
     tl.store(Support + row_ptr, n_i, mask=in_rows)
-    tl.store(S2 + row_ptr, s_i, mask=in_rows)
     row_d = row_ptr[:, None] * D + offs_d[None, :]
     d_mask = in_rows[:, None] & (offs_d[None, :] < D)
-    tl.store(O2 + row_d, acc2, mask=d_mask)
+    if SAVE_BWD:
+        tl.store(S2 + row_ptr, s_i, mask=in_rows)
+        tl.store(O2 + row_d, acc2, mask=d_mask)
     if ALPHA_GRAD:
         tl.store(O3 + row_d, acc3, mask=d_mask)
         tl.store(Hrow + row_ptr, h_i, mask=in_rows)
 
 
-def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad, out=None):
+def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad, out=None,
+                  save_bwd=True, fold=True):
     """Output sweep over candidate tiles.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); alpha_t (Hq,) float32; tile_max from the sweep; tau,
@@ -106,6 +114,10 @@ def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_g
       ceil(Nk/64)) bool, o2 (B, Hq, Nq, D) float32 = sum s v, s (B, Hq, Nq) float32 = sum s, and
       when alpha_grad: o3 (B, Hq, Nq, D) float32 = sum p log p v, hrow (B, Hq, Nq) float32 = sum p log p
       (else None). `out`, if given, is a preallocated output tensor (like q) to write into.
+    save_bwd=False (inference): o2, s, o3, hrow come back None. fold=False (only without save_bwd)
+    also skips computing O2 (one matmul of three per tile) and closes the output by exact row
+    normalization instead of the O2-based Newton correction: cheaper, but first order in the solver's
+    tau error (~1e-3 relative after one Newton pass, under half-precision output rounding).
     """
     import torch
 
@@ -115,8 +127,9 @@ def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_g
     tau_out = torch.empty((B, H, Nq), device=dev, dtype=torch.float32)
     support = torch.empty((B, H, Nq), device=dev, dtype=torch.int32)
     tile_map = torch.zeros(tile_max.shape, device=dev, dtype=torch.int8)
-    o2 = torch.empty((B, H, Nq, D), device=dev, dtype=torch.float32)
-    s2 = torch.empty((B, H, Nq), device=dev, dtype=torch.float32)
+    alpha_grad = alpha_grad and save_bwd
+    o2 = torch.empty((B, H, Nq, D) if save_bwd else (1,), device=dev, dtype=torch.float32)
+    s2 = torch.empty((B, H, Nq) if save_bwd else (1,), device=dev, dtype=torch.float32)
     o3 = torch.empty((B, H, Nq, D), device=dev, dtype=torch.float32) if alpha_grad else o2
     hrow = torch.empty((B, H, Nq), device=dev, dtype=torch.float32) if alpha_grad else s2
     _output_kernel[spec.grid](
@@ -126,6 +139,8 @@ def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_g
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, tile_max.shape[2], **spec.flags, **spec.tiles,
         ALPHA_MODE=spec.alpha_mode, ALPHA_GRAD=bool(alpha_grad),
-        NK_CHUNK=spec.nk_chunk, **spec.sparse_launch)
-    return dict(out=out, tau=tau_out, support=support, tile_map=tile_map.view(torch.bool), o2=o2, s=s2,
+        NK_CHUNK=spec.nk_chunk, FOLD=bool(fold or save_bwd), SAVE_BWD=bool(save_bwd),
+        **spec.sparse_launch)
+    return dict(out=out, tau=tau_out, support=support, tile_map=tile_map.view(torch.bool),
+                o2=o2 if save_bwd else None, s=s2 if save_bwd else None,
                 o3=o3 if alpha_grad else None, hrow=hrow if alpha_grad else None)
