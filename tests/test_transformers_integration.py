@@ -236,10 +236,14 @@ def test_mask_functions_are_recognized():
     assert classify_mask_function(masking_utils.bidirectional_mask_function) == ("bidirectional", None)
     assert classify_mask_function(masking_utils.sliding_window_causal_mask_function(3)) == ("causal", None)
     segments = torch.tensor([[0, 0, 1, 1]])
-    packed = masking_utils.packed_sequence_compatibility_function(
-        masking_utils.causal_mask_function, torch.tensor([[0, 1, 0, 1]]), segments)
-    kind, found = classify_mask_function(packed)
-    assert kind == "causal" and found is segments
+    packed_forms = [masking_utils.and_masks(masking_utils.sliding_window_causal_mask_function(3),
+                                            masking_utils.packed_sequence_mask_function(segments))]
+    if hasattr(masking_utils, "packed_sequence_compatibility_function"):  # newer transformers (5.23)
+        packed_forms.append(masking_utils.packed_sequence_compatibility_function(
+            masking_utils.causal_mask_function, torch.tensor([[0, 1, 0, 1]]), segments))
+    for packed in packed_forms:
+        kind, found = classify_mask_function(packed)
+        assert kind == "causal" and found is segments
     chunked = masking_utils.chunked_causal_mask_function(2, torch.zeros(1, dtype=torch.long))
     assert classify_mask_function(chunked) is None
 

@@ -25,6 +25,8 @@ Attention dropout > 0 (training) runs the exact dense path, since dropout acts o
 
 `add_learnable_alpha(model, ...)` gives each attention layer per-head learnable alpha (and optionally ASEntmax)
 parameters, stored as `layer.entflash` (an `entflash.nn.EntmaxAttention`) and read by the attention function.
+ASEntmax positions are the `position_ids` the model passes to its attention layers (Llama-style models do), else
+the query's index counted from the end of the keys (Nk - Nq + row), right for unpadded and right-padded inputs.
 """
 from __future__ import annotations
 
@@ -94,11 +96,17 @@ def classify_mask_function(mask_function: Callable):
         return "causal", None
     if names == ["sliding_window_bidirectional_overlay", "bidirectional_mask_function"]:
         return "bidirectional", None
-    if names == ["packed_sequence_mask_function", "remap_positions_for_packed_sequence"]:
+    if names == ["packed_sequence_mask_function", "remap_positions_for_packed_sequence"]:  # newer transformers (5.23)
         segments = _closure_values(parts[0]).get("packed_sequence_mask")
-        inner = classify_mask_function(_closure_values(parts[1]).get("mask_function"))
-        if isinstance(segments, torch.Tensor) and inner is not None and inner[1] is None:
-            return inner[0], segments
+        inner = _closure_values(parts[1]).get("mask_function")
+    elif names[1] == "packed_sequence_mask_function":  # earlier versions: and_masks(pattern, packed)
+        segments = _closure_values(parts[1]).get("packed_sequence_mask")
+        inner = parts[0]
+    else:
+        return None
+    inner_kind = classify_mask_function(inner) if callable(inner) else None
+    if isinstance(segments, torch.Tensor) and inner_kind is not None and inner_kind[1] is None:
+        return inner_kind[0], segments
     return None
 
 
@@ -403,9 +411,14 @@ def register(name: str = "entmax", alpha=1.5, backend: str = "auto") -> str:
     """
     if not isinstance(name, str) or not name or name in ("eager", "sdpa") or name.startswith("flash_attention"):
         checks.fail(ValueError, "register", "name", "be a new non-empty attention implementation name", repr(name))
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(name, make_attention_function(alpha, backend))
+    attention_function = make_attention_function(alpha, backend)
+    try:
+        from transformers import AttentionInterface
+    except ImportError:  # transformers < 4.50 keeps a plain dict
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        ALL_ATTENTION_FUNCTIONS[name] = attention_function
+    else:
+        AttentionInterface.register(name, attention_function)
     try:
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError:  # transformers < 4.53 builds dense 4-D masks itself: the dense path handles them
