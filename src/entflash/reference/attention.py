@@ -169,9 +169,11 @@ def _forward(problem: _Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             continue
         scores, row_has_key = p_.scores(p_.flat_rows(q5[:, :, :, start:stop]), k_c, start, stop, key_start,
                                         key_stop)
-        solvable = scores.masked_fill(~row_has_key, 0.0)
+        all_rows_see_keys = bool(row_has_key.all())
+        solvable = scores if all_rows_see_keys else scores.masked_fill(~row_has_key, 0.0)
         tau_chunk = entmax_threshold(solvable, p_.alpha, dim=-1)
-        tau_chunk = tau_chunk.masked_fill(~row_has_key, math.inf)
+        if not all_rows_see_keys:
+            tau_chunk = tau_chunk.masked_fill(~row_has_key, math.inf)
         shifted = p_.shifted(scores, tau_chunk)
         probs = p_.probabilities(shifted)
         out_rows = probs.flatten(2, 3) @ v_c[:, :, key_start:key_stop]
