@@ -87,16 +87,15 @@ def block_sparsity(probs: torch.Tensor, causal: bool, tile: int = TILE) -> float
 
 def time_call(function: Callable[[], object], device: torch.device, min_runs: int = 1,
               budget_s: float = 1.0) -> float:
-    """Median wall time of `function` in milliseconds: at least `min_runs` runs, more while under `budget_s`
-    seconds in total, at most 50. On CUDA one untimed warm-up call comes first (kernel compilation and
-    autotuning) and each run is synchronized."""
+    """Median wall time of `function` in milliseconds after one untimed warm-up call (kernel compilation and
+    autotuning on CUDA, first-call allocations everywhere): at least `min_runs` runs, more while under
+    `budget_s` seconds in total, at most 50. CUDA is synchronized around each run."""
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    if device.type == "cuda":
-        function()
-        synchronize()
+    function()
+    synchronize()
     runs, started = [], time.perf_counter()
     while len(runs) < min_runs or (time.perf_counter() - started < budget_s and len(runs) < 50):
         begin = time.perf_counter()
@@ -211,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                       help="causal attention (default on)")
     demo.add_argument("--time-budget", type=float, default=1.0,
-                      help="seconds spent repeating each timed call (default 1.0; one run at least)")
+                      help="seconds spent repeating each timed call after its warm-up (default 1.0; one run at "
+                           "least)")
     return parser
 
 
