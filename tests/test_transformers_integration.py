@@ -16,6 +16,7 @@ import torch  # noqa: E402
 transformers = pytest.importorskip("transformers")
 masking_utils = pytest.importorskip("transformers.masking_utils")
 
+import entflash.integrations.transformers as integration  # noqa: E402
 from entflash.integrations.transformers import (  # noqa: E402
     add_learnable_alpha, attention_layers, classify_mask_function, make_attention_function, register)
 
@@ -186,6 +187,70 @@ def test_generate_with_cache_matches_recomputation(factory):
         assert generated[row, 6:].tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("asentmax", ["head", "token"])
+def test_generate_with_asentmax_matches_recomputation(asentmax):
+    model = _llama(seed=2)
+    layers = add_learnable_alpha(model, init_alpha=[1.3, 1.5, 1.7, 1.9], asentmax=asentmax, asentmax_init=(1.0, 1.5))
+    if asentmax == "token":
+        for layer in layers:
+            torch.nn.init.normal_(layer.entflash.asentmax.beta_proj.weight, std=0.5)
+    prompt = torch.randint(1, VOCAB, (1, 8))
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert generated[0, 8:].tolist() == _greedy_by_recomputation(model, prompt, 5).tolist()
+        # One cached decoding step gives the logits of the full recomputation (positions come from the cache).
+        prefill = model(input_ids=prompt[:, :-1], use_cache=True)
+        step = model(input_ids=prompt[:, -1:], past_key_values=prefill.past_key_values).logits[:, -1]
+        full = model(input_ids=prompt).logits
+    torch.testing.assert_close(step, full[:, -1], atol=TOLERANCE, rtol=0)
+    plain = _llama(seed=2)  # same weights without the added parameters: they do change the output
+    assert (_output(plain, input_ids=prompt)[:, -1] - full[:, -1]).abs().max() > 1e-3
+
+
+def test_generate_with_static_cache_matches_dynamic_cache():
+    model = _llama()
+    prompt = torch.randint(1, VOCAB, (2, 6))
+    mask = _padded([6, 3], 6, left=True)
+    options = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        dynamic = model.generate(prompt, **options)
+        static = model.generate(prompt, cache_implementation="static", **options)
+    assert static.tolist() == dynamic.tolist()
+
+
+def test_cross_attention_honours_encoder_padding():
+    torch.manual_seed(0)
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+                                     attention_dropout=0.0)
+    model = transformers.BartForConditionalGeneration(config).eval()
+    model.set_attn_implementation("entmax")
+    source, target = torch.randint(3, VOCAB, (2, 10)), torch.randint(3, VOCAB, (2, 8))
+    mask = _padded([10, 6], 10, left=False)
+    batched = _output(model, input_ids=source, attention_mask=mask, decoder_input_ids=target)
+    single = _output(model, input_ids=source[1:, :6], decoder_input_ids=target[1:])
+    torch.testing.assert_close(batched[1], single[0], atol=TOLERANCE, rtol=0)
+
+
+def test_attention_dropout_runs_on_the_dense_path():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, attention_probs_dropout_prob=0.5, hidden_dropout_prob=0.0)
+    model = transformers.BertModel(config)
+    model.set_attn_implementation("entmax")
+    ids = torch.randint(0, VOCAB, (2, 10))
+    model.train()
+    integration._warned.discard("dropout")
+    with pytest.warns(UserWarning, match="dropout"):
+        first = _output(model, input_ids=ids)
+    second = _output(model, input_ids=ids)
+    assert (first - second).abs().max() > 1e-3  # dropout acts on the attention probabilities
+    model.eval()
+    evaluated = _output(model, input_ids=ids)
+    torch.testing.assert_close(evaluated, _dense_output(model, input_ids=ids), atol=TOLERANCE, rtol=0)
+
+
 @pytest.mark.parametrize("asentmax", [False, "head", "token"])
 def test_training_with_learnable_alpha_reduces_loss(asentmax):
     model = _llama(seed=1)
@@ -254,7 +319,6 @@ def test_custom_mask_takes_the_exact_dense_path():
     blocks = masking_utils.or_masks(masking_utils.causal_mask_function,
                                     masking_utils.blockwise_overlay(torch.tensor([[0, 0, 0, -1, -1, -1]])))
     with pytest.warns(UserWarning, match="dense"):
-        import entflash.integrations.transformers as integration
         integration._warned.discard("dense-mask")
         mask = entmax_mask(batch_size=1, q_length=6, kv_length=6, mask_function=blocks)
     assert mask.shape == (1, 1, 6, 6) and bool(mask[0, 0, 0, 2])  # block tokens see each other

@@ -305,6 +305,9 @@ def make_attention_function(alpha=1.5, backend: str = "auto") -> Callable:
         if parameters is not None:
             layer_alpha = parameters.alpha_for(query)
             if parameters.asentmax is not None:
+                if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and (
+                        attention_mask.dtype == torch.bool):
+                    num_keys = attention_mask.shape[1]  # keys after these are unused cache slots
                 positions = _asentmax_positions(kwargs, num_queries, num_keys, query.device)
                 query = parameters.scale_queries(query, positions, getattr(module, _HIDDEN_ATTRIBUTE, None))
         else:
@@ -339,6 +342,9 @@ def _dispatch(call: _Call, attention_mask, causal: bool, window, dropout_p: floa
         cu_seqlens = cu_seq_lens_q if cu_seq_lens_q is not None else cu_seq_lens_k
         attention_mask = _segments_from_cu_seqlens(cu_seqlens.to(query.device), batch * num_queries).view(
             batch, num_queries)
+    if dropout_p > 0:
+        _warn_once("dropout", "attention dropout > 0 acts on the probabilities, so training runs the exact dense "
+                   "path (O(N^2) memory); set the model's attention dropout to 0 for the fused path")
 
     if attention_mask is None:
         if dropout_p > 0:
