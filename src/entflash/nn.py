@@ -217,7 +217,7 @@ class EntmaxAttention(nn.Module):
         if positions is None:
             positions = query_positions(q.shape[2], 0, q.device)
         factors = self.asentmax(positions.to(q.device), hidden_states)
-        return (q * factors.to(q.dtype)) if q.dtype != torch.float64 else q * factors.double()
+        return q * factors.to(q.dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                 scale: Optional[float] = None, window=None, seqlens=None, position_offset=0,
