@@ -5,15 +5,18 @@
 Runs entmax_attention with both backends on the same random causal problems, the way the recipe's models call
 it (alpha = 1.5 as a float, and a learnable (H,) alpha tensor), and compares the outputs and the gradients of
 q, k, v (and alpha). Prints one JSON line and exits 0 when every difference is within the tolerance, 1 when one
-is not or the fused backend fails; the recipe's GPU script then trains on the torch backend.
+is not or the fused backend fails; the recipe's GPU script then trains on the torch backend. Before that line,
+one JSON line per finished case (with its seconds, which include kernel compilation), so a run stopped by a
+timeout still shows how far it got.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 import traceback
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -34,14 +37,15 @@ def _attention_and_grads(q, k, v, alpha, backend: str):
     return [out.detach()] + list(grads)
 
 
-def compare(device: torch.device, tolerance: float) -> Dict:
+def compare(device: torch.device, tolerance: float, on_case: Optional[Callable[[Dict], None]] = None) -> Dict:
     """Max absolute difference triton vs torch for each shape and alpha kind; "ok" when all are within
-    `tolerance` (relative to the largest magnitude of the torch result)."""
+    `tolerance` (relative to the largest magnitude of the torch result). on_case(case) after each case."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     report = {"device": str(device), "tolerance": tolerance, "cases": [], "ok": True}
     for batch, heads, length, head_dim in SHAPES:
         q, k, v = (torch.randn(batch, heads, length, head_dim, generator=generator).to(device) for _ in range(3))
         for alpha in (1.5, torch.tensor([1.3, 1.5, 1.7, 2.0], device=device)[:heads]):
+            start = time.perf_counter()
             fused = _attention_and_grads(q, k, v, alpha, "triton")
             exact = _attention_and_grads(q, k, v, alpha, "torch")
             names = ["out", "dq", "dk", "dv", "dalpha"][:len(exact)]
@@ -50,8 +54,11 @@ def compare(device: torch.device, tolerance: float) -> Dict:
             case_ok = all(error <= tolerance for error in errors.values())
             report["cases"].append({"shape": [batch, heads, length, head_dim],
                                     "alpha": "float 1.5" if isinstance(alpha, float) else "tensor (H,)",
-                                    "relative_max_error": errors, "ok": case_ok})
+                                    "relative_max_error": errors, "ok": case_ok,
+                                    "seconds": time.perf_counter() - start})
             report["ok"] = report["ok"] and case_ok
+            if on_case is not None:
+                on_case(report["cases"][-1])
     return report
 
 
@@ -61,8 +68,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tolerance", type=float, default=2e-3)
     args = parser.parse_args(argv)
+    print(json.dumps({"start": time.strftime("%H:%M:%S"), "torch": torch.__version__}), flush=True)
     try:
-        report = compare(torch.device(args.device), args.tolerance)
+        report = compare(torch.device(args.device), args.tolerance,
+                         on_case=lambda case: print(json.dumps(case), flush=True))
     except Exception as error:  # any failure of the fused path means: train on the exact backend
         report = {"device": args.device, "ok": False, "error": f"{type(error).__name__}: {error}",
                   "traceback": traceback.format_exc(limit=4)}

@@ -189,10 +189,10 @@ def run_one(config: RecipeConfig, task, attention: str, seed: int, out_dir: str)
     return record
 
 
-def throughput_rows(config: RecipeConfig) -> List[Dict]:
+def throughput_rows(config: RecipeConfig, on_row=None) -> List[Dict]:
     """Training tokens/s of each attention type at each of config.throughput_lengths (fresh models, random
     tokens, batch = throughput_batch_tokens // length). A length that fails (e.g. out of memory) gets an "error"
-    entry instead of "tokens_per_s"."""
+    entry instead of "tokens_per_s". on_row(rows so far) is called after each row (to save progress)."""
     device, dtype = torch.device(config.device), DTYPES[config.dtype]
     rows = []
     for attention in config.attention:
@@ -208,6 +208,8 @@ def throughput_rows(config: RecipeConfig) -> List[Dict]:
             rows.append(row)
             shown = f"{row['tokens_per_s']:12.0f} tokens/s" if "tokens_per_s" in row else row["error"][:120]
             print(f"throughput {attention:>10s} length {length:6d}: {shown}", flush=True)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -239,7 +241,10 @@ def run(config: RecipeConfig, out_dir: str) -> Dict:
                     document["environment"]["warnings"] = sorted(seen_warnings)
                     report.write_results(document, out_dir)
         if config.throughput_lengths:
-            document["throughput"] = throughput_rows(config)
+            def save_rows(rows):
+                document["throughput"] = list(rows)
+                report.write_results(document, out_dir)
+            throughput_rows(config, save_rows)
         seen_warnings.update(str(w.message) for w in caught)
     document["environment"]["warnings"] = sorted(seen_warnings)
     document["environment"]["total_seconds"] = time.perf_counter() - start

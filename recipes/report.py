@@ -131,3 +131,43 @@ def plot_results(document: Dict, out_dir: str) -> str:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def markdown_tables(document: Dict) -> str:
+    """Markdown tables: per task, the metric (mean ± std over seeds) at each eval length per attention type with
+    the mean training tokens/s of the runs; then the throughput rows, one column per length."""
+    summary = document.get("summary") or summarize(document["runs"])
+    lines = []
+    for task_name, task in summary.items():
+        lengths = list(next(iter(task["attention"].values()))["eval"])
+        lines.append(f"**{task_name}** ({task['metric']}, trained at {task['train_length']}; "
+                     f"mean ± std over seeds)\n")
+        lines.append("| attention | " + " | ".join(lengths) + " | tokens/s in training |")
+        lines.append("|---" * (len(lengths) + 2) + "|")
+        for attention, entry in task["attention"].items():
+            cells = [f"{s['mean']:.3f} ± {s['std']:.3f}" if s["seeds"] > 1 else f"{s['mean']:.3f}"
+                     for s in (entry["eval"].get(length) for length in lengths) if s is not None]
+            lines.append(f"| {attention} | " + " | ".join(cells) + f" | {entry['train_tokens_per_s']:,.0f} |")
+        lines.append("")
+    throughput = document.get("throughput", [])
+    if throughput:
+        lengths = sorted({row["length"] for row in throughput})
+        lines.append("**training throughput alone** (tokens/s; fwd + bwd + AdamW, "
+                     f"{throughput[0].get('dtype', '')})\n")
+        lines.append("| attention | " + " | ".join(f"N = {n}" for n in lengths) + " |")
+        lines.append("|---" * (len(lengths) + 1) + "|")
+        for attention in dict.fromkeys(row["attention"] for row in throughput):
+            by_length = {row["length"]: row for row in throughput if row["attention"] == attention}
+            cells = [f"{by_length[n]['tokens_per_s']:,.0f}" if "tokens_per_s" in by_length.get(n, {}) else "failed"
+                     for n in lengths]
+            lines.append(f"| {attention} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m recipes.report RESULTS_DIR   (prints the results as markdown tables)")
+    with open(os.path.join(sys.argv[1], RESULTS_FILE)) as results:
+        print(markdown_tables(json.load(results)))

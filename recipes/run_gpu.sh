@@ -2,7 +2,8 @@
 # The recipe's evidence run on one GPU (see recipes/README.md), from the repository root:
 #     bash recipes/run_gpu.sh DEST [flags passed to every training process]
 # 1. recipes.backend_check: the fused ("triton") entmax backend is used only if it matches the exact one;
-#    otherwise every entmax model trains on the exact torch backend (DEST/backend_check.json says which).
+#    otherwise every entmax model trains on the exact torch backend (DEST/backend_check.jsonl says why). The
+#    check compiles the fused kernels: on a fresh machine that took over 45 s once, so allow it time.
 # 2. One training process per attention type, run side by side on the GPU (small models are launch-bound, so
 #    they overlap well); their tokens/s are therefore measured while sharing the GPU.
 # 3. Training throughput of each type measured alone (fresh models, random tokens), one type after another.
@@ -21,7 +22,7 @@ check_timeout=${RECIPE_CHECK_TIMEOUT:-$unlimited}
 train_timeout=${RECIPE_TRAIN_TIMEOUT:-$unlimited}
 throughput_timeout=${RECIPE_THROUGHPUT_TIMEOUT:-$unlimited}
 mkdir -p "$dest" "$work"
-if timeout "$check_timeout" $python -m recipes.backend_check > "$dest/backend_check.json"; then backend=triton; else backend=torch; fi
+if timeout "$check_timeout" $python -m recipes.backend_check > "$dest/backend_check.jsonl"; then backend=triton; else backend=torch; fi
 fallback=()
 if [ "$backend" = torch ] && [ -n "${RECIPE_FALLBACK_FLAGS:-}" ]; then read -r -a fallback <<< "$RECIPE_FALLBACK_FLAGS"; fi
 echo "entmax backend for training: $backend ${fallback[*]}"
