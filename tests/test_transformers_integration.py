@@ -139,6 +139,24 @@ def test_padded_batch_matches_single_sequences(factory, left):
                                atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("factory", [_qwen2_sliding, _bert])
+def test_standard_patterns_never_take_the_dense_path(factory, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("dense path taken")
+
+    monkeypatch.setattr(integration._Call, "dense", refuse)
+    model = factory()
+    ids = torch.randint(1, VOCAB, (2, 12))
+    for left in (False, True):
+        _output(model, input_ids=ids, attention_mask=_padded([12, 7], 12, left))
+    if factory is _qwen2_sliding:
+        _output(model, input_ids=ids[:1], position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None],
+                use_cache=False)
+        with torch.no_grad():
+            model.generate(ids, attention_mask=_padded([12, 7], 12, left=True), max_new_tokens=3, do_sample=False,
+                           pad_token_id=0)
+
+
 def test_bert_is_bidirectional():
     model = _bert()
     ids = torch.randint(0, VOCAB, (1, 12))
