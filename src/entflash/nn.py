@@ -131,7 +131,8 @@ class ASEntmaxScaling(nn.Module):
         """
         caller = "ASEntmaxScaling"
         if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.dim() not in (1, 2):
-            checks.fail(TypeError, caller, "positions", "be an integer tensor (B, N) or (N,)", checks._describe(positions))
+            checks.fail(TypeError, caller, "positions", "be an integer tensor (B, N) or (N,)",
+                        checks._describe(positions))
         positions = positions.reshape(-1, positions.shape[-1]) if positions.dim() == 2 else positions[None]
         log_position = torch.log(positions.clamp(min=0).to(torch.float32) + 2.0)[:, None, :]  # (B, 1, N)
         if self.mode == "head":
@@ -142,7 +143,8 @@ class ASEntmaxScaling(nn.Module):
                 checks.fail(ValueError, caller, "hidden_states", "be a (B, N, hidden_size) tensor in mode 'token'",
                             checks._describe(hidden_states))
             if hidden_states.shape[1] != positions.shape[-1]:
-                checks.fail(ValueError, caller, "hidden_states", f"have N = {positions.shape[-1]} tokens (as positions)",
+                checks.fail(ValueError, caller, "hidden_states",
+                            f"have N = {positions.shape[-1]} tokens (as positions)",
                             f"shape {tuple(hidden_states.shape)}")
             hidden = hidden_states.to(self.beta_proj.weight.dtype)
             beta = F.softplus(self.beta_proj(hidden)).transpose(1, 2).float()

@@ -31,7 +31,6 @@ the query's index counted from the end of the keys (Nk - Nq + row), right for un
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -348,7 +347,8 @@ def _dispatch(call: _Call, attention_mask, causal: bool, window, dropout_p: floa
 
     if attention_mask is None:
         if dropout_p > 0:
-            return call.dense(keep=_dense_keep(num_queries, num_keys, causal, window, query.device), dropout_p=dropout_p)
+            keep = _dense_keep(num_queries, num_keys, causal, window, query.device)
+            return call.dense(keep=keep, dropout_p=dropout_p)
         return call.padded(causal, window)
 
     if attention_mask.dim() == 4:
@@ -365,7 +365,7 @@ def _dispatch(call: _Call, attention_mask, causal: bool, window, dropout_p: floa
     if not attention_mask.dtype == torch.bool:  # packed segment ids
         if tuple(attention_mask.shape) != (batch, num_queries) or num_queries != num_keys:
             checks.fail(ValueError, "entmax attention", "attention_mask",
-                        f"hold segment ids of shape ({batch}, {num_queries}) with Nq == Nk", 
+                        f"hold segment ids of shape ({batch}, {num_queries}) with Nq == Nk",
                         f"shape {tuple(attention_mask.shape)}, Nk={num_keys}")
         segments = attention_mask.to(query.device)
         if dropout_p > 0:
