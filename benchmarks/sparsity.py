@@ -89,7 +89,11 @@ def _coarsen(fine: torch.Tensor, factor: Tile) -> torch.Tensor:
 
 
 def _chunk_tile_map(q_rows, k_heads, positions, alpha, causal, scale, num_queries, grain, candidates):
-    """Fine tile map (G, ceil(R/gm), Nk/gn) for query rows `positions` (whole blocks of grain rows, in order)."""
+    """Fine tile map (G, blocks from positions[0]'s to positions[-1]'s, ceil(Nk/gn)) of query rows `positions`.
+
+    positions: sorted query indices made of whole blocks of grain[0] rows (the last block may be short).
+    Blocks between them that were not given stay False.
+    """
     num_keys = k_heads.shape[1]
     offset = num_keys - num_queries
     key_stop = num_keys
@@ -99,17 +103,17 @@ def _chunk_tile_map(q_rows, k_heads, positions, alpha, causal, scale, num_querie
     if causal:
         hidden = torch.arange(key_stop, device=scores.device).view(1, -1) > (positions + offset).view(-1, 1)
         scores.masked_fill_(hidden, float("-inf"))
-    tau = row_thresholds(scores, alpha, candidates)
-    above = scores.mul_(alpha - 1).sub_(tau) > 0
+    score_threshold = row_thresholds(scores, alpha, candidates) / (alpha - 1)  # p > 0  <=>  z > tau/(alpha-1)
+    key_pad = (-key_stop) % grain[1]
+    padded = torch.nn.functional.pad(scores, (0, key_pad), value=float("-inf")) if key_pad else scores
+    block_max = padded.reshape(scores.shape[0], scores.shape[1], -1, grain[1]).amax(dim=-1)
+    above = (block_max > score_threshold).to(torch.int32)
     first_block = int(positions[0]) // grain[0]
     block_of_row = torch.div(positions, grain[0], rounding_mode="floor") - first_block
-    num_blocks = int(block_of_row[-1]) + 1
-    key_pad = (-key_stop) % grain[1]
-    above_cols = torch.nn.functional.pad(above, (0, key_pad), value=False)
-    above_cols = above_cols.reshape(above.shape[0], above.shape[1], -1, grain[1]).any(dim=-1)
-    counts = torch.zeros(above.shape[0], num_blocks, above_cols.shape[-1], dtype=torch.int32, device=above.device)
-    counts.index_add_(1, block_of_row, above_cols.int())
-    full = torch.zeros(above.shape[0], num_blocks, math.ceil(num_keys / grain[1]), dtype=torch.bool,
+    counts = torch.zeros(above.shape[0], int(block_of_row[-1]) + 1, above.shape[-1], dtype=torch.int32,
+                         device=above.device)
+    counts.index_add_(1, block_of_row, above)
+    full = torch.zeros(counts.shape[0], counts.shape[1], math.ceil(num_keys / grain[1]), dtype=torch.bool,
                        device=above.device)
     full[:, :, :counts.shape[-1]] = counts > 0
     return full
@@ -138,33 +142,27 @@ def block_sparsity(q: torch.Tensor, k: torch.Tensor, *, alpha=1.5, causal: bool 
     alpha_heads = _alpha_per_head(alpha, heads, q.device).repeat(batch, 1, 1)
     q_flat = q.reshape(batch * heads, num_queries, head_dim)
     k_flat = k.repeat_interleave(heads // k.shape[1], dim=1).reshape(batch * heads, num_keys, head_dim)
-    rows_per_chunk = max(unit, chunk_elements // max(num_keys, 1) // unit * unit)
-    heads_per_chunk = max(1, chunk_elements // (rows_per_chunk * max(num_keys, 1)))
+    blocks_per_chunk = max(1, chunk_elements // max(num_keys, 1) // unit)
+    heads_per_chunk = max(1, chunk_elements // (blocks_per_chunk * unit * max(num_keys, 1)))
     nonzero = {t: 0 for t in tiles}
     valid = {t: 0 for t in tiles}
     valid_maps = {t: valid_tiles(num_queries, num_keys, t, causal, q.device) for t in tiles}
-    for block in _runs(query_blocks, rows_per_chunk // unit):
-        start, stop = block[0] * unit, min((block[-1] + 1) * unit, num_queries)
-        positions = torch.arange(start, stop, device=q.device)
+    for first in range(0, len(query_blocks), blocks_per_chunk):
+        chunk_blocks = query_blocks[first:first + blocks_per_chunk]
+        positions = torch.cat([torch.arange(b * unit, min((b + 1) * unit, num_queries)) for b in chunk_blocks])
+        positions = positions.to(q.device)
+        tile_rows = {t: torch.tensor([b * (unit // t[0]) + j for b in chunk_blocks for j in range(unit // t[0])
+                                      if (b * unit + j * t[0]) < num_queries], device=q.device) for t in tiles}
         for h0 in range(0, batch * heads, heads_per_chunk):
             h1 = min(batch * heads, h0 + heads_per_chunk)
-            fine = _chunk_tile_map(q_flat[h0:h1, start:stop], k_flat[h0:h1], positions, alpha_heads[h0:h1],
+            fine = _chunk_tile_map(q_flat[h0:h1, positions], k_flat[h0:h1], positions, alpha_heads[h0:h1],
                                    causal, scale, num_queries, grain, candidates)
             for t in tiles:
                 coarse = _coarsen(fine, (t[0] // grain[0], t[1] // grain[1]))
-                mask = valid_maps[t][start // t[0]: start // t[0] + coarse.shape[1]]
-                nonzero[t] += int((coarse & mask).sum())
+                first_row = chunk_blocks[0] * (unit // t[0])
+                mask = valid_maps[t][tile_rows[t]]
+                nonzero[t] += int((coarse[:, tile_rows[t] - first_row] & mask).sum())
                 valid[t] += int(mask.sum()) * (h1 - h0)
     return {tile_name(t): 1.0 - nonzero[t] / max(valid[t], 1) for t in tiles}
 
 
-def _runs(blocks: Sequence[int], max_len: int):
-    """Split sorted block indices into runs of consecutive indices, each at most max_len long."""
-    run = []
-    for b in blocks:
-        if run and (b != run[-1] + 1 or len(run) == max_len):
-            yield run
-            run = []
-        run.append(b)
-    if run:
-        yield run

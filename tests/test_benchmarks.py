@@ -39,8 +39,8 @@ def _tile_any(matrix, tile):
     return padded.reshape(shape).amax(dim=(-1, -3)) > 0
 
 
-def brute_force_sparsity(q, k, alpha, causal, tile):
-    """Block sparsity from dense float64 entmax (the `entmax` package) over all tiles."""
+def brute_force_sparsity(q, k, alpha, causal, tile, tile_rows=None):
+    """Block sparsity from dense float64 entmax (the `entmax` package) over all tiles (or those tile rows)."""
     from entmax import entmax_bisect
 
     n = q.shape[2]
@@ -51,6 +51,8 @@ def brute_force_sparsity(q, k, alpha, causal, tile):
     p = entmax_bisect(scores.masked_fill(~visible, float("-inf")), alpha, dim=-1, n_iter=200)
     valid = _tile_any(visible, tile)
     nonzero = _tile_any(p > 0, tile) & valid
+    if tile_rows is not None:
+        valid, nonzero = valid[tile_rows], nonzero[..., tile_rows, :]
     return 1 - nonzero.sum().item() / (valid.sum().item() * q.shape[0] * q.shape[1])
 
 
@@ -65,6 +67,17 @@ def test_block_sparsity_matches_dense_entmax(causal):
         expected = brute_force_sparsity(inputs.q, inputs.k, 1.5, causal, tile)
         assert measured[f"{tile[0]}x{tile[1]}"] == pytest.approx(expected, abs=1e-12)
     assert 0 < measured["16x16"] < 1
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparsity_on_sampled_query_blocks(causal):
+    inputs = make_inputs(1, 2, 200, 16, strength=1.5, length=4.0, seed=4, dtype=torch.float64)
+    # blocks of lcm(32, 16) = 32 rows: 0, 2 and the short last one (rows 192..199)
+    measured = block_sparsity(inputs.q, inputs.k, causal=causal, tiles=((16, 16), (32, 16)), query_blocks=[6, 0, 2])
+    expected_16 = brute_force_sparsity(inputs.q, inputs.k, 1.5, causal, (16, 16), tile_rows=[0, 1, 4, 5, 12])
+    expected_32 = brute_force_sparsity(inputs.q, inputs.k, 1.5, causal, (32, 16), tile_rows=[0, 2, 6])
+    assert measured["16x16"] == pytest.approx(expected_16, abs=1e-12)
+    assert measured["32x16"] == pytest.approx(expected_32, abs=1e-12)
 
 
 def test_valid_tiles_causal_excludes_tiles_above_the_diagonal():
