@@ -24,7 +24,7 @@ import torch
 _MAX_SOLVER_ROUNDS = 100
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for the 16-bit float dtypes (our arithmetic precision), otherwise ``dtype`` itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -223,7 +223,7 @@ def entmax_threshold(z: torch.Tensor, alpha, dim: int = -1) -> torch.Tensor:
     inputs and z's dtype otherwise, such that clamp((alpha - 1) * z - tau, min=0) ** (1 / (alpha - 1)) sums
     to 1 along ``dim`` (to ~1e-15 in float64, ~1e-6 in float32). Rows of only -inf give tau = +inf.
     """
-    dtype = _compute_dtype(z.dtype)
+    dtype = compute_dtype(z.dtype)
     with torch.no_grad():
         alpha_rows, alpha_value = _resolve_alpha(alpha, z, dim, dtype)
         shifted, row_max, empty = _shift_rows(_as_rows(z, dim, dtype), alpha_rows)
@@ -284,7 +284,7 @@ def entmax(x: torch.Tensor, alpha=1.5, dim: int = -1) -> torch.Tensor:
     Returns probabilities with x's shape and dtype (16-bit inputs are computed in float32), each row
     along ``dim`` non-negative and summing to 1.
     """
-    dtype = _compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     alpha_rows, alpha_value = _resolve_alpha(alpha, x, dim, dtype)
     p = _EntmaxFunction.apply(_as_rows(x, dim, dtype), alpha_rows, alpha_value)
     return _from_rows(p, x, dim).to(x.dtype)
