@@ -133,6 +133,7 @@ def plot_files(document: dict, out_dir: Path) -> List[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     baseline = document["ratio_baseline"]
     records = document["records"]
@@ -155,6 +156,8 @@ def plot_files(document: dict, out_dir: Path) -> List[Path]:
                                   color=colors[impl])
                 axis.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
                 axis.set_yscale("log")
+                axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+                axis.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
                 axis.set_xlim(-0.02, 1.02)
                 axis.set_title(f"N={length}  {'fwd' if mode == 'fwd_ms' else 'fwd+bwd'}")
                 axis.set_xlabel("measured block sparsity (64x64)")
@@ -168,7 +171,7 @@ def plot_files(document: dict, out_dir: Path) -> List[Path]:
         figure.legend(handles, labels, loc="center right")
         figure.suptitle(f"{document['device']}  D={head_dim}  {'causal' if causal else 'non-causal'}  "
                         f"alpha={group[0]['alpha']}  ({document['commit']})")
-        figure.subplots_adjust(left=0.8 / width, right=1 - 2.2 / width, top=0.9, bottom=0.08, hspace=0.35,
+        figure.subplots_adjust(left=1.0 / width, right=1 - 2.2 / width, top=0.9, bottom=0.08, hspace=0.35,
                                wspace=0.35)
         path = out_dir / f"{result_stem(document)}-D{head_dim}-{'causal' if causal else 'noncausal'}.png"
         figure.savefig(path, dpi=90)
