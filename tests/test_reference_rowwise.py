@@ -237,3 +237,14 @@ def test_public_sparsemax_and_entmax15_reject_bad_arguments():
         rowwise.sparsemax(torch.ones(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="entmax15: `dim`"):
         rowwise.entmax15(X, dim=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+def test_reference_on_cuda_matches_cpu(alpha):
+    x = torch.randn(64, 5000, dtype=torch.float64) * 3
+    x[0] = -math.inf
+    per_row = 1.1 + 0.9 * torch.rand(64, dtype=torch.float64)
+    for a in (alpha, per_row):
+        on_device = entmax(x.cuda(), a.cuda() if isinstance(a, torch.Tensor) else a).cpu()
+        torch.testing.assert_close(on_device, entmax(x, a), atol=1e-13, rtol=0)

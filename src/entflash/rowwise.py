@@ -92,7 +92,8 @@ def entmax(x: torch.Tensor, alpha=1.5, dim: int = -1) -> torch.Tensor:
     """alpha-entmax of ``x`` along ``dim``: p_j = [(alpha-1) x_j - tau]_+ ** (1/(alpha-1)), each row summing to 1.
 
     x: float16 / bfloat16 / float32 / float64 tensor of any shape (16-bit inputs are computed in float32);
-        -inf entries are masked (p = 0 there), a row of only -inf gives zeros, never NaN.
+        -inf entries are masked (p = 0 there), a row of only -inf gives zeros, never NaN (a row holding
+        +inf or NaN gives NaN, as softmax does).
     alpha: float in (1, 2] (1.5 default; 2 is sparsemax; near 1 approaches softmax), or a floating tensor of
         values in (1, 2] broadcastable to x.shape with ``dim`` removed (e.g. (H, 1) or (B, H, N) for x of shape
         (B, H, N, n)); a tensor with x.dim() dimensions is read with ``dim`` kept as size 1.

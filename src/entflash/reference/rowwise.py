@@ -74,7 +74,7 @@ def _shift_rows(rows: torch.Tensor, alpha_rows: torch.Tensor):
     Empty rows are replaced by zeros so the solvers stay finite on them.
     """
     scaled = rows * (alpha_rows - 1)
-    row_max = scaled.amax(dim=-1, keepdim=True) if rows.shape[-1] > 0 else scaled.new_zeros(rows.shape[0], 1)
+    row_max = scaled.amax(dim=-1, keepdim=True)
     empty = row_max == float("-inf")
     safe_max = torch.where(empty, torch.zeros_like(row_max), row_max)
     shifted = (scaled - safe_max).clamp(min=-1.0)
