@@ -10,10 +10,12 @@ For each case (rows x cols, dtype) it times, on the same tensors, forward and fo
 and the losses: ours_loss (fused_entmax_loss, alpha = 1.5) against F.cross_entropy.
 A missing package or a failing implementation is recorded as an error; the run goes on.
 
+On a machine without git metadata, set ENTFLASH_COMMIT=<short hash>.
 Writes benchmarks/results/rowwise-<device>-<yyyymmdd>-<commit>.json (device, torch, triton, commit, date,
 records: one per (op, impl, alpha, dtype, rows, cols, mode) with the median ms from
 triton.testing.do_bench) and prints a markdown table. --cpu runs tiny shapes through the Triton
 interpreter (checks the harness; its times mean nothing). --budget-s stops starting new cases once spent.
+--table JSON prints the table of a saved run.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-ms", type=float, default=10.0)
     ap.add_argument("--rep-ms", type=float, default=40.0)
     ap.add_argument("--sweep", action="store_true", help="also time a few tile configs of ours")
+    ap.add_argument("--table", metavar="JSON", help="print the markdown table of a saved run and exit")
     return ap.parse_args(argv)
 
 
@@ -60,7 +63,10 @@ from entflash.kernels import rowwise as kr  # noqa: E402
 
 
 def commit() -> str:
-    """Short commit of the checkout, '+dirty' when tracked files differ ('unknown' without git)."""
+    """ENTFLASH_COMMIT if set (device copies carry no git metadata), else the checkout's short commit,
+    '+dirty' when tracked files differ, else 'unknown'."""
+    if os.environ.get("ENTFLASH_COMMIT"):
+        return os.environ["ENTFLASH_COMMIT"]
     try:
         c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.strip()
@@ -68,7 +74,7 @@ def commit() -> str:
                                capture_output=True, text=True).stdout.strip()
         return c + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("ENTFLASH_COMMIT", "unknown")
+        return "unknown"
 
 
 def median_ms(fn, device) -> float:
@@ -182,8 +188,8 @@ def markdown(records) -> str:
             cells = []
             for i in impls:
                 r = rs.get(i, {})
-                cells.append("err" if "error" in r else
-                             f"{r.get('fwd_ms', float('nan')):.3f} / {r.get('fwd_bwd_ms', float('nan')):.3f}")
+                cells.append(" / ".join(f"{r[m]:.3f}" if m in r else ("err" if "error" in r else "-")
+                                        for m in ("fwd_ms", "fwd_bwd_ms")))
             ratio = _ratio(rs, "ours" if op == "entmax" else "ours_loss", base, "fwd_bwd_ms")
             lines.append(f"| {k[1]} x {k[2]} | {k[3]} | " + " | ".join(cells) + f" | {ratio:.2f} |")
         if op == "entmax":
@@ -208,6 +214,9 @@ def markdown(records) -> str:
 
 
 def main():
+    if ARGS.table:
+        print(markdown(json.loads(Path(ARGS.table).read_text())["records"]))
+        return
     device = "cpu" if ARGS.cpu else "cuda"
     dev_name = "cpu" if ARGS.cpu else torch.cuda.get_device_name().replace(" ", "_")
     now = datetime.datetime.now(datetime.timezone.utc)

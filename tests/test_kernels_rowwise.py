@@ -201,7 +201,7 @@ def test_gradients_uniform_alpha_autograd(alpha):
     x = random_rows(4, 200, seed=7).reshape(2, 2, 200).requires_grad_(True)
     gout = random_rows(4, 200, scale=1.0, seed=8).reshape(2, 2, 200)
     (kr.fused_entmax(x, alpha, dim=-1) * gout).sum().backward()
-    rdx, _ = oracle_grads(x, torch.tensor(alpha), gout)
+    rdx, _ = oracle_grads(x, torch.tensor(alpha, device=DEVICE), gout)
     torch.testing.assert_close(x.grad.double(), rdx, atol=2e-5, rtol=1e-4)
 
 

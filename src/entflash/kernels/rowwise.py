@@ -155,19 +155,19 @@ def _entmax_rows_fwd_kernel(
             g = tl.sum(g_acc, axis=1)
         tau = newton_tau(tau, f, g, expo, ALPHA_MODE)
 
-    # 4. output: p, or the loss terms sum p^alpha = sum p u, sum p x, sum z
+    # 4. output: p, or the loss terms sum p^alpha = sum p u, sum p x, sum x (for mean z)
     if IS_LOSS:
         if SINGLE:
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
             spu = tl.sum(p * u, axis=1)
             spx = tl.sum(tl.where(p > 0, p * x, 0.0), axis=1)
             sp = tl.sum(p, axis=1)
-            sz = tl.sum(tl.where(cols[None, :] < n_cols, z.to(tl.float32), 0.0), axis=1)
+            sx = tl.sum(tl.where(cols[None, :] < n_cols, x, 0.0), axis=1)  # from x: z need not stay live
         else:
             spu_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             spx_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             sp_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            sz_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            sx_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for start in range(0, n_cols, BLOCK_N):
                 c = start + cols
                 xc = _load_shifted(X, rows, c, n_rows, n_cols, stride_x, zsafe, am1)
@@ -176,11 +176,11 @@ def _entmax_rows_fwd_kernel(
                 spx_acc += tl.where(p > 0, p * xc, 0.0)
                 sp_acc += p
                 if eps > 0:
-                    sz_acc += tl.where(c[None, :] < n_cols, xc / am1 + zsafe[:, None], 0.0)
+                    sx_acc += tl.where(c[None, :] < n_cols, xc, 0.0)
             spu = tl.sum(spu_acc, axis=1)
             spx = tl.sum(spx_acc, axis=1)
             sp = tl.sum(sp_acc, axis=1)
-            sz = tl.sum(sz_acc, axis=1)
+            sx = tl.sum(sx_acc, axis=1)
         tgt = tl.load(TGT + rows, mask=row_ok, other=ignore_index)
         keep = row_ok & (tgt != ignore_index)
         z_t = tl.load(X + rows * stride_x + tgt, mask=keep & (tgt >= 0) & (tgt < n_cols), other=0.0)
@@ -188,7 +188,7 @@ def _entmax_rows_fwd_kernel(
         loss = ((1.0 - spu) / (alpha * am1) + zsafe * sp + spx / am1
                 - (1.0 - eps) * z_t.to(tl.float32) - h_target)
         if eps > 0:
-            loss -= eps * sz / n_cols
+            loss -= eps * (sx / (am1 * n_cols) + zsafe)  # eps * mean(z)
         tl.store(LOSS + rows, tl.where(keep, loss, 0.0), mask=row_ok)
         tl.store(TAU + rows, tau, mask=row_ok)
         tl.store(ZMAX + rows, zsafe, mask=row_ok)
