@@ -413,6 +413,8 @@ if __name__ == "__main__":
 
     if sys.argv[1:] == ["bench"]:
         bench(configs={"64x64 w8 s2": dict(warps=8, stages=2), "64x64 w4 s3": dict(warps=4, stages=3)})
+    elif sys.argv[1:] == ["quick"]:
+        bench(shapes=((4, 16, 4096, 128), (1, 16, 16384, 128)))
     elif sys.argv[1:] == ["tune"]:
         bench(shapes=((1, 16, 16384, 128), (4, 16, 4096, 128)), configs={
             "dq128x64_kv64x128_w8s2": dict(bm_dq=128, bn_dq=64, bm_kv=64, bn_kv=128, warps=8, stages=2),

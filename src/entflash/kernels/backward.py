@@ -15,6 +15,7 @@ so unmarked tiles cost nothing. Every reduction has a fixed order: results are b
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -203,7 +204,9 @@ def _alpha_tile_sums(g, u, s, lcoef, a_gp, a_p, a_gs, a_s, a_gpl, a_pl):
     """Add one tile to the row sums of g p, p, g s, s, g p log p, p log p (lcoef = ln 2 / (alpha-1),
     so log p = lcoef * log2 u)."""
     p = u * s
-    pl = tl.where(u > 0.0, p * (lcoef * tl.log2(tl.where(u > 0.0, u, 1.0))), 0.0)
+    # log2(u) is the one entmax_s took for s (same operand: the compiler computes it once); where u = 0
+    # it is -inf and the product NaN, which the select drops
+    pl = tl.where(u > 0.0, p * (lcoef * tl.log2(u)), 0.0)
     return (a_gp + tl.sum(g * p, axis=1), a_p + tl.sum(p, axis=1),
             a_gs + tl.sum(g * s, axis=1), a_s + tl.sum(s, axis=1),
             a_gpl + tl.sum(g * pl, axis=1), a_pl + tl.sum(pl, axis=1))
@@ -334,16 +337,24 @@ def _interpreting() -> bool:
 
 
 def _alpha_tables(alpha, Hq: int, scale: float, device):
-    """Per-head fp32 tables alpha-1, (alpha-1)*scale, (2-alpha)/(alpha-1), and the ALPHA_MODE fast-path id."""
+    """Per-head fp32 tables alpha-1, (alpha-1)*scale, (2-alpha)/(alpha-1), and the ALPHA_MODE fast-path id.
+
+    A tensor alpha is converted on its device; a float alpha's table is cached per (alpha, Hq, scale,
+    device), so repeated backward calls make no host-to-device copy (a pageable copy would stall the
+    host until the device is idle)."""
     if isinstance(alpha, torch.Tensor):
-        a = alpha.detach().to(dtype=torch.float64).reshape(-1).expand(Hq)
-        mode = 0
-    else:  # built on the host: one copy to the device instead of a handful of tiny kernels
-        a = torch.full((Hq,), float(alpha), dtype=torch.float64)
-        mode = 1 if float(alpha) == 1.5 else 2 if float(alpha) == 2.0 else 0
-    am1 = a - 1.0
-    tab = torch.stack([am1, am1 * scale, (2.0 - a) / am1]).to(device=device, dtype=torch.float32)
-    return tab.unbind(0), mode
+        a = alpha.detach().to(device=device, dtype=torch.float64).reshape(-1).expand(Hq)
+        am1 = a - 1.0
+        return torch.stack([am1, am1 * scale, (2.0 - a) / am1]).float().unbind(0), 0
+    mode = 1 if float(alpha) == 1.5 else 2 if float(alpha) == 2.0 else 0
+    return _float_alpha_table(float(alpha), Hq, float(scale), device), mode
+
+
+@functools.lru_cache(maxsize=64)
+def _float_alpha_table(alpha: float, Hq: int, scale: float, device):
+    am1 = alpha - 1.0
+    row = torch.tensor([am1, am1 * scale, (2.0 - alpha) / am1], dtype=torch.float64)
+    return row[:, None].expand(3, Hq).to(device=device, dtype=torch.float32).contiguous().unbind(0)
 
 
 def _pick_blocks(D: int, device: torch.device):
