@@ -121,11 +121,12 @@ def test_fused_entmax_last_dim_contiguous_makes_no_copy(monkeypatch):
     assert seen["ptr"] == x.data_ptr()
 
 
-@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
-def test_forward_bfloat16(alpha):
-    x = random_rows(3, 1000, dtype=torch.bfloat16, seed=21)
+@pytest.mark.parametrize("dtype,alpha", [(torch.bfloat16, 1.25), (torch.bfloat16, 1.5),
+                                         (torch.bfloat16, 2.0), (torch.float16, 1.5)])
+def test_forward_half_precision(dtype, alpha):
+    x = random_rows(3, 1000, dtype=dtype, seed=21)
     p, _ = kr.entmax_rows_forward(x, alpha)
-    assert p.dtype == torch.bfloat16
+    assert p.dtype == dtype
     ref = oracle(x, alpha)  # on the bf16-rounded input
     torch.testing.assert_close(p.double(), ref, atol=4e-3, rtol=1e-2)
     assert abs(p.double().sum(-1) - 1).max() < 2e-2

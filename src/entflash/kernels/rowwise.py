@@ -342,13 +342,15 @@ def _tile_config(n_cols: int, per_row: bool, block_n: Optional[int], num_warps: 
     return single, block_m, block_n, num_warps
 
 
-def _alpha_args(alpha_rows: AlphaLike, n_rows: int, device) -> Tuple[torch.Tensor, float]:
+def _alpha_args(alpha_rows: AlphaLike, n_rows: int, placeholder: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    """(ALPHA pointer tensor, alpha_value) kernel arguments. A float alpha travels as alpha_value and the
+    pointer is `placeholder` (any tensor on the device; never read), so no allocation is made per call."""
     if isinstance(alpha_rows, torch.Tensor):
         if alpha_rows.shape != (n_rows,):
             raise ValueError(f"entmax kernels: `alpha_rows` must have shape ({n_rows},), "
                              f"got {tuple(alpha_rows.shape)}")
-        return alpha_rows.detach().to(device=device, dtype=torch.float32).contiguous(), 0.0
-    return torch.empty(1, device=device, dtype=torch.float32), float(alpha_rows)
+        return alpha_rows.detach().to(device=placeholder.device, dtype=torch.float32).contiguous(), 0.0
+    return placeholder, float(alpha_rows)
 
 
 def _launch_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, block_n: Optional[int],
@@ -357,9 +359,9 @@ def _launch_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, block_n: Optional[
     it to the loss mode. Returns (p, tau) or (loss (R,), shifted tau (R,), row max (R,))."""
     n_rows, n_cols = x2d.shape
     per_row, mode, alpha_value = _alpha_mode(alpha_rows)
-    alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, x2d.device)
     single, block_m, bn, warps = _tile_config(n_cols, per_row, block_n, num_warps)
     tau = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
+    alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, tau)
     if loss_args is None:
         p = torch.empty((n_rows, n_cols), device=x2d.device, dtype=x2d.dtype)
         tgt, loss, zmax, ignore_index, eps, h_target = tau, tau, tau, 0, 0.0, 0.0
@@ -426,7 +428,7 @@ def entmax_rows_backward(p: torch.Tensor, grad_p: torch.Tensor, alpha_rows: Alph
     dalpha = torch.empty(n_rows, device=p.device, dtype=torch.float32) if need_alpha_grad else None
     if n_rows == 0 or n_cols == 0:
         return dx, (dalpha.zero_() if need_alpha_grad else None)
-    alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, p.device)
+    alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, dx)
     single, block_m, bn, warps = _tile_config(n_cols, per_row, block_n, num_warps)
     grid = (triton.cdiv(n_rows, block_m),)
     _entmax_rows_bwd_kernel[grid](
