@@ -328,13 +328,18 @@ def _alpha_mode(alpha_rows: AlphaLike) -> Tuple[bool, int, float]:
     return False, {1.5: 1, 2.0: 2}.get(a, 0), a
 
 
+def _next_pow2(n: int) -> int:
+    """Smallest power of two >= n (plain Python: triton's helpers cost ~10 us per host call)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _tile_config(n_cols: int, per_row: bool, block_n: Optional[int], num_warps: Optional[int]):
     """(SINGLE, BLOCK_M, BLOCK_N, num_warps) for rows of n_cols columns."""
     if block_n is None:
         single = n_cols <= SINGLE_MAX_COLS
-        block_n = triton.next_power_of_2(max(n_cols, 16)) if single else CHUNK_COLS
+        block_n = _next_pow2(max(n_cols, 16)) if single else CHUNK_COLS
     else:
-        block_n = triton.next_power_of_2(max(block_n, 16))
+        block_n = _next_pow2(max(block_n, 16))
         single = n_cols <= block_n
     block_m = 1 if (per_row or not single) else max(1, min(16, 2048 // block_n))
     if num_warps is None:
@@ -373,7 +378,7 @@ def _launch_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, block_n: Optional[
     if n_rows == 0 or n_cols == 0:
         tau.fill_(float("inf"))
         return (p, tau) if loss_args is None else (loss.zero_(), tau, zmax.zero_())
-    grid = (triton.cdiv(n_rows, block_m),)
+    grid = (-(-n_rows // block_m),)
     _entmax_rows_fwd_kernel[grid](
         x2d, p, tau, alpha_t, alpha_value, n_rows, n_cols, x2d.stride(0), p.stride(0),
         tgt, loss, zmax, ignore_index, eps, h_target,
@@ -430,7 +435,7 @@ def entmax_rows_backward(p: torch.Tensor, grad_p: torch.Tensor, alpha_rows: Alph
         return dx, (dalpha.zero_() if need_alpha_grad else None)
     alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, dx)
     single, block_m, bn, warps = _tile_config(n_cols, per_row, block_n, num_warps)
-    grid = (triton.cdiv(n_rows, block_m),)
+    grid = (-(-n_rows // block_m),)
     _entmax_rows_bwd_kernel[grid](
         p, grad_p, dx, alpha_t, dalpha if need_alpha_grad else alpha_t, alpha_value,
         n_rows, n_cols, p.stride(0), grad_p.stride(0), dx.stride(0),
@@ -535,7 +540,7 @@ class FusedEntmaxLossRows(torch.autograd.Function):
         if dx.numel():
             per_row, mode, alpha_value = _alpha_mode(alpha)
             single, block_m, bn, warps = _tile_config(n_cols, False, None, None)
-            _entmax_loss_bwd_kernel[(triton.cdiv(n_rows, block_m),)](
+            _entmax_loss_bwd_kernel[(-(-n_rows // block_m),)](
                 logits2d, tau, zmax, target, grad_loss.contiguous(), dx, alpha_value, n_rows, n_cols,
                 logits2d.stride(0), dx.stride(0), ignore_index, eps,
                 ALPHA_MODE=mode, BLOCK_M=block_m, BLOCK_N=bn, num_warps=warps,
