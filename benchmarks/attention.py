@@ -27,7 +27,7 @@ import torch
 
 from benchmarks import report
 from benchmarks.impls import Case, Implementation, all_implementations
-from benchmarks.inputs import AttentionInputs, calibrate_strength, make_inputs
+from benchmarks.inputs import AttentionInputs, StructuredInputs, calibrate_strength
 from benchmarks.measure import BenchSettings, first_call, median_ms, peak_memory_gib
 from benchmarks.sparsity import DEFAULT_TILES, block_sparsity, tile_name
 
@@ -91,6 +91,16 @@ def _callables(impl: Implementation, case: Case, inputs: AttentionInputs):
     return {"fwd": forward, "fwd_bwd": forward_backward}, [q, k, v]
 
 
+def _preset_skip_reason(name: str, case: Case, preset: Preset) -> Optional[str]:
+    """Why the preset leaves implementation `name` out of this case (its N limit, dense-only), or None."""
+    limit = preset.max_len.get(name)
+    if limit is not None and case.seq_len > limit:
+        return f"skipped: preset runs {name} up to N={limit}"
+    if name in preset.dense_level_only and case.target_sparsity > 0:
+        return f"skipped: preset runs {name} on dense inputs only (its cost ignores sparsity)"
+    return None
+
+
 def run_implementation(impl: Implementation, case: Case, inputs: AttentionInputs, sparsity: Dict[str, float],
                        preset: Preset) -> dict:
     """Time one implementation on one case, both modes; failures and skips become strings in the record."""
@@ -98,15 +108,14 @@ def run_implementation(impl: Implementation, case: Case, inputs: AttentionInputs
         "impl": impl.name, "N": case.seq_len, "D": case.head_dim, "H": case.heads, "B": case.batch,
         "causal": case.causal, "alpha": case.alpha, "dtype": str(case.dtype).replace("torch.", ""),
         "target_sparsity": case.target_sparsity, "strength": case.strength,
-        "block_sparsity": sparsity[tile_name((64, 64))] if tile_name((64, 64)) in sparsity else None,
+        "block_sparsity": next(iter(sparsity.values())),
         "block_sparsity_tiles": sparsity,
         "fwd_ms": None, "fwd_bwd_ms": None, "ratio_fwd_to_fa2": None, "ratio_fwd_bwd_to_fa2": None,
         "peak_mem_gib": None, "peak_mem_fwd_gib": None, "compile_s": None, "compile_fwd_bwd_s": None,
-        "variant": impl.variant(case) if hasattr(impl, "variant") else None,
+        "variant": impl.variant(case),
         "skipped": None, "error": None,
     }
     skipped, errors = [], []
-    limit = preset.max_len.get(impl.name)
     try:
         impl.setup(case)
         calls, grads = _callables(impl, case, inputs)
@@ -117,11 +126,7 @@ def run_implementation(impl: Implementation, case: Case, inputs: AttentionInputs
     for mode, time_field, memory_field, compile_field in (
             ("fwd", "fwd_ms", "peak_mem_fwd_gib", "compile_s"),
             ("fwd_bwd", "fwd_bwd_ms", "peak_mem_gib", "compile_fwd_bwd_s")):
-        reason = impl.skip_reason(case, mode)
-        if reason is None and limit is not None and case.seq_len > limit:
-            reason = f"skipped: preset runs {impl.name} up to N={limit}"
-        if reason is None and impl.name in preset.dense_level_only and case.target_sparsity > 0:
-            reason = f"skipped: preset runs {impl.name} on dense inputs only (its cost ignores sparsity)"
+        reason = impl.skip_reason(case, mode) or _preset_skip_reason(impl.name, case, preset)
         if reason:
             skipped.append(f"{mode}: {reason}")
             continue
@@ -151,10 +156,10 @@ def run_case(seq_len: int, head_dim: int, causal: bool, level: float, preset: Pr
     batch = max(1, preset.tokens // seq_len)
     heads = max(1, preset.hidden // head_dim)
     started = time.perf_counter()
-    strength = calibrate_strength(level, seq_len, head_dim, alpha=alpha, causal=causal, tile=tiles[0],
-                                  sinks=sinks, device=preset.device, dtype=preset.dtype)
-    inputs = make_inputs(batch, heads, seq_len, head_dim, strength=strength, sinks=sinks, seed=seed,
-                         device=preset.device, dtype=preset.dtype)
+    parts = StructuredInputs(batch, heads, seq_len, head_dim, sinks=sinks, seed=seed, device=preset.device)
+    strength = calibrate_strength(level, parts, alpha=alpha, causal=causal, tile=tiles[0], dtype=preset.dtype)
+    inputs = parts.build(strength, preset.dtype)
+    del parts
     sparsity = block_sparsity(inputs.q, inputs.k, alpha=alpha, causal=causal, tiles=tiles)
     setup_s = time.perf_counter() - started
     case = Case(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, causal=causal, alpha=alpha,

@@ -17,6 +17,7 @@ the same tensors and the same scale 1/sqrt(D).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -52,8 +53,8 @@ class Case:
         return 1.0 / math.sqrt(self.head_dim)
 
 
-class Implementation:
-    """Base: runs everything, both modes. Subclasses override `attend` and, where needed, `skip_reason`."""
+class Implementation(ABC):
+    """Base: runs every case in both modes. Subclasses define `attend` and, where needed, `skip_reason`."""
 
     name = "base"
     modes = ("fwd", "fwd_bwd")
@@ -71,9 +72,13 @@ class Implementation:
         """Tensors besides q, k, v whose .grad the fwd+bwd timing resets between calls."""
         return []
 
+    def variant(self, case: Case) -> Optional[str]:
+        """Which of its code paths the implementation takes for the case, where it has several."""
+        return None
+
+    @abstractmethod
     def attend(self, q, k, v, case: Case) -> torch.Tensor:
         """The attention output for q, k, v of shape (B, H, N, D)."""
-        raise TypeError(f"{type(self).__name__} must define attend")
 
 
 def _needs_cuda(case: Case) -> Optional[str]:
@@ -136,8 +141,7 @@ class AdaSplash(Implementation):
     def skip_reason(self, case, mode):
         return super().skip_reason(case, mode) or _needs_cuda(case)
 
-    @staticmethod
-    def variant(case: Case) -> str:
+    def variant(self, case: Case) -> str:
         """Which kernel family the dispatcher picks: 'v2' for causal alpha = 1.5, else 'v1'."""
         return "v2" if case.causal and case.alpha == 1.5 else "v1"
 

@@ -127,7 +127,7 @@ def markdown_table(document: dict, impls: Sequence[str]) -> str:
 
 
 def plot_files(document: dict, out_dir: Path) -> List[Path]:
-    """One PNG per (D, causal): time ratio to the baseline vs measured 64x64 block sparsity, a panel per
+    """One PNG per (D, causal): time ratio to the baseline vs measured block sparsity (first tile), a panel per
     (mode, N), one line per implementation. Returns the paths written."""
     import matplotlib
 
@@ -160,7 +160,7 @@ def plot_files(document: dict, out_dir: Path) -> List[Path]:
                 axis.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
                 axis.set_xlim(-0.02, 1.02)
                 axis.set_title(f"N={length}  {'fwd' if mode == 'fwd_ms' else 'fwd+bwd'}")
-                axis.set_xlabel("measured block sparsity (64x64)")
+                axis.set_xlabel(f"measured block sparsity ({document['settings']['tiles'][0]})")
                 axis.set_ylabel(f"time / {baseline}")
         handles, labels = [], []
         for axis in axes.flat:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.inputs import calibrate_strength, make_inputs  # noqa: E402
+from benchmarks.inputs import StructuredInputs, calibrate_strength, make_inputs  # noqa: E402
 from benchmarks.sparsity import block_sparsity, valid_tiles  # noqa: E402
 
 TOP_LEVEL = {"device", "torch", "triton", "commit", "date", "records"}
@@ -86,10 +86,15 @@ def test_valid_tiles_causal_excludes_tiles_above_the_diagonal():
     assert valid_tiles(130, 130, (64, 64), causal=False).all()
 
 
-def test_calibration_raises_sparsity_with_the_target():
-    strength = calibrate_strength(0.5, 256, 16, causal=False, tile=(32, 32), heads=1, steps=6)
+def test_calibration_reaches_the_target_on_the_benchmarked_tensors():
+    parts = StructuredInputs(1, 2, 256, 16, seed=5)
+    strength = calibrate_strength(0.5, parts, causal=False, tile=(32, 32), heads=2, steps=6)
     assert strength > 0
-    assert calibrate_strength(0.0, 256, 16) == 0.0
+    inputs = parts.build(strength, torch.float32)
+    # every head and block sampled at this size: the calibrated strength gives at least the target
+    assert block_sparsity(inputs.q, inputs.k, tiles=((32, 32),))["32x32"] >= 0.5
+    assert block_sparsity(*parts.queries_keys(0.0, torch.float32), tiles=((32, 32),))["32x32"] < 0.5
+    assert calibrate_strength(0.0, parts) == 0.0
 
 
 def test_cpu_mode_end_to_end(tmp_path):
