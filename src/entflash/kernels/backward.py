@@ -352,6 +352,7 @@ def _alpha_tables(alpha, Hq: int, scale: float, device):
 
 @functools.lru_cache(maxsize=64)
 def _float_alpha_table(alpha: float, Hq: int, scale: float, device):
+    """The three (Hq,) fp32 tables of _alpha_tables for a float alpha, made once per key."""
     am1 = alpha - 1.0
     row = torch.tensor([am1, am1 * scale, (2.0 - alpha) / am1], dtype=torch.float64)
     return row[:, None].expand(3, Hq).to(device=device, dtype=torch.float32).contiguous().unbind(0)
@@ -407,6 +408,9 @@ def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, 
         raise ValueError(f"attention_backward: Hq={Hq} is not a multiple of Hkv={Hkv}")
     G = Hq // Hkv
     dev = q.device
+    if q.numel() == 0 or k.numel() == 0:  # nothing to launch: no query, or no key to attend to
+        dalpha = torch.zeros(Hq, dtype=torch.float32, device=dev) if alpha_requires_grad else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dalpha
     BD = max(16, triton.next_power_of_2(D))
     cfg = _pick_blocks(D, dev)
     if blocks:
@@ -432,7 +436,7 @@ def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, 
     wl, wr = (window if window is not None else (None, None))
     common = dict(CAUSAL=bool(causal), HAS_WL=wl is not None, HAS_WR=wr is not None, HAS_SEQ=has_seq,
                   ALPHA_MODE=mode, DOT_PREC=dot_prec, UPCAST=_interpreting() and q.dtype == torch.bfloat16,
-                   num_warps=cfg["warps"], num_stages=cfg["stages"])
+                  num_warps=cfg["warps"], num_stages=cfg["stages"])
     wl_i, wr_i = int(wl or 0), int(wr or 0)
     tile_map = tile_map.to(dev)
 
