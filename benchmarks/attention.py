@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,7 @@ class Preset:
     settings: BenchSettings = field(default_factory=BenchSettings)
     max_len: Dict[str, int] = field(default_factory=dict)  # implementation -> longest N it is run at
     dense_level_only: Tuple[str, ...] = ()  # implementations whose cost ignores sparsity: run at level 0 only
+    budget_s: Optional[float] = None  # start no new case after this many seconds (fits one 10-minute call)
 
 
 PRESETS = {
@@ -62,7 +64,7 @@ PRESETS = {
     "paper": Preset(lengths=(1024, 2048, 4096, 8192, 16384, 32768), head_dims=(64, 128), causal=(True, False),
                     levels=(0.0, 0.6, 0.9, 0.97), impls=GPU_IMPLS,
                     settings=BenchSettings(warmup_ms=5, rep_ms=20),
-                    max_len={"entmax_bisect": 1024}, dense_level_only=("entmax_bisect",)),
+                    max_len={"entmax_bisect": 1024}, dense_level_only=("entmax_bisect",), budget_s=480),
     "cpu": Preset(lengths=(256,), head_dims=(16,), causal=(True, False), levels=(0.0, 0.9), impls=CPU_IMPLS,
                   device="cpu", dtype=torch.float32, backend="torch", tokens=256, hidden=32,
                   settings=BenchSettings(cpu_reps=2)),
@@ -195,6 +197,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--rep-ms", type=float, help="do_bench repetition budget (ms)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON and PNG files")
+    parser.add_argument("--budget-s", type=float,
+                        help="start no new case after this many seconds (default: the preset's; 0 = no limit)")
     parser.add_argument("--tag", default="", help="suffix of the file names (to keep split runs apart)")
     parser.set_defaults(preset="quick")
     return parser.parse_args(argv)
@@ -215,6 +219,8 @@ def _configured_preset(args: argparse.Namespace) -> Preset:
         changes["impls"] = tuple(args.impls)
     if args.backend:
         changes["backend"] = args.backend
+    if args.budget_s is not None:
+        changes["budget_s"] = args.budget_s or None
     if args.warmup_ms is not None or args.rep_ms is not None:
         changes["settings"] = replace(preset.settings, **{k: v for k, v in (("warmup_ms", args.warmup_ms),
                                                                             ("rep_ms", args.rep_ms)) if v})
@@ -237,27 +243,33 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 "causal": preset.causal, "levels": preset.levels, "impls": impls, "tokens": preset.tokens,
                 "hidden": preset.hidden, "tiles": [tile_name(t) for t in tiles], "sinks": args.sinks,
                 "backend": preset.backend, "warmup_ms": preset.settings.warmup_ms,
-                "rep_ms": preset.settings.rep_ms, "max_len": preset.max_len, "seed": args.seed}
+                "rep_ms": preset.settings.rep_ms, "max_len": preset.max_len,
+                "dense_level_only": preset.dense_level_only, "budget_s": preset.budget_s, "seed": args.seed}
     document = report.new_document(preset.device, args.preset, baseline, settings)
     if args.tag:
         document["commit"] = f"{document['commit']}-{args.tag}"
     started = time.perf_counter()
     json_path = None
-    for seq_len in preset.lengths:
-        for head_dim in preset.head_dims:
-            for causal in preset.causal:
-                for level in preset.levels:
-                    records = run_case(seq_len, head_dim, causal, level, preset, impls, args.alpha, tiles,
-                                       args.sinks, args.seed)
-                    report.add_ratios(records, baseline)
-                    document["records"].extend(records)
-                    json_path = report.write_json(document, args.out)
-                    sparsity = records[0]["block_sparsity_tiles"]
-                    print(f"[{time.perf_counter() - started:7.1f}s] N={seq_len} D={head_dim} causal={causal} "
-                          f"target={level} sparsity={sparsity} setup={records[0]['case_setup_s']:.1f}s", flush=True)
-                    for record in records:
-                        print(f"    {record['impl']:<20} fwd={record['fwd_ms']} fwd_bwd={record['fwd_bwd_ms']} "
-                              f"compile={record['compile_s']} error={record['error']}", flush=True)
+    cases = list(itertools.product(preset.lengths, preset.head_dims, preset.causal, preset.levels))
+    document["not_run"] = []
+    for index, (seq_len, head_dim, causal, level) in enumerate(cases):
+        elapsed = time.perf_counter() - started
+        if preset.budget_s is not None and elapsed > preset.budget_s:
+            document["not_run"] = [dict(N=c[0], D=c[1], causal=c[2], target_sparsity=c[3]) for c in cases[index:]]
+            print(f"time budget of {preset.budget_s:.0f}s spent: {len(cases) - index} cases not run (see "
+                  f"'not_run'; rerun them with --n/--d/--causal/--levels and --tag)", flush=True)
+            break
+        records = run_case(seq_len, head_dim, causal, level, preset, impls, args.alpha, tiles, args.sinks,
+                           args.seed)
+        report.add_ratios(records, baseline)
+        document["records"].extend(records)
+        json_path = report.write_json(document, args.out)
+        print(f"[{time.perf_counter() - started:7.1f}s] N={seq_len} D={head_dim} causal={causal} target={level} "
+              f"sparsity={records[0]['block_sparsity_tiles']} setup={records[0]['case_setup_s']:.1f}s", flush=True)
+        for record in records:
+            print(f"    {record['impl']:<20} fwd={record['fwd_ms']} fwd_bwd={record['fwd_bwd_ms']} "
+                  f"compile={record['compile_s']} error={record['error']}", flush=True)
+    json_path = report.write_json(document, args.out)
     plots = report.plot_files(document, args.out)
     print(f"\nresults: {json_path}")
     for path in plots:
