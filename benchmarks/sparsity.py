@@ -49,7 +49,7 @@ def row_thresholds(scores: torch.Tensor, alpha: torch.Tensor, candidates: int = 
     if candidates >= num_keys:
         return entmax_threshold(scores, alpha)
     top = scores.topk(candidates, dim=-1, sorted=False).values
-    tau = entmax_threshold(top, alpha)
+    tau = entmax_threshold(top, alpha).contiguous()
     smallest_candidate = top.amin(dim=-1, keepdim=True)
     incomplete = ((alpha - 1) * smallest_candidate > tau).reshape(-1)
     if bool(incomplete.any()):
