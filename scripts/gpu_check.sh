@@ -6,7 +6,7 @@
 # 3. runs the quick benchmark: python3 -m benchmarks.attention --quick
 # 4. prints a one-screen summary (GPU, test result, benchmark errors and table).
 # Logs, JSON and PNGs go to $OUT (the device tool's folder that comes back), else /tmp/gpu_check.
-# Environment: ENTFLASH_COMMIT names the commit (the device copy has no git); GPU_CHECK_TEST_TIMEOUT and
+# Environment: ENTFLASH_COMMIT overrides the commit found by git; GPU_CHECK_TEST_TIMEOUT and
 # GPU_CHECK_BENCH_TIMEOUT (seconds, default 240 each); GPU_CHECK_SKIP_TESTS=1 skips step 2;
 # GPU_CHECK_PRESET=paper|cpu runs that preset instead of --quick.
 set -uo pipefail
