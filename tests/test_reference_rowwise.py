@@ -83,6 +83,17 @@ def test_agrees_with_the_entmax_package(scale):
         torch.testing.assert_close(entmax(x, alpha), expected, atol=1e-12, rtol=0)
 
 
+def test_rows_with_windows_of_very_different_sizes():
+    # the solvers look only at each row's k largest entries, k the widest window of the batch
+    x = torch.randn(6, 900, dtype=torch.float64) * torch.tensor([0.05, 0.4, 1, 10, 100, 1000],
+                                                              dtype=torch.float64)[:, None]
+    x[0, 300:] -= 100  # row 0: about a third of its entries inside the window
+    torch.testing.assert_close(entmax15(x), entmax_package.entmax15(x, dim=-1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(sparsemax(x), entmax_package.sparsemax(x, dim=-1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(entmax(x, 1.4), entmax_package.entmax_bisect(x, 1.4, n_iter=100), atol=1e-12,
+                               rtol=0)
+
+
 @pytest.mark.parametrize("alpha", [1.01, 1.3, 1.5, 1.75, 1.999, 2.0])
 def test_threshold_meets_the_precision_contract(alpha):
     x64 = torch.randn(16, 3000, dtype=torch.float64) * 4

@@ -6,10 +6,11 @@ with tau the unique number making the row sum to one. tau is reported in (alpha 
 
 How tau is found (every path works on the shifted, clipped row v = max((alpha-1) z - max, -1), since the
 bracket (alpha-1) max - 1 <= tau <= (alpha-1) max - n**(1-alpha) makes every entry below the window zero):
+  * only the window's candidates enter (per row, the k largest entries, k the largest count above -1);
   * alpha = 2 (sparsemax) and alpha = 1.5: sort-based closed forms, then one polishing Newton step;
   * any other alpha: Newton on the convex, decreasing g(tau) = ||[v - tau]_+||_beta - 1 (beta = 1/(alpha-1))
-    from the left end of the bracket, paired with a regula-falsi point from the right end and a bisection
-    safeguard, so the bracket shrinks every round, down to rounding level.
+    from the left end of the bracket; where Newton slows down, a regula-falsi point from the right end or a
+    bisection step also shrinks the bracket, down to rounding level.
 Rows whose alpha is 2 or 1.5 take the closed forms even when other rows of the same call do not.
 
 Masked scores (-inf) get p = 0; a row of only -inf entries gets tau = +inf and p = 0 everywhere (no NaN),
@@ -87,9 +88,9 @@ def _row_sums(shifted: torch.Tensor, tau: torch.Tensor, beta: torch.Tensor):
 
     shifted (R, n), tau (R, 1), beta = 1 / (alpha - 1) (R, 1). Returns (sum_p, sum_s), each (R, 1).
     """
-    gap = (shifted - tau).clamp(min=0)
+    gap = (shifted - tau).clamp_(min=0)
     p = gap.pow(beta)
-    s = torch.where(gap > 0, p / torch.where(gap > 0, gap, torch.ones_like(gap)), torch.zeros_like(gap))
+    s = p / gap.clamp_(min=torch.finfo(gap.dtype).tiny)  # 0 where gap = 0, since p = 0 there too
     return p.sum(dim=-1, keepdim=True), s.sum(dim=-1, keepdim=True)
 
 
@@ -102,9 +103,23 @@ def _newton_step(sum_p: torch.Tensor, sum_s: torch.Tensor, alpha: torch.Tensor) 
     return (sum_p - sum_p.pow(2 - alpha)) / safe_s
 
 
-def _sparsemax_threshold(shifted: torch.Tensor) -> torch.Tensor:
-    """Sort-based threshold for alpha = 2 on shifted rows (R, n) in [-1, 0] with max 0. Returns (R, 1)."""
-    ranked = shifted.sort(dim=-1, descending=True).values
+def _window_candidates(shifted: torch.Tensor, ranked: bool) -> torch.Tensor:
+    """The k largest entries of each shifted row (R, n), k the largest count of entries above -1 in any row.
+
+    Every entry left out is <= -1 <= tau, so it holds p = 0 and adds nothing to any sum the solvers take.
+    Returns (R, k), sorted in descending order when ``ranked`` (else in any order); the whole row when the
+    window holds more than half of it.
+    """
+    n = shifted.shape[-1]
+    k = max(int((shifted > -1).sum(dim=-1).max()), 1) if shifted.shape[0] else n
+    if 2 * k <= n:
+        return shifted.topk(k, dim=-1, sorted=ranked).values
+    return shifted.sort(dim=-1, descending=True).values if ranked else shifted
+
+
+def _sparsemax_threshold(ranked: torch.Tensor) -> torch.Tensor:
+    """Sort-based threshold for alpha = 2 on shifted rows (R, k) in [-1, 0] with max 0, ranked in descending
+    order (the window candidates). Returns (R, 1)."""
     partial = ranked.cumsum(dim=-1)
     k = torch.arange(1, ranked.shape[-1] + 1, dtype=ranked.dtype, device=ranked.device)
     in_support = (1 + k * ranked > partial) & (ranked > -1)
@@ -112,13 +127,13 @@ def _sparsemax_threshold(shifted: torch.Tensor) -> torch.Tensor:
     return (partial.gather(-1, support - 1) - 1) / support.to(ranked.dtype)
 
 
-def _entmax15_threshold(shifted: torch.Tensor) -> torch.Tensor:
-    """Sort-based threshold for alpha = 1.5 (p = [v - tau]_+ ** 2) on shifted rows (R, n). Returns (R, 1).
+def _entmax15_threshold(ranked: torch.Tensor) -> torch.Tensor:
+    """Sort-based threshold for alpha = 1.5 (p = [v - tau]_+ ** 2) on shifted rows (R, k) ranked in descending
+    order (the window candidates). Returns (R, 1).
 
     For the k largest entries, the tau solving sum_{i<=k} (v_i - tau)**2 = 1 is mean_k - sqrt(delta_k) with
     delta_k = (1 - k * var_k) / k; the support is the largest k whose tau_k stays below its k-th entry.
     """
-    ranked = shifted.sort(dim=-1, descending=True).values
     k = torch.arange(1, ranked.shape[-1] + 1, dtype=ranked.dtype, device=ranked.device)
     mean = ranked.cumsum(dim=-1) / k
     mean_sq = (ranked * ranked).cumsum(dim=-1) / k
@@ -184,25 +199,29 @@ def _general_threshold(shifted: torch.Tensor, alpha: torch.Tensor) -> torch.Tens
     return torch.where(-g_hi < g_lo, hi, lo)
 
 
+def _solve(shifted: torch.Tensor, alpha: torch.Tensor, closed_form) -> torch.Tensor:
+    """tau (R, 1) of shifted rows (R, n) with alpha (R, 1): ``closed_form`` (a sort-based solver) plus one
+    polishing Newton step, or the general solver when ``closed_form`` is None; both on the window candidates."""
+    candidates = _window_candidates(shifted, ranked=closed_form is not None)
+    if closed_form is None:
+        return _general_threshold(candidates, alpha)
+    return _polish(candidates, closed_form(candidates), alpha)
+
+
 def _shifted_threshold(shifted: torch.Tensor, alpha: torch.Tensor, alpha_value) -> torch.Tensor:
     """tau (R, 1) for shifted rows (R, n) and alpha (R, 1); ``alpha_value`` is the python float when all rows
     share it (skips the per-row grouping), else None. Rows with alpha exactly 2 or 1.5 use closed forms."""
-    closed_forms = ((2.0, _sparsemax_threshold), (1.5, _entmax15_threshold))
+    closed_forms = {2.0: _sparsemax_threshold, 1.5: _entmax15_threshold}
     if alpha_value is not None:
-        solver = dict(closed_forms).get(float(alpha_value))
-        if solver is None:
-            return _general_threshold(shifted, alpha)
-        return _polish(shifted, solver(shifted), alpha)
+        return _solve(shifted, alpha, closed_forms.get(alpha_value))
     tau = torch.empty_like(alpha)
     remaining = torch.ones(alpha.shape[0], dtype=torch.bool, device=alpha.device)
-    for value, solver in closed_forms + ((None, None),):
+    for value, closed_form in list(closed_forms.items()) + [(None, None)]:
         chosen = remaining if value is None else remaining & (alpha[:, 0] == value)
         if not bool(chosen.any()):
             continue
         rows = chosen.nonzero()[:, 0]
-        part, part_alpha = shifted[rows], alpha[rows]
-        part_tau = _general_threshold(part, part_alpha) if solver is None else _polish(part, solver(part), part_alpha)
-        tau[rows] = part_tau
+        tau[rows] = _solve(shifted[rows], alpha[rows], closed_form)
         remaining &= ~chosen
     return tau
 
