@@ -157,8 +157,8 @@ def _general_threshold(shifted: torch.Tensor, alpha: torch.Tensor) -> torch.Tens
     lo of the bracket [lo, hi] (g convex and decreasing: it never passes the root). Rows whose Newton step
     shrinks by less than half also evaluate a point from the right: the regula-falsi point (right of the
     root by convexity), or the midpoint when the bracket did not halve in the previous round. A row is done
-    when its Newton step or bracket is below rounding level of tau, or sum p is within 4 eps of one at an
-    end of the bracket; that end is returned.
+    when its Newton step or bracket is below rounding level of tau, or sum p is within rounding noise of one
+    at an end of the bracket; that end is returned.
     """
     beta = 1 / (alpha - 1)
     n = shifted.shape[-1]
@@ -184,7 +184,9 @@ def _general_threshold(shifted: torch.Tensor, alpha: torch.Tensor) -> torch.Tens
         step = _newton_step(sum_p_lo, sum_s_lo, alpha)
         width = hi - lo
         closest = torch.minimum(g_lo, -g_hi) * beta  # ~ |sum p - 1| at the better bracket end
-        active = (step > 2 * eps * lo.abs()) & (width > 2 * eps * lo.abs()) & (closest > 4 * eps)
+        # rounding each gap v - tau by eps moves sum p by about beta * sum_s * eps: below that, tau is exact
+        noise = 4 * eps * (1 + beta * sum_s_lo)
+        active = (step > 2 * eps * lo.abs()) & (width > 2 * eps * lo.abs()) & (closest > noise)
         if not bool(active.any()):
             break
         slow = active & (step > previous_step / 2)
