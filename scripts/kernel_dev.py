@@ -97,6 +97,13 @@ def main():
                 spec = make_spec(q, k, args.alpha, a_t, causal, None, None, None)
                 rm, tm = dense_sweep(q, k, a_t, scale, spec)
                 tau, tlo = solve_tau(q, k, a_t, scale, spec, rm, tm, ni)
+                # histogram bound alone (no Newton pass): does it hold, and how far below the root is it?
+                tau0, _ = solve_tau(q, k, a_t, scale, spec, rm, tm, 0)
+                t0h, tr = tau0[:1, hs], aux["tau"]
+                fin = torch.isfinite(tr)
+                gap = (tr[fin] - t0h[fin])
+                hist_held = (gap >= -1e-3).float().mean().item()
+                hist_gap_bins = (gap * 16).mean().item()
                 ms_sweep = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec), return_mode="median")
                 ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, ni),
                                                    return_mode="median")
@@ -107,7 +114,8 @@ def main():
                            rel_err=err, tau_err=tau_err, finite=finite, block_sparsity=sparsity,
                            mean_support=support, ms=ms, ms_fa2=ms_fa, ratio=ms / ms_fa, ms_train=ms_train,
                            ms_normalized=ms_norm, rel_err_normalized=err_norm, ms_sweep=ms_sweep,
-                           ms_solve=ms_solve, ms_output=ms_out, first_call_s=first_call_s)
+                           ms_solve=ms_solve, ms_output=ms_out, first_call_s=first_call_s,
+                           hist_bound_held=hist_held, hist_gap_in_bins=hist_gap_bins)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del res, ref, aux

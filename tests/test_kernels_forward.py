@@ -5,6 +5,7 @@ The `gpu` group repeats the key checks at real shapes on a CUDA device.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -212,3 +213,41 @@ def test_gpu_real_shapes(D, local):
     assert torch.isfinite(res["out"]).all()
     assert rel(res["out"], ref) < 2e-2
     assert (res["tau"] - aux["tau"]).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_gqa_noncausal_seqlens_fp16_d256():
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = make_inputs(2, 4, 2, 2048, 3000, 256, torch.float16, gen)
+    alpha = torch.tensor([1.2, 1.5, 1.75, 2.0], device=DEV)
+    sq = torch.tensor([2048, 1000], dtype=torch.int32, device=DEV)
+    sk = torch.tensor([3000, 0], dtype=torch.int32, device=DEV)
+    out = torch.full_like(q, float("nan"))
+    res = entmax_forward(q, k, v, alpha, False, 256 ** -0.5, None, sq, sk, out=out)
+    ref, aux = torch_attention(q.float(), k.float(), v.float(), alpha, False, 256 ** -0.5, None, sq, sk, True)
+    assert torch.isfinite(res["out"]).all()
+    assert (res["out"][1] == 0).all()
+    assert rel(res["out"], ref) < 1e-2
+
+
+def test_reference_backward_fallback_warns_and_float64_round_trip(monkeypatch):
+    import entflash.autograd as ag
+
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = make_inputs(1, 2, 1, 40, 50, 16, torch.float32, gen)
+    g = torch.randn(q.shape, generator=gen).to(DEV)
+    monkeypatch.setattr(ag, "_fused_backward", lambda: None)
+    monkeypatch.setattr(ag, "_warned_fallback", False)
+    grads = []
+    for fn in (triton_attention, torch_attention):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        expect = pytest.warns(UserWarning, match="fused Triton backward is not available")
+        with expect if fn is triton_attention else contextlib.nullcontext():
+            (fn(*leaves, 1.5, False, 0.25, None, None, None, False) * g).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for ours, ref in zip(*grads):
+        assert rel(ours, ref) < 1e-4
+    # float64 inputs: computed in float32, returned as float64
+    out = triton_attention(q.double(), k.double(), v.double(), 1.5, False, 0.25, None, None, None, False)
+    ref = torch_attention(q.double(), k.double(), v.double(), 1.5, False, 0.25, None, None, None, False)
+    assert out.dtype == torch.float64 and rel(out, ref) < 1e-4
