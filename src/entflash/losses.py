@@ -137,7 +137,8 @@ def entmax_loss(logits: torch.Tensor, target: torch.Tensor, alpha=1.5, *, ignore
     """alpha-entmax (Fenchel-Young) loss, laid out like torch.nn.functional.cross_entropy.
 
     logits: float16 / bfloat16 / float32 / float64, shape (C,), (N, C) or (N, C, d1, ...) (classes on axis 1;
-        16-bit inputs are computed in float32). -inf logits are masked classes (a -inf target gives +inf).
+        16-bit inputs are computed in float32). -inf logits are masked classes (a -inf target logit gives +inf,
+        as does label_smoothing > 0, which puts target mass on every class).
     target: integer class indices, shape (), (N,) or (N, d1, ...), values in [0, C) or ``ignore_index``.
     alpha: float in (1, 2] (default 1.5), or a floating tensor of values in (1, 2] broadcastable to target's
         shape (one alpha per sample); differentiable.
