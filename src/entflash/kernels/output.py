@@ -6,6 +6,7 @@ dtau = (alpha-1) c, c = (F - 1) / S, changes each p by -c s to first order, so t
 is O - c O2 (its weights sum to exactly 1) and the reported tau is tau + (alpha-1) c: no separate
 final solver pass.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -119,8 +120,6 @@ def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_g
     normalization instead of the O2-based Newton correction: cheaper, but first order in the solver's
     tau error (~1e-3 relative after one Newton pass, under half-precision output rounding).
     """
-    import torch
-
     B, H, Nq, D = q.shape
     dev = q.device
     out = torch.empty_like(q) if out is None else out

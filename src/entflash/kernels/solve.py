@@ -9,6 +9,7 @@ For each block of query rows (one program):
    F^(alpha-1) - 1, which approaches the root from below (common.newton_tau).
 The output sweep (output.py) closes with one more, analytic, Newton correction.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -110,8 +111,6 @@ def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, newton_iters=1):
     pass (the output sweep's closing correction squares that error); tau_low (<= tau) is a guaranteed lower bound, minus a
     rounding margin, that decides which tiles may hold non-zeros.
     """
-    import torch
-
     B, H, Nq, D = q.shape
     tau = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tau_low = torch.empty_like(tau)

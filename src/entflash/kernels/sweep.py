@@ -3,6 +3,7 @@
 Every later stage (solve.py, output.py, the backward) only visits key tiles whose max can exceed
 the rows' lower bound of tau, so this is the only pass whose cost grows with every visible key.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -50,8 +51,6 @@ def dense_sweep(q, k, alpha_t, scale, spec):
     Returns row_max (B, Hq, Nq) float32 (-inf for rows without a visible key) and
     tile_max (B, Hq, ceil(Nq/64), ceil(Nk/64)) float32 (-inf for tiles never visited), both in tau units.
     """
-    import torch
-
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     n_sub, n_kt = triton.cdiv(Nq, 64), triton.cdiv(Nk, 64)
