@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = ["docs/integrations.md"]
+DOCUMENTS = ["README.md", "docs/integrations.md"]
 FENCE = "```"
 
 
