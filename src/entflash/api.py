@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -24,19 +25,32 @@ def _triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _INTERPRETER_ON
 
 
+@torch.compiler.assume_constant_result
+def _fused_module_import_error() -> str:
+    """Why entflash.autograd cannot be imported ("" when it imports).
+
+    torch.compile evaluates this once while tracing and keeps the answer as a constant (importlib cannot be
+    traced); eager calls import each time, so a module installed or removed later is noticed.
+    """
+    try:
+        importlib.import_module(_FUSED_MODULE)
+    except ImportError as error:
+        return str(error) or type(error).__name__
+    return ""
+
+
 def _fused_backend(name: str, caller: str, required: bool) -> Optional[Callable]:
     """The function `name` of entflash.autograd, or None when it cannot be imported and not `required`.
 
     required: raise RuntimeError (naming the cause) instead of returning None.
     """
-    try:
-        module = importlib.import_module(_FUSED_MODULE)
-        return getattr(module, name)
-    except (ImportError, AttributeError) as error:
-        if not required:
-            return None
+    error = _fused_module_import_error()
+    function = getattr(sys.modules[_FUSED_MODULE], name, None) if not error else None
+    if function is None and required:
+        cause = error or f"module {_FUSED_MODULE!r} has no attribute {name!r}"
         raise RuntimeError(f"{caller}: backend='triton' requested but the fused backend is unavailable "
-                           f"({_FUSED_MODULE}.{name}: {error})") from error
+                           f"({_FUSED_MODULE}.{name}: {cause})")
+    return function
 
 
 def resolve_backend(backend: str, device: torch.device, caller: str) -> str:

@@ -8,6 +8,10 @@ style::
 `caller` is the public function the user called (e.g. "entmax_attention"), so the message points at the
 user's own call. Checks stay cheap: shapes, dtypes and devices are metadata; the only values read are those
 of small tensors (alpha of shape (H,), seqlens of shape (B,), cu_seqlens of shape (B + 1,)).
+
+Reading a tensor's values is a host sync, which `torch.compile(fullgraph=True)` cannot trace: while compiling
+(torch.compiler.is_compiling()), the value checks of tensors are skipped and only their types, dtypes, shapes and
+devices are checked. Eager calls check everything.
 """
 from __future__ import annotations
 
@@ -30,6 +34,11 @@ def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
     return f"{value!r} ({type(value).__name__})"
+
+
+def _reads_tensor_values() -> bool:
+    """Whether value checks of tensors run: not while torch.compile traces (a host sync would break the graph)."""
+    return not torch.compiler.is_compiling()
 
 
 def _is_real_number(value) -> bool:
@@ -110,6 +119,7 @@ def check_alpha(alpha, num_heads: int, device: torch.device, caller: str):
     `device` whose values all lie in (1, 2].
 
     Returns a python float, or a (num_heads,) tensor (a 0-dim tensor is expanded, keeping its autograd graph).
+    A tensor's values are not read while torch.compile traces.
     """
     if isinstance(alpha, torch.Tensor):
         if not alpha.is_floating_point():
@@ -120,7 +130,7 @@ def check_alpha(alpha, num_heads: int, device: torch.device, caller: str):
         if alpha.device != device:
             fail(ValueError, caller, "alpha", f"be on the device of `q` ({device})", str(alpha.device))
         values = alpha.detach()
-        if not bool(((values > 1) & (values <= 2)).all()):
+        if _reads_tensor_values() and not bool(((values > 1) & (values <= 2)).all()):
             fail(ValueError, caller, "alpha", "lie in (1, 2] for every head",
                  f"values {[round(a, 6) for a in values.reshape(-1).tolist()]}")
         return alpha.expand(num_heads) if alpha.dim() == 0 else alpha
@@ -170,7 +180,9 @@ def check_backend(backend, caller: str) -> str:
 
 def check_lengths(lengths, argument: str, batch: int, max_length: int, device: torch.device,
                   caller: str) -> torch.Tensor:
-    """Validate a (batch,) integer tensor of lengths in [0, max_length]; return it as int32 on `device`."""
+    """Validate a (batch,) integer tensor of lengths in [0, max_length]; return it as int32 on `device`.
+
+    The range is not checked while torch.compile traces (it reads the values)."""
     if not isinstance(lengths, torch.Tensor):
         fail(TypeError, caller, argument, f"be an integer tensor of shape ({batch},)", _describe(lengths))
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
@@ -180,7 +192,7 @@ def check_lengths(lengths, argument: str, batch: int, max_length: int, device: t
              f"shape {tuple(lengths.shape)}")
     if lengths.device != device:
         fail(ValueError, caller, argument, f"be on the device of `q` ({device})", str(lengths.device))
-    if batch > 0:
+    if batch > 0 and _reads_tensor_values():
         low, high = int(lengths.min()), int(lengths.max())
         if low < 0 or high > max_length:
             fail(ValueError, caller, argument, f"hold lengths in [0, {max_length}]", f"values in [{low}, {high}]")
@@ -216,7 +228,7 @@ def check_seqlens(seqlens, batch: int, num_queries: int, num_keys: int, device: 
 def check_cu_seqlens(cu_seqlens, argument: str, total: int, device: torch.device, caller: str) -> torch.Tensor:
     """Validate cumulative sequence offsets (B + 1,): integer, starting at 0, non-decreasing, ending at `total`.
 
-    Returns them as int32 on `device`.
+    Returns them as int32 on `device`. The values are not checked while torch.compile traces.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         fail(TypeError, caller, argument, "be an integer tensor of shape (B + 1,)", _describe(cu_seqlens))
@@ -226,6 +238,8 @@ def check_cu_seqlens(cu_seqlens, argument: str, total: int, device: torch.device
         fail(ValueError, caller, argument, "have shape (B + 1,) with B >= 1", f"shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         fail(ValueError, caller, argument, f"be on the device of `q` ({device})", str(cu_seqlens.device))
+    if not _reads_tensor_values():
+        return cu_seqlens.to(torch.int32)
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         fail(ValueError, caller, argument, "start at 0", f"{offsets[0]} first")
@@ -237,9 +251,12 @@ def check_cu_seqlens(cu_seqlens, argument: str, total: int, device: torch.device
 
 
 def check_max_seqlen(max_seqlen, argument: str, cu_seqlens: torch.Tensor, caller: str) -> int:
-    """Validate `max_seqlen`: an int no smaller than the longest sequence described by `cu_seqlens`."""
+    """Validate `max_seqlen`: an int no smaller than the longest sequence described by `cu_seqlens` (that bound
+    is not checked while torch.compile traces)."""
     if not _is_integer(max_seqlen):
         fail(TypeError, caller, argument, "be an int", _describe(max_seqlen))
+    if not _reads_tensor_values():
+        return int(max_seqlen)
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     if max_seqlen < longest:
         fail(ValueError, caller, argument, f"be at least the longest sequence ({longest})", repr(max_seqlen))

@@ -17,6 +17,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from entflash.custom_ops import (alpha_gradient, decode_alpha, decode_window, empty_gradient, encode_alpha,
+                                 encode_window, input_gradient)
 from entflash.reference.rowwise import entmax_threshold
 
 # Bytes the chunk loop may spend on (chunk x Nk) temporaries, across all batch entries and heads.
@@ -238,31 +240,102 @@ def _alpha_gradient_rows(problem: _Problem, shifted, probs, normalized_slopes, g
     return (grad_probs * weighted).sum(-1)
 
 
-class _TorchAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows):
-        problem = _Problem(q, k, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows)
-        out, tau, support = _forward(problem, q, k, v)
-        ctx.problem = problem
-        ctx.alpha_dtype = alpha.dtype if isinstance(alpha, torch.Tensor) else None
-        ctx.save_for_backward(q, k, v, tau)
-        tau_public = tau.flatten(1, 2).to(torch.float32)
-        ctx.mark_non_differentiable(tau_public, support)
-        return out, tau_public, support
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_tau, _grad_support):
-        q, k, v, tau = ctx.saved_tensors
-        need_q, need_k, need_v, need_alpha = ctx.needs_input_grad[:4]
-        dq, dk, dv, dalpha = _backward(ctx.problem, q, k, v, tau, grad_out, need_q, need_k, need_v, need_alpha)
-        return (
-            dq.to(q.dtype) if need_q else None,
-            dk.to(k.dtype) if need_k else None,
-            dv.to(v.dtype) if need_v else None,
-            dalpha.to(ctx.alpha_dtype) if need_alpha else None,
-            None, None, None, None, None, None,
-        )
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha, causal: bool, scale: float, window,
+                      seqlens_q: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+                      chunk_rows: Optional[int] = None):
+    """The reference forward as a plain function (no autograd): arguments as torch_attention.
+
+    Returns out (B, Hq, Nq, D) in q's dtype (contiguous), tau (B, Hq, Nq) in the compute dtype (float64 for
+    float64 inputs, else float32; (alpha-1) * score units, +inf on rows that see no key) and support (B, Hq, Nq)
+    int32. tau is what attention_backward needs.
+    """
+    problem = _Problem(q, k, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows)
+    out, tau, support = _forward(problem, q, k, v)
+    return out.contiguous(), tau.flatten(1, 2), support
+
+
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tau: torch.Tensor,
+                       alpha, causal: bool, scale: float, window, seqlens_q: Optional[torch.Tensor],
+                       seqlens_k: Optional[torch.Tensor], needs: Tuple[bool, bool, bool, bool],
+                       chunk_rows: Optional[int] = None):
+    """The reference backward as a plain function: recomputes each chunk's probabilities from the saved tau.
+
+    grad_out: (B, Hq, Nq, D) dL/dout; tau: (B, Hq, Nq) from attention_forward; other arguments as torch_attention.
+    needs: which of (q, k, v, alpha) need a gradient.
+    Returns (dq, dk, dv, dalpha): dq (B, Hq, Nq, D) in q's dtype, dk and dv (B, Hkv, Nk, D) in k's / v's dtype,
+    all contiguous, and dalpha (Hq,) in the compute dtype; None where `needs` is False.
+    """
+    problem = _Problem(q, k, alpha, causal, scale, window, seqlens_q, seqlens_k, chunk_rows)
+    need_q, need_k, need_v, need_alpha = needs
+    dq, dk, dv, dalpha = _backward(problem, q, k, v, problem.grouped(tau), grad_out, need_q, need_k, need_v,
+                                   need_alpha)
+    return (dq.to(q.dtype).contiguous() if need_q else None, dk.to(k.dtype) if need_k else None,
+            dv.to(v.dtype) if need_v else None, dalpha if need_alpha else None)
+
+
+# The "torch" backend as torch custom ops (argument encoding: entflash.custom_ops). chunk_rows 0 = automatic.
+
+@torch.library.custom_op("entflash::torch_attention_forward", mutates_args=())
+def torch_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha_heads: Optional[torch.Tensor],
+                               alpha_value: float, causal: bool, scale: float, window_left: int, window_right: int,
+                               seqlens_q: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
+                               chunk_rows: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """attention_forward on encoded arguments: returns (out, tau, support) as attention_forward."""
+    return attention_forward(q, k, v, decode_alpha(alpha_heads, alpha_value), causal, scale,
+                             decode_window(window_left, window_right), seqlens_q, seqlens_k, chunk_rows or None)
+
+
+@torch_attention_forward_op.register_fake
+def _torch_attention_forward_fake(q, k, v, alpha_heads, alpha_value, causal, scale, window_left, window_right,
+                                  seqlens_q, seqlens_k, chunk_rows):
+    rows = q.shape[:3]
+    return (q.new_empty(q.shape), q.new_empty(rows, dtype=compute_dtype_for(q.dtype)),
+            q.new_empty(rows, dtype=torch.int32))
+
+
+@torch.library.custom_op("entflash::torch_attention_backward", mutates_args=())
+def torch_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                tau: torch.Tensor, alpha_heads: Optional[torch.Tensor], alpha_value: float,
+                                causal: bool, scale: float, window_left: int, window_right: int,
+                                seqlens_q: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor], chunk_rows: int,
+                                need_q: bool, need_k: bool, need_v: bool,
+                                need_alpha: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """attention_backward on encoded arguments: (dq, dk, dv, dalpha), an empty tensor where not needed."""
+    needs = (need_q, need_k, need_v, need_alpha)
+    grads = attention_backward(grad_out, q, k, v, tau, decode_alpha(alpha_heads, alpha_value), causal, scale,
+                               decode_window(window_left, window_right), seqlens_q, seqlens_k, needs,
+                               chunk_rows or None)
+    return tuple(grad if grad is not None else empty_gradient(like) for grad, like in zip(grads, (q, k, v, tau)))
+
+
+@torch_attention_backward_op.register_fake
+def _torch_attention_backward_fake(grad_out, q, k, v, tau, alpha_heads, alpha_value, causal, scale, window_left,
+                                   window_right, seqlens_q, seqlens_k, chunk_rows, need_q, need_k, need_v, need_alpha):
+    shapes = (q.shape, k.shape, v.shape, (q.shape[1],))
+    likes = (q, k, v, tau)
+    return tuple(like.new_empty(shape if needed else (0,))
+                 for like, shape, needed in zip(likes, shapes, (need_q, need_k, need_v, need_alpha)))
+
+
+def _torch_attention_setup_context(ctx, inputs, output):
+    q, k, v, alpha_heads, alpha_value, causal, scale, window_left, window_right, seqlens_q, seqlens_k, chunk_rows = \
+        inputs
+    ctx.save_for_backward(q, k, v, output[1], alpha_heads, seqlens_q, seqlens_k)
+    ctx.options = (alpha_value, causal, scale, window_left, window_right)
+    ctx.chunk_rows = chunk_rows
+
+
+def _torch_attention_autograd(ctx, grad_out, _grad_tau, _grad_support):
+    q, k, v, tau, alpha_heads, seqlens_q, seqlens_k = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:4])
+    dq, dk, dv, dalpha = torch_attention_backward_op(grad_out, q, k, v, tau, alpha_heads, *ctx.options, seqlens_q,
+                                                     seqlens_k, ctx.chunk_rows, *needs)
+    return (input_gradient(dq, needs[0]), input_gradient(dk, needs[1]), input_gradient(dv, needs[2]),
+            alpha_gradient(dalpha, alpha_heads, needs[3])) + (None,) * 8
+
+
+torch_attention_forward_op.register_autograd(_torch_attention_autograd, setup_context=_torch_attention_setup_context)
 
 
 def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha, causal: bool, scale: float,
@@ -278,10 +351,12 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha, ca
 
     Returns out (B, Hq, Nq, D) in q's dtype; with return_aux also a dict with "tau" (B, Hq, Nq) float32 in
     (alpha-1) * score units (+inf on rows that see no key) and "support" (B, Hq, Nq) int32 (non-zeros per row).
-    Differentiable in q, k, v and alpha (when alpha is a tensor).
+    Differentiable in q, k, v and alpha (when alpha is a tensor) through the custom op
+    entflash::torch_attention_forward, so torch.compile traces it without graph breaks.
     """
-    out, tau, support = _TorchAttention.apply(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k,
-                                              chunk_rows)
+    alpha_heads, alpha_value = encode_alpha(alpha)
+    out, tau, support = torch_attention_forward_op(q, k, v, alpha_heads, alpha_value, causal, scale,
+                                                   *encode_window(window), seqlens_q, seqlens_k, chunk_rows or 0)
     if return_aux:
-        return out, {"tau": tau, "support": support}
+        return out, {"tau": tau.detach().to(torch.float32), "support": support}
     return out
