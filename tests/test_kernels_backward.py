@@ -113,9 +113,9 @@ def make_inputs(B, Hq, Hkv, Nq, Nk, D, dtype, local=0.0, seed=0, strided=False):
 def run_backward(q, k, v, do, saved, alpha, causal, scale, window=None, seqlens_q=None, seqlens_k=None,
                  tile_map=None, alpha_grad=True, blocks=None):
     return attention_backward(
-        q, k, v, saved["out"], do, saved["tau"], saved["tile_map"] if tile_map is None else tile_map,
+        q, k, v, do, saved["tau"], saved["tile_map"] if tile_map is None else tile_map,
         saved["o2"], saved["s"], alpha, causal, scale, window, seqlens_q, seqlens_k,
-        o3=saved["o3"], h_row=saved["h"], alpha_requires_grad=alpha_grad, blocks=blocks)
+        alpha_requires_grad=alpha_grad, blocks=blocks)
 
 
 def check(got, grads, tol, tol_alpha=None):

@@ -1,7 +1,8 @@
 """Autograd glue for the fused Triton kernels (the "triton" backend of docs/ARCHITECTURE.md).
 
 The forward runs entflash.kernels.forward.entmax_forward and saves what the backward needs: tau, the
-64x64 tile map, O2 = sum p^(2-alpha) v and S = sum p^(2-alpha), and O3 / Hrow when alpha requires grad.
+64x64 tile map, O2 = sum p^(2-alpha) v and S = sum p^(2-alpha) (docs/ARCHITECTURE.md); dalpha needs
+nothing more, the backward's dQ kernel forms it from row sums at the saved tau.
 The backward runs the fused block-sparse kernels of entflash.kernels.backward; where that module cannot
 be imported it recomputes the gradients through the exact chunked reference
 (entflash.reference.attention.torch_attention) and warns once.
@@ -56,21 +57,14 @@ class TritonEntmaxAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k):
-        alpha_grad = isinstance(alpha, torch.Tensor) and alpha.requires_grad
         save_bwd = any(ctx.needs_input_grad[:4])
-        # dalpha reads O3/Hrow at the solver's tau, which the closing correction does not update: one
-        # more Newton pass keeps them float32-accurate.
-        res = entmax_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, alpha_grad=alpha_grad,
-                             newton_iters=2 if alpha_grad else None, save_bwd=save_bwd)
+        res = entmax_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, save_bwd=save_bwd)
         ctx.args = (alpha if not isinstance(alpha, torch.Tensor) else None, causal, scale, window)
         ctx.alpha_is_tensor = isinstance(alpha, torch.Tensor)
         alpha_saved = alpha.detach() if ctx.alpha_is_tensor else torch.empty(0)
-        extra = (res["o3"], res["hrow"]) if alpha_grad else ()
-        ctx.alpha_grad = alpha_grad
-        ctx.save_for_backward(q, k, v, res["out"], res["tau"], res["tile_map"], res["o2"], res["s"],
-                              alpha_saved,
+        ctx.save_for_backward(q, k, v, res["tau"], res["tile_map"], res["o2"], res["s"], alpha_saved,
                               seqlens_q if seqlens_q is not None else torch.empty(0),
-                              seqlens_k if seqlens_k is not None else torch.empty(0), *extra)
+                              seqlens_k if seqlens_k is not None else torch.empty(0))
         ctx.has_seqlens = (seqlens_q is not None, seqlens_k is not None)
         ctx.mark_non_differentiable(res["tau"], res["support"], res["tile_map"])
         return res["out"], res["tau"], res["support"], res["tile_map"]
@@ -78,7 +72,7 @@ class TritonEntmaxAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _g_tau, _g_support, _g_map):
-        q, k, v, out, tau, tile_map, o2, s, alpha_saved, sq, sk, *extra = ctx.saved_tensors
+        q, k, v, tau, tile_map, o2, s, alpha_saved, sq, sk = ctx.saved_tensors
         alpha_f, causal, scale, window = ctx.args
         alpha = alpha_saved if ctx.alpha_is_tensor else alpha_f
         sq = sq if ctx.has_seqlens[0] else None
@@ -89,10 +83,8 @@ class TritonEntmaxAttention(torch.autograd.Function):
             dq, dk, dv, dalpha = _reference_backward(q, k, v, alpha, causal, scale, window, sq, sk,
                                                      grad_out, needs)
         else:
-            o3, hrow = extra if ctx.alpha_grad else (None, None)
-            dq, dk, dv, dalpha = fused(q, k, v, out, grad_out.contiguous(), tau, tile_map, o2, s, alpha, causal,
-                                       scale, window, sq, sk, o3=o3, h_row=hrow,
-                                       alpha_requires_grad=bool(needs[3]))
+            dq, dk, dv, dalpha = fused(q, k, v, grad_out, tau, tile_map, o2, s, alpha, causal, scale, window,
+                                       sq, sk, alpha_requires_grad=bool(needs[3]))
         if dalpha is not None and ctx.alpha_is_tensor:
             dalpha = dalpha.to(alpha_saved.dtype).reshape(alpha_saved.shape)
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,

@@ -22,10 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import entmax_s, mma, visible_mask
+from entflash.kernels.common import LN2, entmax_s, mma, visible_mask
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,9 +370,9 @@ def _pick_blocks(D: int, device: torch.device):
     return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=8, stages=1)
 
 
-def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, causal, scale,
-                       window, seqlens_q, seqlens_k, o3=None, h_row=None,
-                       alpha_requires_grad=False, deterministic=False, blocks=None):
+def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causal, scale,
+                       window, seqlens_q, seqlens_k, *, alpha_requires_grad=False, deterministic=False,
+                       blocks=None):
     """Gradients of alpha-entmax attention, visiting only the tiles the forward's tile map marks.
 
     Shapes and dtypes (any strides):
@@ -383,10 +382,9 @@ def attention_backward(q, k, v, out, grad_out, tau, tile_map, o2, s_sum, alpha, 
       tile_map          (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool, a superset of the tiles holding p > 0
       o2                (B, Hq, Nq, D) float32, sum_j p_ij^(2-alpha) v_j
       s_sum             (B, Hq, Nq) float32, sum_j p_ij^(2-alpha) (0 on fully masked rows)
-      out, o3, h_row    accepted for the backend contract and not read: delta comes from o2 / s_sum, and
-                        dalpha from row sums the dQ kernel forms with the final tau (the stored out is
-                        rounded to the input dtype, and O3 / Hrow computed at an earlier tau would bias
-                        a formula that amplifies errors by 1/(alpha-1)^2), so the forward need not save them
+                        delta_i = dO_i . O2_i / S_i comes from o2 / s_sum; dalpha from six row sums the
+                        dQ kernel forms at this tau (neither the output, rounded to the input dtype, nor
+                        sums at an earlier tau are needed: the formula amplifies errors by 1/(alpha-1)^2)
       alpha             python float in (1, 2] or (Hq,) tensor; causal bool (bottom-right aligned);
                         scale python float (scores are scale * q.k); window None or (left, right) ints/None;
                         seqlens_q, seqlens_k None or (B,) int tensors (right padding); semantics as in

@@ -16,7 +16,8 @@ Conventions used by every kernel of this package:
 import triton
 import triton.language as tl
 
-LN2 = 0.6931471805599453
+# ln 2 for jit code (log x = LN2 * log2 x); a kernel may only read globals declared tl.constexpr
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ def alpha_tensor(alpha, n_heads: int, device) -> torch.Tensor:
 
 
 def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlens_q=None, seqlens_k=None,
-                   alpha_grad=False, newton_iters=None, out=None, save_bwd=True, fold=True):
+                   *, newton_iters=None, out=None, save_bwd=True, fold=True):
     """Fused alpha-entmax attention forward.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); float16, bfloat16 or float32 (float32 products use
@@ -33,11 +33,11 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
 
     Returns a dict with out (B, Hq, Nq, D) in q's dtype; tau (B, Hq, Nq) float32 (tau units,
     (alpha-1) * score, +inf for rows without a visible key); support (B, Hq, Nq) int32; tile_map
-    (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool (a superset of the tiles holding non-zeros); o2, s (and
-    o3, hrow when alpha_grad) for the backward; row_max and tile_max (tau units) from the sweep.
+    (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool (a superset of the tiles holding non-zeros); o2 (B, Hq, Nq, D)
+    and s (B, Hq, Nq) float32 for the backward; row_max and tile_max (tau units) from the sweep.
     newton_iters: Newton passes of the solve stage (default 1; 2 for alpha = 2, whose piecewise-linear
     F needs one more after a support change); out: optional preallocated output (q's dtype and shape,
-    not for float64 inputs); save_bwd=False (inference) returns o2/s/o3/hrow as None; fold=False (with
+    not for float64 inputs); save_bwd=False (inference) returns o2/s as None; fold=False (with
     save_bwd=False) skips O2 and normalizes instead (output.sparse_output).
     """
     out_dtype = q.dtype
@@ -54,7 +54,8 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
         newton_iters = 2 if spec.alpha_mode == ALPHA_2 else 1
     row_max, tile_max = dense_sweep(q, k, alpha_t, scale, spec)
     tau, tau_low = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, newton_iters)
-    res = sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad, out, save_bwd, fold)
+    res = sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, out=out, save_bwd=save_bwd,
+                        fold=fold)
     if out_dtype != res["out"].dtype:
         res["out"] = res["out"].to(out_dtype)
     res["row_max"] = row_max

@@ -1,5 +1,5 @@
 """Sparse output sweep: O = sum p v over the tiles that can hold non-zeros, closed by one analytic
-Newton correction, plus what the backward needs and the 64x64 tile map.
+Newton correction, plus what the backward needs (O2, S) and the 64x64 tile map.
 
 With F = sum p, S = sum s (s = p^(2-alpha)) and O2 = sum s v at the solver's tau, a Newton step
 dtau = (alpha-1) c, c = (F - 1) / S, changes each p by -c s to first order, so the corrected output
@@ -10,13 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (LN2, compact_candidates, entmax_p, key_range, load_rows, mma,
+from entflash.kernels.common import (compact_candidates, entmax_p, key_range, load_rows, mma,
                                      program_coords, score_tile, sub_block_any, sub_block_min_rows)
 
 
 @triton.jit
 def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
-                   Out, TauOut, Support, TileMap, O2, S2, O3, Hrow,
+                   Out, TauOut, Support, TileMap, O2, S2,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -27,14 +27,13 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
                    WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   ALPHA_MODE: tl.constexpr, ALPHA_GRAD: tl.constexpr, NK_CHUNK: tl.constexpr,
+                   ALPHA_MODE: tl.constexpr, NK_CHUNK: tl.constexpr,
                    FOLD: tl.constexpr, SAVE_BWD: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
     qk_scale = (alpha - 1.0) * scale
     rm1 = (2.0 - alpha) / (alpha - 1.0)
-    r = 1.0 / (alpha - 1.0)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ptr = (b * H + h) * Nq + offs_m
@@ -56,9 +55,6 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
     f_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     n_i = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    if ALPHA_GRAD:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        h_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     list_ptr = Lists + (tl.program_id(1) * NUM_M_BLOCKS + tl.program_id(0)) * NK_CHUNK
     kb_hi = (hi + BLOCK_N - 1) // BLOCK_N
     for c0 in range(lo // BLOCK_N, kb_hi, NK_CHUNK):
@@ -79,10 +75,6 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
             f_i += tl.sum(p, axis=1)
             s_i += tl.sum(s, axis=1)
             n_i += tl.sum((u > 0).to(tl.int32), axis=1)
-            if ALPHA_GRAD:
-                plogp = tl.where(u > 0, p * (r * LN2) * tl.log2(tl.where(u > 0, u, 1.0)), 0.0)
-                acc3 = mma(plogp.to(v.dtype), v, acc3, DOT_PREC, UPCAST)
-                h_i += tl.sum(plogp, axis=1)
 
     c = tl.where(s_i > 0, (f_i - 1.0) / tl.where(s_i > 0, s_i, 1.0), 0.0)
     if FOLD:
@@ -99,24 +91,19 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
     if SAVE_BWD:
         tl.store(S2 + row_ptr, s_i, mask=in_rows)
         tl.store(O2 + row_d, acc2, mask=d_mask)
-    if ALPHA_GRAD:
-        tl.store(O3 + row_d, acc3, mask=d_mask)
-        tl.store(Hrow + row_ptr, h_i, mask=in_rows)
 
 
-def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_grad, out=None,
-                  save_bwd=True, fold=True):
+def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, *, out=None, save_bwd=True, fold=True):
     """Output sweep over candidate tiles.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); alpha_t (Hq,) float32; tile_max from the sweep; tau,
     tau_low (B, Hq, Nq) float32 from solve.solve_tau. Returns a dict:
       out (B, Hq, Nq, D) in q's dtype (strides like q), tau (B, Hq, Nq) float32 (after the closing
       Newton correction), support (B, Hq, Nq) int32 (count of p > 0), tile_map (B, Hq, ceil(Nq/64),
-      ceil(Nk/64)) bool, o2 (B, Hq, Nq, D) float32 = sum s v, s (B, Hq, Nq) float32 = sum s, and
-      when alpha_grad: o3 (B, Hq, Nq, D) float32 = sum p log p v, hrow (B, Hq, Nq) float32 = sum p log p
-      (else None). `out`, if given, is a preallocated output tensor (like q) to write into.
-    save_bwd=False (inference): o2, s, o3, hrow come back None. fold=False (only without save_bwd)
-    also skips computing O2 (one matmul of three per tile) and closes the output by exact row
+      ceil(Nk/64)) bool, o2 (B, Hq, Nq, D) float32 = sum s v and s (B, Hq, Nq) float32 = sum s, both at
+      the solver's tau. `out`, if given, is a preallocated output tensor (like q) to write into.
+    save_bwd=False (inference): o2 and s come back None. fold=False (only without save_bwd)
+    also skips computing O2 (one matmul of two per tile) and closes the output by exact row
     normalization instead of the O2-based Newton correction: cheaper, but first order in the solver's
     tau error (~1e-3 relative after one Newton pass, under half-precision output rounding).
     """
@@ -126,20 +113,15 @@ def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, alpha_g
     tau_out = torch.empty((B, H, Nq), device=dev, dtype=torch.float32)
     support = torch.empty((B, H, Nq), device=dev, dtype=torch.int32)
     tile_map = torch.zeros(tile_max.shape, device=dev, dtype=torch.int8)
-    alpha_grad = alpha_grad and save_bwd
     o2 = torch.empty((B, H, Nq, D) if save_bwd else (1,), device=dev, dtype=torch.float32)
     s2 = torch.empty((B, H, Nq) if save_bwd else (1,), device=dev, dtype=torch.float32)
-    o3 = torch.empty((B, H, Nq, D), device=dev, dtype=torch.float32) if alpha_grad else o2
-    hrow = torch.empty((B, H, Nq), device=dev, dtype=torch.float32) if alpha_grad else s2
     _output_kernel[spec.grid](
         q, k, v, alpha_t, spec.lq, spec.lk, tile_max, tau, tau_low, spec.lists,
-        out, tau_out, support, tile_map, o2, s2, o3, hrow,
+        out, tau_out, support, tile_map, o2, s2,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tile_max.stride()[:3],
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, tile_max.shape[2], **spec.flags, **spec.tiles,
-        ALPHA_MODE=spec.alpha_mode, ALPHA_GRAD=bool(alpha_grad),
-        NK_CHUNK=spec.nk_chunk, FOLD=bool(fold or save_bwd), SAVE_BWD=bool(save_bwd),
-        **spec.sparse_launch)
+        ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, FOLD=bool(fold or save_bwd),
+        SAVE_BWD=bool(save_bwd), **spec.sparse_launch)
     return dict(out=out, tau=tau_out, support=support, tile_map=tile_map.view(torch.bool),
-                o2=o2 if save_bwd else None, s=s2 if save_bwd else None,
-                o3=o3 if alpha_grad else None, hrow=hrow if alpha_grad else None)
+                o2=o2 if save_bwd else None, s=s2 if save_bwd else None)
