@@ -35,6 +35,12 @@ def _full_rows(q, k, v, stop, alpha, window=None):
             for b in range(q.shape[0])]
 
 
+def _take(x, positions):
+    """x (B, H, N, D) at per-sequence positions (B, n) along N: (B, H, n, D)."""
+    index = positions.long()[:, None, :, None].expand(x.shape[0], x.shape[1], positions.shape[1], x.shape[3])
+    return x.gather(2, index)
+
+
 def _prefill(k_cache, v_cache, k, v, prompt):
     """Copy the first prompt[b] tokens of each sequence into the caches (ragged)."""
     for b, length in enumerate(prompt):
@@ -56,13 +62,11 @@ def test_token_by_token_decoding_equals_full_causal_attention(alpha, window):
     _prefill(k_cache, v_cache, k, v, prompt)
     full = _full_rows(q, k, v, [p + steps for p in prompt], alpha, window)
     cache_seqlens = torch.tensor(prompt, dtype=torch.int32)
-    index = torch.arange(batch)
     for step in range(steps):
-        position = cache_seqlens.long()
-        out = entmax_attention_with_kvcache(
-            q[index, :, position][:, :, None], k_cache, v_cache, cache_seqlens,
-            k_new=k[index, :, position][:, :, None], v_new=v[index, :, position][:, :, None],
-            alpha=alpha, window=window, backend="torch")
+        position = cache_seqlens[:, None]  # the new token of each sequence
+        out = entmax_attention_with_kvcache(_take(q, position), k_cache, v_cache, cache_seqlens,
+                                            k_new=_take(k, position), v_new=_take(v, position), alpha=alpha,
+                                            window=window, backend="torch")
         assert out.shape == (batch, num_q_heads, 1, head_dim)
         for b in range(batch):
             torch.testing.assert_close(out[b, :, 0], full[b][:, prompt[b] + step])
@@ -81,11 +85,10 @@ def test_chunked_prefill_equals_full_causal_attention():
     full = _full_rows(q, k, v, [s + chunk * chunks for s in start], alpha)
     for c in range(chunks):
         positions = torch.tensor(start)[:, None] + c * chunk + torch.arange(chunk)  # (B, chunk)
-        gather = positions[:, None, :, None]
-        pick = lambda x: x.gather(2, gather.expand(batch, x.shape[1], chunk, head_dim))  # noqa: E731
         cache_seqlens = torch.tensor(start) + c * chunk
-        out, aux = entmax_attention_with_kvcache(pick(q), k_cache, v_cache, cache_seqlens, k_new=pick(k),
-                                                 v_new=pick(v), alpha=alpha, return_aux=True, backend="torch")
+        out, aux = entmax_attention_with_kvcache(_take(q, positions), k_cache, v_cache, cache_seqlens,
+                                                 k_new=_take(k, positions), v_new=_take(v, positions), alpha=alpha,
+                                                 return_aux=True, backend="torch")
         for b in range(batch):
             rows = positions[b]
             torch.testing.assert_close(out[b], full[b][:, rows])
@@ -182,6 +185,23 @@ def test_out_of_cache_garbage_is_ignored_and_aux_has_the_documented_shapes():
     assert aux["support"].dtype == torch.int32 and (aux["support"] <= 6).all()
 
 
+def test_gradients_reach_q_and_the_appended_keys_and_values():
+    batch, num_q_heads, num_kv_heads, head_dim, num_new = 2, 4, 2, 8, 3
+    q, k, v = _sequence(75, batch, num_q_heads, num_kv_heads, 5, head_dim)
+    alpha = torch.tensor([1.3, 1.5, 1.8, 2.0], dtype=torch.float64)
+    k_cache, v_cache = _empty_cache(76, batch, num_kv_heads, 9, head_dim)
+    _prefill(k_cache, v_cache, k, v, [2, 2])
+    leaves = [x[:, :, 2:].clone().requires_grad_() for x in (q, k, v)]
+    out = entmax_attention_with_kvcache(leaves[0], k_cache, v_cache, 2, k_new=leaves[1], v_new=leaves[2],
+                                        alpha=alpha, backend="torch")
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(77), dtype=torch.float64)
+    (out * weights).sum().backward()
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    (entmax_attention(*full, alpha=alpha, causal=True, backend="torch")[:, :, 2:] * weights).sum().backward()
+    for leaf, whole in zip(leaves, full):
+        torch.testing.assert_close(leaf.grad, whole.grad[:, :, 2:])
+
+
 def _error_case(name):
     generator = torch.Generator().manual_seed(80)
     q = _randn(generator, 2, 4, 1, 8, dtype=torch.float32)
@@ -256,8 +276,7 @@ def test_triton_backend_matches_the_torch_backend():
         k_cache, v_cache = _empty_cache(91, batch, num_kv_heads, 48, head_dim, dtype=torch.float32)
         _prefill(k_cache, v_cache, k, v, [30, 37])
         cache_seqlens = torch.tensor([30, 37], dtype=torch.int32)
-        index = torch.arange(batch)
-        picked = [x[index, :, cache_seqlens.long()][:, :, None] for x in (q, k, v)]
+        picked = [_take(x, cache_seqlens[:, None]) for x in (q, k, v)]
         results.append(entmax_attention_with_kvcache(picked[0], k_cache, v_cache, cache_seqlens, k_new=picked[1],
                                                      v_new=picked[2], alpha=1.5, return_aux=True, backend=backend))
     (out_torch, aux_torch), (out_triton, aux_triton) = results

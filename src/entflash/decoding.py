@@ -98,8 +98,9 @@ def _check_room(cache_lengths: torch.Tensor, num_new: int, num_slots: int) -> No
         return
     longest = int(cache_lengths.max())
     if longest + num_new > num_slots:
-        checks.fail(ValueError, _CALLER, "k_new", f"fit in the cache (cache_seqlens[b] + Nnew <= Ncache = {num_slots} "
-                    "for every b)", f"Nnew = {num_new} with max(cache_seqlens) = {longest}")
+        checks.fail(ValueError, _CALLER, "k_new",
+                    f"fit in the cache (cache_seqlens[b] + Nnew <= Ncache = {num_slots} for every b)",
+                    f"Nnew = {num_new} with max(cache_seqlens) = {longest}")
 
 
 def _append(cache: torch.Tensor, new: torch.Tensor, cache_lengths: torch.Tensor) -> None:
@@ -133,6 +134,9 @@ def entmax_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         j <= L_b - Nq + i; non-causal queries see every key j < L_b (window still applies). A query whose
         position is negative (L_b < Nq) sees no key and gives zeros.
     backend: "auto", "torch" or "triton", as entflash.entmax_attention.
+
+    cache_seqlens is not advanced: add Nnew to it before the next call. Gradients flow to q, alpha, k_new and
+    v_new within one call; the cache then carries the graph of that append, so generate under torch.no_grad().
 
     Slots at or beyond L_b are never attended to, but they must hold finite values (allocate the cache with
     torch.zeros, not torch.empty): both backends currently multiply their zero weights by those values, so a
