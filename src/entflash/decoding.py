@@ -142,9 +142,10 @@ def entmax_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     torch.zeros, not torch.empty): both backends currently multiply their zero weights by those values, so a
     NaN or inf there reaches the output.
 
-    This runs entflash.api.entmax_attention with seqlens=(None, L) over the whole cache, so it uses the
-    attention kernels (work grows with Ncache, not with L_b); a dedicated split-K decoding kernel is not built
-    yet.
+    This runs entflash.api.entmax_attention with seqlens=(None, L) over the cache, so it uses the attention
+    kernels (the fused ones stop at each sequence's L_b; the torch backend scores all Ncache slots and masks
+    them); a dedicated split-K decoding kernel is not built yet, so one query row is one program walking the
+    whole valid cache.
 
     Returns out (B, Hq, Nq, D) in q's dtype; with return_aux also the dict of entmax_attention: "tau"
     (B, Hq, Nq) float32 in (alpha-1) * score units, "support" (B, Hq, Nq) int32, and on the fused path the
