@@ -144,8 +144,8 @@ def entmax_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 
     This runs entflash.api.entmax_attention with seqlens=(None, L) over the cache, so it uses the attention
     kernels (the fused ones stop at each sequence's L_b; the torch backend scores all Ncache slots and masks
-    them); a dedicated split-K decoding kernel is not built yet, so one query row is one program walking the
-    whole valid cache.
+    them); a dedicated split-K decoding kernel is not built yet, so a decoding query's work is not split over
+    the cache.
 
     Returns out (B, Hq, Nq, D) in q's dtype; with return_aux also the dict of entmax_attention: "tau"
     (B, Hq, Nq) float32 in (alpha-1) * score units, "support" (B, Hq, Nq) int32, and on the fused path the
