@@ -1,0 +1,179 @@
+"""torch.compile(fullgraph=True) through entflash: custom ops with fake and autograd registrations, no graph breaks.
+
+CPU runs the "torch" backend (and the fused "triton" backend under TRITON_INTERPRET=1) with the aot_eager compiler
+(fast), plus one small case with the default inductor compiler when a C++ compiler is present; the GPU variant
+compiles the fused path with inductor.
+"""
+import copy
+
+import pytest
+import torch
+
+import entflash.nn
+from entflash import entmax_attention
+from entflash.reference.attention import torch_attention_backward_op, torch_attention_forward_op
+
+AOT_EAGER = "aot_eager"
+
+
+def _qkv(seed, batch, q_heads, kv_heads, num_queries, num_keys, head_dim, device="cpu", dtype=torch.float32):
+    """Fresh random q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D) leaves requiring grad."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = ((batch, q_heads, num_queries, head_dim), (batch, kv_heads, num_keys, head_dim),
+              (batch, kv_heads, num_keys, head_dim))
+    return [torch.randn(shape, generator=generator).mul(1.5).to(device=device, dtype=dtype).requires_grad_()
+            for shape in shapes]
+
+
+def _random_alpha(seed, heads, device="cpu"):
+    """A (heads,) float32 alpha in (1.1, 1.9) requiring grad."""
+    generator = torch.Generator().manual_seed(seed)
+    return (1.1 + 0.8 * torch.rand(heads, generator=generator)).to(device).requires_grad_()
+
+
+def _forward_and_grads(function, leaves, *extra):
+    """Run function(*leaves, *extra), backpropagate a random projection of its output; return (out, grads)."""
+    for leaf in leaves:
+        leaf.grad = None
+    out = function(*leaves, *extra)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).to(out.device, out.dtype)
+    (out * weights).sum().backward()
+    return out.detach(), [leaf.grad.clone() for leaf in leaves]
+
+
+def _assert_no_graph_breaks(function, *args):
+    explanation = torch._dynamo.explain(function)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def _causal_gqa(q, k, v, alpha):
+    return entmax_attention(q, k, v, alpha=alpha, causal=True, backend="torch")
+
+
+def test_compiled_causal_gqa_learnable_alpha_matches_eager():
+    torch._dynamo.reset()
+    leaves = [*_qkv(1, 2, 4, 2, 20, 20, 8), _random_alpha(2, 4)]
+    compiled = torch.compile(_causal_gqa, fullgraph=True, backend=AOT_EAGER)
+    out, grads = _forward_and_grads(compiled, leaves)
+    expected_out, expected_grads = _forward_and_grads(_causal_gqa, leaves)
+    torch.testing.assert_close(out, expected_out, rtol=1e-6, atol=1e-6)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+    assert grads[3].abs().sum() > 0  # alpha really receives a gradient
+    _assert_no_graph_breaks(_causal_gqa, *leaves)
+
+
+def test_compiled_seqlens_window_and_aux_match_eager():
+    torch._dynamo.reset()
+
+    def attention(q, k, v, seqlens_q, seqlens_k):
+        out, aux = entmax_attention(q, k, v, alpha=1.5, window=(5, 1), seqlens=(seqlens_q, seqlens_k),
+                                    return_aux=True, backend="torch")
+        return out, aux["tau"], aux["support"]
+
+    q, k, v = _qkv(3, 3, 2, 1, 12, 17, 8)
+    seqlens_q, seqlens_k = torch.tensor([12, 4, 0]), torch.tensor([17, 9, 5])
+    compiled = torch.compile(attention, fullgraph=True, backend=AOT_EAGER)
+    results = compiled(q, k, v, seqlens_q, seqlens_k)
+    expected = attention(q, k, v, seqlens_q, seqlens_k)
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not results[1].requires_grad and torch.isinf(results[1][2]).all()  # padded rows: tau = +inf
+    _assert_no_graph_breaks(attention, q, k, v, seqlens_q, seqlens_k)
+
+    # one (B,) tensor for queries and keys alike, and gradients through the compiled call
+    def shared_lengths(q, k, v, lengths):
+        return entmax_attention(q, k, v, alpha=1.7, causal=True, seqlens=lengths, backend="torch")
+
+    q, k, v = _qkv(4, 2, 2, 2, 10, 10, 8)
+    lengths = torch.tensor([10, 6])
+    compiled_shared = torch.compile(shared_lengths, fullgraph=True, backend=AOT_EAGER)
+    out, grads = _forward_and_grads(compiled_shared, [q, k, v], lengths)
+    expected_out, expected_grads = _forward_and_grads(shared_lengths, [q, k, v], lengths)
+    torch.testing.assert_close(out, expected_out, rtol=1e-6, atol=1e-6)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+class _TinyAttentionBlock(torch.nn.Module):
+    """Projections around entflash.nn.EntmaxAttention (learnable alpha, ASEntmax per head, GQA)."""
+
+    def __init__(self, width=16, q_heads=4, kv_heads=2, backend="torch"):
+        super().__init__()
+        self.q_heads, self.kv_heads, self.head_dim = q_heads, kv_heads, width // q_heads
+        self.query = torch.nn.Linear(width, q_heads * self.head_dim)
+        self.key_value = torch.nn.Linear(width, 2 * kv_heads * self.head_dim)
+        self.attention = entflash.nn.EntmaxAttention(q_heads, alpha=[1.3, 1.5, 1.6, 1.8], asentmax="head",
+                                                     backend=backend)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        q = self.query(x).view(batch, length, self.q_heads, self.head_dim).transpose(1, 2)
+        k, v = self.key_value(x).view(batch, length, 2, self.kv_heads, self.head_dim).unbind(2)
+        out = self.attention(q, k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2).reshape(batch, length, -1)
+
+
+def _training_step(model, inputs, targets):
+    """One SGD step on the mean squared error; returns the loss (detached)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = torch.nn.functional.mse_loss(model(inputs), targets)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def test_compiled_entmax_attention_module_training_step_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    eager = _TinyAttentionBlock()
+    compiled_model = copy.deepcopy(eager)
+    compiled_model.compile(fullgraph=True, backend=AOT_EAGER)
+    inputs, targets = torch.randn(2, 12, 16), torch.randn(2, 12, 16)
+    for _ in range(2):
+        loss = _training_step(compiled_model, inputs, targets)
+        expected = _training_step(eager, inputs, targets)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for (name, parameter), (_, expected) in zip(compiled_model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(parameter, expected, rtol=1e-4, atol=1e-6, msg=name)
+    initial_logits = torch.logit(torch.tensor([0.3, 0.5, 0.6, 0.8]))
+    assert not torch.allclose(compiled_model.attention.head_alpha.alpha_logit, initial_logits)  # alpha learned
+    _assert_no_graph_breaks(eager, inputs)
+
+
+def _has_cpp_compiler() -> bool:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - any failure means inductor cannot build CPU code here
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_cpp_compiler(), reason="inductor needs a C++ compiler on CPU")
+def test_inductor_compiles_the_torch_backend():
+    torch._dynamo.reset()
+    leaves = [*_qkv(6, 1, 2, 1, 9, 9, 8), _random_alpha(7, 2)]
+    compiled = torch.compile(_causal_gqa, fullgraph=True)
+    out, grads = _forward_and_grads(compiled, leaves)
+    expected_out, expected_grads = _forward_and_grads(_causal_gqa, leaves)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-6)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_backend_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations and autograd registration checked by torch.library.opcheck."""
+    q, k, v = (t.detach().double().requires_grad_() for t in _qkv(8, 2, 2, 1, 7, 9, 4))
+    alpha = _random_alpha(9, 2).detach().double().requires_grad_()
+    lengths_q, lengths_k = torch.tensor([7, 3], dtype=torch.int32), torch.tensor([9, 2], dtype=torch.int32)
+    forward_args = (q, k, v, alpha, 0.0, True, 0.5, 3, -1, lengths_q, lengths_k, 0)
+    torch.library.opcheck(torch_attention_forward_op, forward_args)
+    torch.library.opcheck(torch_attention_forward_op, (q, k, v, None, 1.5, False, 0.5, -1, -1, None, None, 4))
+    out, tau, _ = torch_attention_forward_op(*forward_args)
+    grad_out = torch.randn_like(out)
+    backward_args = (grad_out, q.detach(), k.detach(), v.detach(), tau.detach(), alpha.detach(), 0.0, True, 0.5, 3, -1,
+                     lengths_q, lengths_k, 0, True, False, True, True)
+    torch.library.opcheck(torch_attention_backward_op, backward_args)
