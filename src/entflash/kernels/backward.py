@@ -16,13 +16,13 @@ so unmarked tiles cost nothing. Every reduction has a fixed order: results are b
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from entflash.kernels.common import LN2, entmax_s, mma, visible_mask
+from entflash.kernels.launch import interpreting
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 
@@ -330,11 +330,6 @@ def _alloc_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t)
 
 
-def _interpreting() -> bool:
-    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _alpha_tables(alpha, Hq: int, scale: float, device):
     """Per-head fp32 tables alpha-1, (alpha-1)*scale, (2-alpha)/(alpha-1), and the ALPHA_MODE fast-path id.
 
@@ -357,13 +352,13 @@ def _float_alpha_table(alpha: float, Hq: int, scale: float, device):
     return row[:, None].expand(3, Hq).to(device=device, dtype=torch.float32).contiguous().unbind(0)
 
 
-def _pick_blocks(D: int, device: torch.device):
-    """Block sizes and launch options for this head dim.
+def _pick_blocks(D: int):
+    """Block sizes and launch options for head dim D (GPU tuning; small tiles under the interpreter).
 
     bm_dq: query rows per dQ program (multiple of 64); bn_dq: keys per dQ inner step (32, 64, 128...);
     bn_kv: keys per dK/dV program (multiple of 64); bm_kv: query rows per dK/dV inner step.
     """
-    if device.type != "cuda":
+    if interpreting():
         return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=4, stages=1)
     if D <= 128:  # H100, D=128, bf16, N=4k/16k: 0.82-0.89x FA2's backward (128x64 tiles, 8 warps: 0.96-1.0x)
         return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=4, stages=2)
@@ -410,7 +405,7 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
         dalpha = torch.zeros(Hq, dtype=torch.float32, device=dev) if alpha_requires_grad else None
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dalpha
     BD = max(16, triton.next_power_of_2(D))
-    cfg = _pick_blocks(D, dev)
+    cfg = _pick_blocks(D)
     if blocks:
         cfg.update(blocks)
     (am1, coef, sexp), mode = _alpha_tables(alpha, Hq, scale, dev)
@@ -433,7 +428,7 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
         sq = sk = delta  # unused placeholder pointers
     wl, wr = (window if window is not None else (None, None))
     common = dict(CAUSAL=bool(causal), HAS_WL=wl is not None, HAS_WR=wr is not None, HAS_SEQ=has_seq,
-                  ALPHA_MODE=mode, DOT_PREC=dot_prec, UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+                  ALPHA_MODE=mode, DOT_PREC=dot_prec, UPCAST=interpreting() and q.dtype == torch.bfloat16,
                   num_warps=cfg["warps"], num_stages=cfg["stages"])
     wl_i, wr_i = int(wl or 0), int(wr or 0)
     tile_map = tile_map.to(dev)

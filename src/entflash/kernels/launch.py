@@ -21,8 +21,12 @@ def alpha_mode(alpha) -> int:
     return ALPHA_GENERAL
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET set, not "0").
+
+    Launchers choose their tile configuration from this, never from the tensors' device, so the
+    ahead-of-time compile check (scripts/compile_kernels.py) sees the GPU configuration on a CPU host."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass
@@ -58,7 +62,7 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
     """
     B, H, Nq, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
-    if _interpreting() or block_d > 128:
+    if interpreting() or block_d > 128:
         block_m = 64
     else:
         block_m = 128
@@ -83,7 +87,7 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
                    WIN_LEFT=left is not None, WIN_RIGHT=right is not None),
         tiles=dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d,
                    DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                   UPCAST=_interpreting() and q.dtype == torch.bfloat16),
+                   UPCAST=interpreting() and q.dtype == torch.bfloat16),
         sweep_launch=dict(num_warps=warps, num_stages=3 if block_d <= 128 else 2),
         sparse_launch=dict(num_warps=warps, num_stages=2),
     )
