@@ -14,7 +14,8 @@ branch, an unsupported op) reach a GPU untested. This script finds them on the C
    no driver and no GPU are needed;
 3. it prints one row per compiled specialization: kernel, the case that first launched it, its constexprs,
    ok/error, registers and spill bytes (from the ptxas log), shared memory (bytes, from the compiled
-   metadata) and compile seconds; errors are printed in full below the table.
+   metadata) and compile seconds; errors are printed in full below the table. A kernel needing more
+   shared memory than the target offers (SHARED_LIMIT) is an error too: it would fail at launch.
 
 Usage:
     python scripts/compile_kernels.py [--subset full|smoke] [--arch 90] [--jobs N] [--filter REGEX]
@@ -46,6 +47,9 @@ from triton.compiler.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 WARP_SIZE = 32
+# Largest dynamic shared memory per block (bytes, opt-in) by compute capability; a kernel needing more
+# compiles but fails at launch with triton.runtime.errors.OutOfResources, so the table marks it an error.
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,10 +184,16 @@ def compile_plan(plan: Plan, target: GPUTarget) -> Result:
     text = log.getvalue()
     regs = _PTXAS_REGS.search(text)
     spill = _PTXAS_SPILL.search(text)
-    return Result(plan.kernel.__name__, plan.case, plan.spec, True, "",
+    shared = int(compiled.metadata.shared)
+    limit = SHARED_LIMIT.get(target.arch)
+    error = ""
+    if limit is not None and shared > limit:
+        error = (f"OutOfResources at launch: needs {shared} bytes of shared memory, sm_{target.arch} allows "
+                 f"{limit}")
+    return Result(plan.kernel.__name__, plan.case, plan.spec, not error, error,
                   int(regs.group(1)) if regs else None,
                   int(spill.group(1)) if spill else None, int(spill.group(2)) if spill else None,
-                  int(compiled.metadata.shared), seconds)
+                  shared, seconds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,15 +248,20 @@ def rowwise_case(dtype, n_cols, alpha="1.5", alpha_grad=False, loss=False) -> Ca
 
 
 def cases(subset: str):
-    """(name, callable) pairs. "full": every dtype x head dim (64, 128) x alpha branch x mask feature,
-    plus the row-wise kernels; "smoke": the learnable-alpha backward, one forward per alpha branch, and
-    the row-wise forward/backward/loss, at bf16 and D = 64."""
+    """(name, callable) pairs.
+
+    "full": every dtype x head dim (64, 128) x alpha branch x mask feature, one learnable-alpha case at
+    head dim 256 (its own tile configuration), plus the row-wise kernels. "smoke": the learnable-alpha
+    backward, one forward per alpha branch and the row-wise forward/backward/loss at bf16 and D = 64,
+    and the largest tiles (float32, D = 256)."""
     out = []
     if subset == "smoke":
         bf16 = torch.bfloat16
         out += [("attn bf16 D64 alpha=heads+grad causal", attention_case(bf16, 64, "heads", alpha_grad=True)),
                 ("attn bf16 D64 alpha=1.5 causal inference", attention_case(bf16, 64, "1.5", grad=False)),
                 ("attn bf16 D64 alpha=2 causal inference", attention_case(bf16, 64, "2", grad=False)),
+                ("attn fp32 D256 alpha=heads+grad causal",
+                 attention_case(torch.float32, 256, "heads", alpha_grad=True)),
                 ("rows bf16 n=1000 alpha=rows+grad", rowwise_case(bf16, 1000, "rows", alpha_grad=True)),
                 ("loss bf16 n=1000 alpha=1.5", rowwise_case(bf16, 1000, "1.5", loss=True))]
         return out
@@ -268,6 +283,7 @@ def cases(subset: str):
                  attention_case(dtype, D, "heads", alpha_grad=True, causal=False, window=(32, 8), seqlens=True,
                                 heads=(4, 2))),
             ]
+        out.append((f"attn {dname} D256 alpha=heads+grad causal", attention_case(dtype, 256, "heads", alpha_grad=True)))
         for n_cols in (1000, 40000):
             tag = f"{dname} n={n_cols}"
             for alpha in ("1.5", "2", "1.3"):

@@ -352,8 +352,9 @@ def _float_alpha_table(alpha: float, Hq: int, scale: float, device):
     return row[:, None].expand(3, Hq).to(device=device, dtype=torch.float32).contiguous().unbind(0)
 
 
-def _pick_blocks(D: int):
-    """Block sizes and launch options for head dim D (GPU tuning; small tiles under the interpreter).
+def _pick_blocks(D: int, dtype: torch.dtype):
+    """Block sizes and launch options for head dim D and input dtype (GPU tuning; small tiles under the
+    interpreter).
 
     bm_dq: query rows per dQ program (multiple of 64); bn_dq: keys per dQ inner step (32, 64, 128...);
     bn_kv: keys per dK/dV program (multiple of 64); bm_kv: query rows per dK/dV inner step.
@@ -362,6 +363,10 @@ def _pick_blocks(D: int):
         return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=4, stages=1)
     if D <= 128:  # H100, D=128, bf16, N=4k/16k: 0.82-0.89x FA2's backward (128x64 tiles, 8 warps: 0.96-1.0x)
         return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=4, stages=2)
+    if dtype == torch.float32:
+        # float32 operands double the tiles: 64-wide inner steps need 256-272 KiB of shared memory, over
+        # the H100's 227 KiB; 32-wide steps need 192-200 KiB (scripts/compile_kernels.py reports both)
+        return dict(bm_dq=64, bn_dq=32, bm_kv=32, bn_kv=64, warps=8, stages=1)
     return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=8, stages=1)
 
 
@@ -405,7 +410,7 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
         dalpha = torch.zeros(Hq, dtype=torch.float32, device=dev) if alpha_requires_grad else None
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dalpha
     BD = max(16, triton.next_power_of_2(D))
-    cfg = _pick_blocks(D)
+    cfg = _pick_blocks(D, q.dtype)
     if blocks:
         cfg.update(blocks)
     (am1, coef, sexp), mode = _alpha_tables(alpha, Hq, scale, dev)
