@@ -9,11 +9,20 @@ import copy
 import pytest
 import torch
 
+import entflash
 import entflash.nn
 from entflash import entmax_attention
 from entflash.reference.attention import torch_attention_backward_op, torch_attention_forward_op
 
 AOT_EAGER = "aot_eager"
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch and leaves no compiled code behind for other test files."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def _qkv(seed, batch, q_heads, kv_heads, num_queries, num_keys, head_dim, device="cpu", dtype=torch.float32):
@@ -52,7 +61,6 @@ def _causal_gqa(q, k, v, alpha):
 
 
 def test_compiled_causal_gqa_learnable_alpha_matches_eager():
-    torch._dynamo.reset()
     leaves = [*_qkv(1, 2, 4, 2, 20, 20, 8), _random_alpha(2, 4)]
     compiled = torch.compile(_causal_gqa, fullgraph=True, backend=AOT_EAGER)
     out, grads = _forward_and_grads(compiled, leaves)
@@ -65,7 +73,6 @@ def test_compiled_causal_gqa_learnable_alpha_matches_eager():
 
 
 def test_compiled_seqlens_window_and_aux_match_eager():
-    torch._dynamo.reset()
 
     def attention(q, k, v, seqlens_q, seqlens_k):
         out, aux = entmax_attention(q, k, v, alpha=1.5, window=(5, 1), seqlens=(seqlens_q, seqlens_k),
@@ -126,7 +133,6 @@ def _training_step(model, inputs, targets):
 
 
 def test_compiled_entmax_attention_module_training_step_matches_eager():
-    torch._dynamo.reset()
     torch.manual_seed(5)
     eager = _TinyAttentionBlock()
     compiled_model = copy.deepcopy(eager)
@@ -143,6 +149,49 @@ def test_compiled_entmax_attention_module_training_step_matches_eager():
     _assert_no_graph_breaks(eager, inputs)
 
 
+def test_compiled_varlen_matches_eager():
+
+    def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        return entflash.entmax_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, 6, 7, alpha=1.4, causal=True,
+                                                backend="torch")
+
+    generator = torch.Generator().manual_seed(17)
+    leaves = [torch.randn(total, heads, 8, generator=generator).requires_grad_()
+              for total, heads in ((10, 2), (12, 1), (12, 1))]
+    cu_seqlens_q, cu_seqlens_k = torch.tensor([0, 4, 10]), torch.tensor([0, 5, 12])
+    compiled = torch.compile(packed_attention, fullgraph=True, backend=AOT_EAGER)
+    out, grads = _forward_and_grads(compiled, leaves, cu_seqlens_q, cu_seqlens_k)
+    expected_out, expected_grads = _forward_and_grads(packed_attention, leaves, cu_seqlens_q, cu_seqlens_k)
+    torch.testing.assert_close(out, expected_out, rtol=1e-6, atol=1e-6)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_transformers_llama_with_entmax_attention_trains_like_eager():
+    """torch.compile(model, fullgraph=True) on a tiny Llama switched to attn_implementation="entmax" (no padding
+    mask: the integration's mask function reads padding masks' values, which breaks the graph)."""
+    transformers = pytest.importorskip("transformers")
+    from entflash.integrations.transformers import register
+
+    register("entmax", alpha=1.5)
+    torch.manual_seed(18)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    eager = transformers.LlamaForCausalLM(config)
+    eager.set_attn_implementation("entmax")
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=AOT_EAGER)
+    tokens = torch.randint(0, 64, (2, 12))
+    losses = []
+    for model in (compiled, eager):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, parameter), (_, expected) in zip(compiled_model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _has_cpp_compiler() -> bool:
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
@@ -154,7 +203,6 @@ def _has_cpp_compiler() -> bool:
 
 @pytest.mark.skipif(not _has_cpp_compiler(), reason="inductor needs a C++ compiler on CPU")
 def test_inductor_compiles_the_torch_backend():
-    torch._dynamo.reset()
     leaves = [*_qkv(6, 1, 2, 1, 9, 9, 8), _random_alpha(7, 2)]
     compiled = torch.compile(_causal_gqa, fullgraph=True)
     out, grads = _forward_and_grads(compiled, leaves)
@@ -177,3 +225,63 @@ def test_torch_backend_custom_ops_pass_opcheck():
     backward_args = (grad_out, q.detach(), k.detach(), v.detach(), tau.detach(), alpha.detach(), 0.0, True, 0.5, 3, -1,
                      lengths_q, lengths_k, 0, True, False, True, True)
     torch.library.opcheck(torch_attention_backward_op, backward_args)
+
+
+def _fused_causal_gqa(q, k, v, alpha):
+    return entmax_attention(q, k, v, alpha=alpha, causal=True, backend="triton")
+
+
+def _check_fused_compiles(device, compiler, shape, tolerance):
+    """Compile the fused backend (causal, GQA, learnable per-head alpha, seqlens) and compare with eager."""
+    leaves = [*_qkv(10, *shape, device=device), _random_alpha(11, shape[1], device=device)]
+    compiled = torch.compile(_fused_causal_gqa, fullgraph=True, backend=compiler)
+    out, grads = _forward_and_grads(compiled, leaves)
+    expected_out, expected_grads = _forward_and_grads(_fused_causal_gqa, leaves)
+    torch.testing.assert_close(out, expected_out, rtol=tolerance, atol=tolerance)
+    for grad, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected, rtol=tolerance, atol=tolerance)
+    assert grads[3].abs().sum() > 0
+
+    def padded(q, k, v, lengths):
+        out, aux = entmax_attention(q, k, v, alpha=1.5, causal=True, seqlens=lengths, return_aux=True,
+                                    backend="triton")
+        return out, aux["tau"], aux["support"], aux["tile_map"]
+
+    q, k, v = (leaf.detach() for leaf in leaves[:3])
+    lengths = torch.tensor([shape[3], shape[3] // 2], device=device)
+    compiled_padded = torch.compile(padded, fullgraph=True, backend=compiler)
+    for got, want in zip(compiled_padded(q, k, v, lengths), padded(q, k, v, lengths)):
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+def test_compiled_fused_backend_under_the_interpreter_matches_eager():
+    """The fused path's custom ops on CPU through TRITON_INTERPRET=1 (set by conftest without CUDA)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_fused_compiles(device, AOT_EAGER, (2, 4, 2, 24, 24, 16), 1e-6)
+    _assert_no_graph_breaks(_fused_causal_gqa, *_qkv(12, 1, 2, 1, 8, 8, 16, device=device),
+                            _random_alpha(13, 2, device=device))
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_compiles_the_fused_backend():
+    _check_fused_compiles("cuda", "inductor", (2, 8, 2, 1024, 1024, 64), 1e-5)
+
+
+def test_fused_backend_custom_ops_pass_opcheck():
+    """opcheck of entflash::triton_attention_forward / _backward (interpreter on CPU)."""
+    from entflash.autograd import triton_attention_backward_op, triton_attention_forward_op
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = _qkv(14, 2, 2, 1, 7, 9, 16, device=device)
+    alpha = _random_alpha(15, 2, device=device)
+    lengths_q = torch.tensor([7, 3], dtype=torch.int32, device=device)
+    lengths_k = torch.tensor([9, 2], dtype=torch.int32, device=device)
+    forward_args = (q, k, v, alpha, 0.0, True, 0.5, 3, -1, lengths_q, lengths_k, True)
+    torch.library.opcheck(triton_attention_forward_op, forward_args)
+    detached = [t.detach() for t in (q, k, v)]
+    torch.library.opcheck(triton_attention_forward_op, (*detached, None, 1.5, False, 0.5, -1, -1, None, None, False))
+    _, tau, _, tile_map, o2, s = triton_attention_forward_op(*forward_args)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(16)).to(device)
+    backward_args = (grad_out, *detached, tau.detach(), tile_map, o2.detach(), s.detach(), alpha.detach(), 0.0,
+                     True, 0.5, 3, -1, lengths_q, lengths_k, True, False, True, True)
+    torch.library.opcheck(triton_attention_backward_op, backward_args)

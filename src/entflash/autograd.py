@@ -1,19 +1,31 @@
-"""Autograd glue for the fused Triton kernels (the "triton" backend of docs/ARCHITECTURE.md).
+"""The "triton" backend of docs/ARCHITECTURE.md: the fused Triton kernels as torch custom ops.
 
-The forward runs entflash.kernels.forward.entmax_forward and saves what the backward needs: tau, the
-64x64 tile map, O2 = sum p^(2-alpha) v and S = sum p^(2-alpha) (docs/ARCHITECTURE.md); dalpha needs
-nothing more, the backward's dQ kernel forms it from row sums at the saved tau.
-The backward runs the fused block-sparse kernels of entflash.kernels.backward; where that module cannot
-be imported it recomputes the gradients through the exact chunked reference
-(entflash.reference.attention.torch_attention) and warns once.
+Two plain functions do the work and two custom ops wrap them (argument encoding: entflash.custom_ops):
+
+* fused_forward runs entflash.kernels.forward.entmax_forward and returns the outputs plus what the backward
+  needs: tau, the 64x64 tile map, O2 = sum p^(2-alpha) v and S = sum p^(2-alpha) (docs/ARCHITECTURE.md);
+  dalpha needs nothing more, the backward's dQ kernel forms it from row sums at the saved tau.
+* fused_backward runs the block-sparse kernels of entflash.kernels.backward; for float64 inputs (silently) and
+  where that module cannot be imported (warning once) it recomputes the gradients with the exact chunked
+  reference (entflash.reference.attention).
+
+"entflash::triton_attention_forward" / "entflash::triton_attention_backward" register them with fake
+implementations and autograd, so torch.compile sees one opaque op per direction (the kernels' host-side block
+lists stay inside) and traces entflash without graph breaks.
 """
 from __future__ import annotations
 
 import warnings
+from typing import Optional, Tuple
 
 import torch
 
+from entflash.custom_ops import (alpha_gradient, decode_alpha, decode_window, empty_gradient, encode_alpha,
+                                 encode_window, input_gradient, needs_autograd)
 from entflash.kernels.forward import entmax_forward
+from entflash.reference import attention as reference
+
+MAP_BLOCK = 64  # granularity of the tile map (docs/ARCHITECTURE.md)
 
 _warned_fallback = False
 
@@ -27,68 +39,127 @@ def _fused_backward():
     return attention_backward
 
 
-def _reference_backward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, grad_out, needs):
-    """Exact gradients by autograd through the reference (recomputes the forward in chunks).
+def _like(gradient: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """gradient copied into a tensor laid out as torch.empty_like(like) (the fused kernels' layout); None stays."""
+    if gradient is None:
+        return None
+    return torch.empty_like(like).copy_(gradient)
+
+
+def _reference_backward(grad_out, q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, needs):
+    """Exact gradients by the chunked reference (recomputes its own forward for tau in the compute dtype).
 
     Used for float64 inputs (silently) and when the fused backward cannot be imported (warns once).
+    Returns (dq, dk, dv, dalpha) as fused_backward.
     """
     global _warned_fallback
     if not _warned_fallback and q.dtype != torch.float64:
         warnings.warn("entflash: the fused Triton backward is not available; gradients are recomputed "
                       "through the exact PyTorch reference (slow, O(chunk x N) memory)", stacklevel=3)
         _warned_fallback = True
-    from entflash.reference.attention import torch_attention
-
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), needs[:3])]
-        a = alpha.detach().requires_grad_(needs[3]) if isinstance(alpha, torch.Tensor) else alpha
-        out = torch_attention(*leaves, a, causal, scale, window, seqlens_q, seqlens_k, False)
-        inputs = [t for t, n in zip(leaves, needs[:3]) if n] + ([a] if needs[3] else [])
-        grads = iter(torch.autograd.grad(out, inputs, grad_out))
-    return tuple(next(grads) if n else None for n in needs)
+    _, tau, _ = reference.attention_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k)
+    dq, dk, dv, dalpha = reference.attention_backward(grad_out, q, k, v, tau, alpha, causal, scale, window,
+                                                      seqlens_q, seqlens_k, needs)
+    return _like(dq, q), _like(dk, k), _like(dv, v), dalpha
 
 
-class TritonEntmaxAttention(torch.autograd.Function):
-    """out = entmax attention(q, k, v) by the fused kernels; differentiable in q, k, v and alpha (tensor).
+def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, keep_for_backward):
+    """The fused forward as a plain function (no autograd); arguments as triton_attention.
 
-    forward(ctx, q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k) returns
-    (out, tau, support, tile_map); only out is differentiable.
+    keep_for_backward: also return O2 and S (else they are empty (0,) tensors).
+    Returns (out, tau, support, tile_map, o2, s): out (B, Hq, Nq, D) in q's dtype laid out like
+    torch.empty_like(q); tau (B, Hq, Nq) float32; support (B, Hq, Nq) int32; tile_map
+    (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool; o2 (B, Hq, Nq, D) and s (B, Hq, Nq) float32.
     """
+    res = entmax_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, save_bwd=keep_for_backward)
+    kept = [res[name] if keep_for_backward else res["tau"].new_empty(0) for name in ("o2", "s")]
+    return (res["out"], res["tau"], res["support"], res["tile_map"], *kept)
 
-    @staticmethod
-    def forward(ctx, q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k):
-        save_bwd = any(ctx.needs_input_grad[:4])
-        res = entmax_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, save_bwd=save_bwd)
-        ctx.args = (alpha if not isinstance(alpha, torch.Tensor) else None, causal, scale, window)
-        ctx.alpha_is_tensor = isinstance(alpha, torch.Tensor)
-        alpha_saved = alpha.detach() if ctx.alpha_is_tensor else torch.empty(0)
-        ctx.save_for_backward(q, k, v, res["tau"], res["tile_map"], res["o2"], res["s"], alpha_saved,
-                              seqlens_q if seqlens_q is not None else torch.empty(0),
-                              seqlens_k if seqlens_k is not None else torch.empty(0))
-        ctx.has_seqlens = (seqlens_q is not None, seqlens_k is not None)
-        ctx.mark_non_differentiable(res["tau"], res["support"], res["tile_map"])
-        return res["out"], res["tau"], res["support"], res["tile_map"]
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _g_tau, _g_support, _g_map):
-        q, k, v, tau, tile_map, o2, s, alpha_saved, sq, sk = ctx.saved_tensors
-        alpha_f, causal, scale, window = ctx.args
-        alpha = alpha_saved if ctx.alpha_is_tensor else alpha_f
-        sq = sq if ctx.has_seqlens[0] else None
-        sk = sk if ctx.has_seqlens[1] else None
-        needs = tuple(ctx.needs_input_grad[:4])
-        fused = _fused_backward() if q.dtype != torch.float64 else None
-        if fused is None:
-            dq, dk, dv, dalpha = _reference_backward(q, k, v, alpha, causal, scale, window, sq, sk,
-                                                     grad_out, needs)
-        else:
-            dq, dk, dv, dalpha = fused(q, k, v, grad_out, tau, tile_map, o2, s, alpha, causal, scale, window,
-                                       sq, sk, alpha_requires_grad=bool(needs[3]))
-        if dalpha is not None and ctx.alpha_is_tensor:
-            dalpha = dalpha.to(alpha_saved.dtype).reshape(alpha_saved.shape)
-        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
-                dalpha if needs[3] else None, None, None, None, None, None)
+def fused_backward(grad_out, q, k, v, tau, tile_map, o2, s, alpha, causal, scale, window, seqlens_q, seqlens_k,
+                   needs: Tuple[bool, bool, bool, bool]):
+    """The fused backward as a plain function: grad_out (B, Hq, Nq, D) and fused_forward's saved tensors.
+
+    needs: which of (q, k, v, alpha) need a gradient.
+    Returns (dq, dk, dv, dalpha): dq, dk, dv laid out like torch.empty_like of q, k, v in their dtypes, and dalpha
+    (Hq,) in the compute dtype (float64 for float64 inputs, else float32); None where `needs` is False.
+    """
+    fused = _fused_backward() if q.dtype != torch.float64 else None
+    if fused is None:
+        return _reference_backward(grad_out, q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, needs)
+    dq, dk, dv, dalpha = fused(q, k, v, grad_out, tau, tile_map, o2, s, alpha, causal, scale, window,
+                               seqlens_q, seqlens_k, alpha_requires_grad=needs[3])
+    return tuple(grad if needed else None for grad, needed in zip((dq, dk, dv, dalpha), needs))
+
+
+@torch.library.custom_op("entflash::triton_attention_forward", mutates_args=())
+def triton_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                alpha_heads: Optional[torch.Tensor], alpha_value: float, causal: bool, scale: float,
+                                window_left: int, window_right: int, seqlens_q: Optional[torch.Tensor],
+                                seqlens_k: Optional[torch.Tensor], keep_for_backward: bool
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor]:
+    """fused_forward on encoded arguments: (out, tau, support, tile_map, o2, s)."""
+    return fused_forward(q, k, v, decode_alpha(alpha_heads, alpha_value), causal, scale,
+                         decode_window(window_left, window_right), seqlens_q, seqlens_k, keep_for_backward)
+
+
+@triton_attention_forward_op.register_fake
+def _triton_attention_forward_fake(q, k, v, alpha_heads, alpha_value, causal, scale, window_left, window_right,
+                                   seqlens_q, seqlens_k, keep_for_backward):
+    batch, heads, num_queries, _ = q.shape
+    rows = (batch, heads, num_queries)
+    tile_rows, tile_columns = (num_queries + MAP_BLOCK - 1) // MAP_BLOCK, (k.shape[2] + MAP_BLOCK - 1) // MAP_BLOCK
+    tiles = (batch, heads, tile_rows, tile_columns)
+    return (torch.empty_like(q), q.new_empty(rows, dtype=torch.float32), q.new_empty(rows, dtype=torch.int32),
+            q.new_empty(tiles, dtype=torch.bool),
+            q.new_empty(q.shape if keep_for_backward else (0,), dtype=torch.float32),
+            q.new_empty(rows if keep_for_backward else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("entflash::triton_attention_backward", mutates_args=())
+def triton_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 tau: torch.Tensor, tile_map: torch.Tensor, o2: torch.Tensor, s: torch.Tensor,
+                                 alpha_heads: Optional[torch.Tensor], alpha_value: float, causal: bool, scale: float,
+                                 window_left: int, window_right: int, seqlens_q: Optional[torch.Tensor],
+                                 seqlens_k: Optional[torch.Tensor], need_q: bool, need_k: bool, need_v: bool,
+                                 need_alpha: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_backward on encoded arguments: (dq, dk, dv, dalpha), an empty tensor where not needed."""
+    grads = fused_backward(grad_out, q, k, v, tau, tile_map, o2, s, decode_alpha(alpha_heads, alpha_value), causal,
+                           scale, decode_window(window_left, window_right), seqlens_q, seqlens_k,
+                           (need_q, need_k, need_v, need_alpha))
+    likes = (q, k, v, q.new_empty(0, dtype=reference.compute_dtype_for(q.dtype)))
+    return tuple(grad if grad is not None else empty_gradient(like) for grad, like in zip(grads, likes))
+
+
+@triton_attention_backward_op.register_fake
+def _triton_attention_backward_fake(grad_out, q, k, v, tau, tile_map, o2, s, alpha_heads, alpha_value, causal, scale,
+                                    window_left, window_right, seqlens_q, seqlens_k, need_q, need_k, need_v,
+                                    need_alpha):
+    grads = tuple(torch.empty_like(like) if needed else like.new_empty(0)
+                  for like, needed in ((q, need_q), (k, need_k), (v, need_v)))
+    dalpha_dtype = reference.compute_dtype_for(q.dtype)
+    return (*grads, q.new_empty((q.shape[1],) if need_alpha else (0,), dtype=dalpha_dtype))
+
+
+def _triton_attention_setup_context(ctx, inputs, output):
+    q, k, v, alpha_heads, alpha_value, causal, scale, window_left, window_right, seqlens_q, seqlens_k, _ = inputs
+    _, tau, _, tile_map, o2, s = output
+    ctx.save_for_backward(q, k, v, tau, tile_map, o2, s, alpha_heads, seqlens_q, seqlens_k)
+    ctx.options = (alpha_value, causal, scale, window_left, window_right)
+
+
+def _triton_attention_autograd(ctx, grad_out, *_grads_of_other_outputs):
+    q, k, v, tau, tile_map, o2, s, alpha_heads, seqlens_q, seqlens_k = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:4])
+    dq, dk, dv, dalpha = triton_attention_backward_op(grad_out, q, k, v, tau, tile_map, o2, s, alpha_heads,
+                                                      *ctx.options, seqlens_q, seqlens_k, *needs)
+    return (input_gradient(dq, needs[0]), input_gradient(dk, needs[1]), input_gradient(dv, needs[2]),
+            alpha_gradient(dalpha, alpha_heads, needs[3])) + (None,) * 8
+
+
+triton_attention_forward_op.register_autograd(_triton_attention_autograd,
+                                              setup_context=_triton_attention_setup_context)
 
 
 def triton_attention(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, return_aux):
@@ -100,9 +171,13 @@ def triton_attention(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k
     seqlens_q, seqlens_k: None or int (B,) tensors.
     Returns out (B, Hq, Nq, D) in q's dtype, and with return_aux a dict: "tau" (B, Hq, Nq) float32,
     "support" (B, Hq, Nq) int32, "tile_map" (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool.
+    Differentiable in q, k, v and alpha (tensor) through the custom op entflash::triton_attention_forward.
     """
-    out, tau, support, tile_map = TritonEntmaxAttention.apply(q, k, v, alpha, causal, scale, window,
-                                                              seqlens_q, seqlens_k)
+    alpha_heads, alpha_value = encode_alpha(alpha)
+    keep_for_backward = needs_autograd(q, k, v, alpha_heads)
+    out, tau, support, tile_map, _, _ = triton_attention_forward_op(
+        q, k, v, alpha_heads, alpha_value, causal, scale, *encode_window(window), seqlens_q, seqlens_k,
+        keep_for_backward)
     if return_aux:
-        return out, {"tau": tau, "support": support, "tile_map": tile_map}
+        return out, {"tau": tau.detach(), "support": support, "tile_map": tile_map}
     return out
