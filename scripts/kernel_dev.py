@@ -108,7 +108,7 @@ def main():
                 ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, ni),
                                                    return_mode="median")
                 ms_out = triton.testing.do_bench(
-                    lambda: sparse_output(q, k, v, a_t, scale, spec, tm, tau, tlo, False, save_bwd=False),
+                    lambda: sparse_output(q, k, v, a_t, scale, spec, tm, tau, tlo, save_bwd=False),
                     return_mode="median")
                 row = dict(N=N, D=D, B=B, H=H, local=local, alpha=args.alpha, causal=causal, newton_iters=ni,
                            rel_err=err, tau_err=tau_err, finite=finite, block_sparsity=sparsity,

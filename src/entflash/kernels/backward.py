@@ -93,7 +93,7 @@ def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m0, n0, offs_d, dm
     transposed (keys are rows). Interior tiles skip the visibility mask."""
     offs_m = m0 + tl.arange(0, BM)
     offs_n = n0 + tl.arange(0, BN)
-    mmask = offs_m < Nq
+    mmask = offs_m < Lq
     qmask = mmask[:, None] & dmask[None, :]
     q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=qmask, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, mask=qmask, other=0.0)
@@ -140,7 +140,8 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SE
     offs_n = n * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     dmask = offs_d < D
-    kmask = (offs_n < Nk)[:, None] & dmask[None, :]
+    kmask = (offs_n < Lk)[:, None] & dmask[None, :]  # keys past the key length are never read
+    store_mask = (offs_n < Nk)[:, None] & dmask[None, :]  # ... but their (zero) gradients are written
     k = tl.load(K + b64 * s_kb + kvh * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd,
                 mask=kmask, other=0.0)
     v = tl.load(V + b64 * s_vb + kvh * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
@@ -166,14 +167,14 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SE
                                     ALPHA_MODE, DOT_PREC, UPCAST)
     dk = dk * scale
     tl.store(DK + b64 * s_dkb + kvh * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
-             dk.to(DK.dtype.element_ty), mask=kmask)
+             dk.to(DK.dtype.element_ty), mask=store_mask)
     tl.store(DV + b64 * s_dvb + kvh * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :] * s_dvd,
-             dv.to(DV.dtype.element_ty), mask=kmask)
+             dv.to(DV.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
 def _dq_step(q, do, tau, delta, dq, k_base, v_base, m0, n0, offs_d, dmask,
-             s_kn, s_kd, s_vn, s_vd, coef, sexp, Nk, Lq, Lk, off, wl, wr,
+             s_kn, s_kd, s_vn, s_vd, coef, sexp, Lq, Lk, off, wl, wr,
              BM: tl.constexpr, BN: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
              ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -182,7 +183,7 @@ def _dq_step(q, do, tau, delta, dq, k_base, v_base, m0, n0, offs_d, dmask,
     tile, for the alpha row sums."""
     offs_m = m0 + tl.arange(0, BM)
     offs_n = n0 + tl.arange(0, BN)
-    kmask = (offs_n < Nk)[:, None] & dmask[None, :]
+    kmask = (offs_n < Lk)[:, None] & dmask[None, :]
     k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kmask, other=0.0)
     v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kmask, other=0.0)
     zero = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.float32)
@@ -259,7 +260,7 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
     offs_d = tl.arange(0, BD)
     dmask = offs_d < D
     mmask = offs_m < Nq
-    qmask = mmask[:, None] & dmask[None, :]
+    qmask = (offs_m < Lq)[:, None] & dmask[None, :]  # rows past the query length are never read
     q = tl.load(Q + b64 * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
                 mask=qmask, other=0.0)
     do = tl.load(DO + b64 * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod,
@@ -283,14 +284,14 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
         n = tl.load(IDX + row * n_kblocks + t)
         for sub in tl.static_range(KB // BN):
             dq, g, u, s = _dq_step(q, do, tau, delta, dq, k_base, v_base, m * BM, n * KB + sub * BN,
-                                   offs_d, dmask, s_kn, s_kd, s_vn, s_vd, coef, sexp, Nk, Lq, Lk, off,
+                                   offs_d, dmask, s_kn, s_kd, s_vn, s_vd, coef, sexp, Lq, Lk, off,
                                    wl, wr, BM, BN, CAUSAL, HAS_WL, HAS_WR, ALPHA_MODE, DOT_PREC, UPCAST)
             if ALPHA_GRAD:
                 a_gp, a_p, a_gs, a_s, a_gpl, a_pl = _alpha_tile_sums(g, u, s, lcoef, a_gp, a_p, a_gs,
                                                                      a_s, a_gpl, a_pl)
     dq = dq * scale
     tl.store(DQ + b64 * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
-             dq.to(DQ.dtype.element_ty), mask=qmask)
+             dq.to(DQ.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])  # padded rows get zeros
     if ALPHA_GRAD:
         tl.store(DAROW + (b64 * Hq + h) * Nq + offs_m,
                  _alpha_row_grad(am1, a_gp, a_p, a_gs, a_s, a_gpl, a_pl), mask=mmask)

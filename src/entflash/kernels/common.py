@@ -109,19 +109,20 @@ def mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, Nk, D, qk_scale,
+def score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, D, qk_scale,
                len_q, len_k, offset, win_left, win_right,
                CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Scores in tau units for one key tile: (BLOCK_M, BLOCK_N) float32, invisible -> -inf.
 
     q: (BLOCK_M, BLOCK_D) tile already loaded; keys start_n .. start_n + BLOCK_N - 1 are read from
-    k_base with strides (stride_kn, stride_kd). qk_scale = (alpha - 1) * scale (a scalar).
+    k_base with strides (stride_kn, stride_kd); keys at or past len_k are not read (padding or unused
+    cache slots may hold anything, NaN included). qk_scale = (alpha - 1) * scale (a scalar).
     Returns (x, offs_n).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                 mask=(offs_n[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
+                 mask=(offs_n[None, :] < len_k) & (offs_d[:, None] < D), other=0.0)
     x = mma(q, kt, tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32), DOT_PREC, UPCAST) * qk_scale
     vis = visible_mask(offs_m, offs_n, len_q, len_k, offset, win_left, win_right,
                        CAUSAL, WIN_LEFT, WIN_RIGHT)

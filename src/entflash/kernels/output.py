@@ -62,13 +62,13 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
                                     BLOCK_M, NK_CHUNK)
         for i in range(0, n_cand):
             kb = tl.load(list_ptr + i)
-            x, offs_n = score_tile(q, k_base, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, Nk, D,
+            x, offs_n = score_tile(q, k_base, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
                                    qk_scale, len_q, len_k, offset, win_left, win_right,
                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
             hit = sub_block_any(x > tau_low[:, None], BLOCK_M, BLOCK_N)
             tl.store(TileMap + tile_off + sub * stride_tm + kb, hit.to(tl.int8), mask=sub < n_sub_valid)
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
-            v = load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, Nk, D)
+            v = load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, len_k, D)
             acc = mma(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
             if FOLD:
                 acc2 = mma(s.to(v.dtype), v, acc2, DOT_PREC, UPCAST)

@@ -67,7 +67,7 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow, Lists,
         w3 = tl.zeros((BLOCK_M,), dtype=tl.int64)
         for i in range(0, n_cand):
             kb = tl.load(list_ptr + i)
-            x, offs_n = score_tile(q, k_base, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, Nk, D,
+            x, offs_n = score_tile(q, k_base, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
                                    qk_scale, len_q, len_k, offset, win_left, win_right,
                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
             h0, h1, h2, h3 = histogram_words(x, m_i)
@@ -89,7 +89,7 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow, Lists,
                                         BLOCK_M, NK_CHUNK)
             for i in range(0, n_cand):
                 kb = tl.load(list_ptr + i)
-                x, offs_n = score_tile(q, k_base, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, Nk, D,
+                x, offs_n = score_tile(q, k_base, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
                                        qk_scale, len_q, len_k, offset, win_left, win_right,
                                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
                 p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)

@@ -34,7 +34,7 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax,
                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
-        x, offs_n = score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, Nk, D,
+        x, offs_n = score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
                                qk_scale, len_q, len_k, offset, win_left, win_right,
                                CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
         m_i = tl.maximum(m_i, tl.max(x, axis=1))

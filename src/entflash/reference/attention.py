@@ -105,6 +105,15 @@ class _Problem:
                 chunk_rows = min(chunk_rows, max(_MIN_BOUNDED_CHUNK_ROWS, -(-self.num_queries // 8)))
         self.chunk_rows = max(1, int(chunk_rows))
 
+    def valid_rows(self, x: torch.Tensor, seqlens: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, H, N, D) in the compute dtype with rows at or past seqlens[b] set to zero: padding and unused
+        cache slots may hold anything (NaN included), and a zero weight times NaN would still be NaN."""
+        x = x.to(self.dtype)
+        if seqlens is None:
+            return x
+        past_end = torch.arange(x.shape[2], device=x.device) >= seqlens.to(x.device)[:, None]
+        return x.masked_fill(past_end[:, None, :, None], 0.0)
+
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Hq, N, ...) -> (B, Hkv, G, N, ...) view."""
         return x.unflatten(1, (self.num_kv_heads, self.group))
@@ -158,8 +167,8 @@ def _forward(problem: _Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """Chunked forward. Returns out (B, Hq, Nq, D) in q's dtype, tau (B, Hkv, G, Nq) in the compute dtype
     (+inf on rows without visible keys) and support (B, Hq, Nq) int32."""
     p_ = problem
-    q5 = p_.grouped(q)
-    k_c, v_c = k.to(p_.dtype), v.to(p_.dtype)
+    q5 = p_.grouped(p_.valid_rows(q, p_.seqlens_q))
+    k_c, v_c = p_.valid_rows(k, p_.seqlens_k), p_.valid_rows(v, p_.seqlens_k)
     out = torch.empty(p_.batch, p_.num_kv_heads, p_.group, p_.num_queries, p_.head_dim, dtype=p_.dtype,
                       device=p_.device)
     tau = torch.empty(p_.batch, p_.num_kv_heads, p_.group, p_.num_queries, dtype=p_.dtype, device=p_.device)
@@ -192,8 +201,9 @@ def _backward(problem: _Problem, q, k, v, tau, grad_out, need_q, need_k, need_v,
     dalpha (Hq,) in the compute dtype (None unless need_alpha).
     """
     p_ = problem
-    q5, grad_out5 = p_.grouped(q), p_.grouped(grad_out)
-    k_c, v_c = k.to(p_.dtype), v.to(p_.dtype)
+    q5 = p_.grouped(p_.valid_rows(q, p_.seqlens_q))
+    grad_out5 = p_.grouped(p_.valid_rows(grad_out, p_.seqlens_q))
+    k_c, v_c = p_.valid_rows(k, p_.seqlens_k), p_.valid_rows(v, p_.seqlens_k)
     dq = torch.zeros(q5.shape, dtype=p_.dtype, device=p_.device) if need_q else None
     dk = torch.zeros(k.shape, dtype=p_.dtype, device=p_.device) if need_k else None
     dv = torch.zeros(v.shape, dtype=p_.dtype, device=p_.device) if need_v else None
