@@ -138,9 +138,8 @@ def entmax_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     cache_seqlens is not advanced: add Nnew to it before the next call. Gradients flow to q, alpha, k_new and
     v_new within one call; the cache then carries the graph of that append, so generate under torch.no_grad().
 
-    Slots at or beyond L_b are never attended to, but they must hold finite values (allocate the cache with
-    torch.zeros, not torch.empty): both backends currently multiply their zero weights by those values, so a
-    NaN or inf there reaches the output.
+    Slots at or beyond L_b are never read, so the cache may be allocated with torch.empty: whatever they hold
+    (NaN and inf included) does not reach the output (tests/test_padding_contents.py).
 
     This runs entflash.api.entmax_attention with seqlens=(None, L) over the cache, so it uses the attention
     kernels (the fused ones stop at each sequence's L_b; the torch backend scores all Ncache slots and masks
