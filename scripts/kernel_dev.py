@@ -1,10 +1,11 @@
-"""Quick GPU check and timing of the fused forward (developer tool; official numbers: benchmarks/).
+"""Quick GPU check and timing of the fused forward and backward (developer tool; official numbers: benchmarks/).
 
     PYTHONPATH=src python3 scripts/kernel_dev.py --shapes 4096:128 16384:128 --local 0 3 --out /tmp/dev.json
 
 For each (N, D) with B * N = 16k tokens and H * D = 2048, causal, bf16, and each locality strength:
 checks the output against the float32 reference on a slice of heads, then times (median ms,
-triton.testing.do_bench) FA2 (SDPA flash backend), our whole forward and each of its three stages, and
+triton.testing.do_bench) FA2 (SDPA flash backend), our whole forward and each of its three stages, our fused
+backward (from the training forward's saved tensors) against FA2's backward (its fwd+bwd minus fwd), and
 reports block sparsity (64x64 tile map), support size and first-call (compile) time.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main():
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from entflash.autograd import fused_backward, fused_forward
     from entflash.kernels.forward import alpha_tensor, entmax_forward
     from entflash.kernels.launch import make_spec
     from entflash.kernels.output import sparse_output
@@ -110,22 +112,38 @@ def main():
                 ms_out = triton.testing.do_bench(
                     lambda: sparse_output(q, k, v, a_t, scale, spec, tm, tau, tlo, save_bwd=False),
                     return_mode="median")
+                # backward: ours from the training forward's saved tensors; FA2's as its fwd+bwd minus fwd
+                grad_out = torch.randn_like(q)
+                _, tau_s, _, tile_map, o2, s_sum = fused_forward(q, k, v, args.alpha, causal, scale, None, None,
+                                                                 None, True)
+                needs = (True, True, True, False)
+                ms_bwd = triton.testing.do_bench(lambda: fused_backward(
+                    grad_out, q, k, v, tau_s, tile_map, o2, s_sum, args.alpha, causal, scale, None, None, None,
+                    needs), return_mode="median")
+                qf, kf, vf = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    ms_fa_fb = triton.testing.do_bench(lambda: torch.autograd.grad(
+                        torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, is_causal=causal),
+                        (qf, kf, vf), grad_out), return_mode="median")
                 row = dict(N=N, D=D, B=B, H=H, local=local, alpha=args.alpha, causal=causal, newton_iters=ni,
                            rel_err=err, tau_err=tau_err, finite=finite, block_sparsity=sparsity,
                            mean_support=support, ms=ms, ms_fa2=ms_fa, ratio=ms / ms_fa, ms_train=ms_train,
                            ms_normalized=ms_norm, rel_err_normalized=err_norm, ms_sweep=ms_sweep,
                            ms_solve=ms_solve, ms_output=ms_out, first_call_s=first_call_s,
-                           hist_bound_held=hist_held, hist_gap_in_bins=hist_gap_bins)
+                           hist_bound_held=hist_held, hist_gap_in_bins=hist_gap_bins, ms_bwd=ms_bwd,
+                           ms_fa2_bwd=ms_fa_fb - ms_fa, ms_fa2_fwd_bwd=ms_fa_fb,
+                           ratio_fwd_bwd=(ms_train + ms_bwd) / ms_fa_fb)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                del res, ref, aux
+                del res, ref, aux, tau_s, tile_map, o2, s_sum, qf, kf, vf
     print("\n   N    D local NI  sparsity support  err      ours ms  FA2 ms  ratio  sweep  solve output first_s"
-          "  train  norm  err_norm")
+          "  train  norm  err_norm   bwd  FA2bwd  f+b ratio")
     for r in rows:
         print(f"{r['N']:5d} {r['D']:4d} {r['local']:5.1f} {r['newton_iters']:2d} {r['block_sparsity']:8.3f} "
               f"{r['mean_support']:7.1f} {r['rel_err']:.1e} {r['ms']:8.3f} {r['ms_fa2']:7.3f} {r['ratio']:6.2f} "
               f"{r['ms_sweep']:6.3f} {r['ms_solve']:6.3f} {r['ms_output']:6.3f} {r['first_call_s']:6.1f} "
-              f"{r['ms_train']:6.3f} {r['ms_normalized']:6.3f} {r['rel_err_normalized']:.1e}")
+              f"{r['ms_train']:6.3f} {r['ms_normalized']:6.3f} {r['rel_err_normalized']:.1e} "
+              f"{r['ms_bwd']:6.3f} {r['ms_fa2_bwd']:6.3f} {r['ratio_fwd_bwd']:6.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
