@@ -69,7 +69,7 @@ def resolve_backend(backend: str, device: torch.device, caller: str) -> str:
     return backend
 
 
-def _normalize_options(q, alpha, causal, scale, window, return_aux, backend, caller):
+def normalize_options(q, alpha, causal, scale, window, return_aux, backend, caller):
     """Validate the options shared by the padded and packed entry points; return them normalized."""
     num_q_heads, head_dim = q.shape[1], q.shape[-1]  # (B, H, N, D) and packed (total, H, D) alike
     alpha = checks.check_alpha(alpha, num_q_heads, q.device, caller)
@@ -107,7 +107,7 @@ def entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha
     """
     caller = "entmax_attention"
     checks.check_qkv(q, k, v, caller)
-    alpha, causal, scale, window, return_aux, backend = _normalize_options(
+    alpha, causal, scale, window, return_aux, backend = normalize_options(
         q, alpha, causal, scale, window, return_aux, backend, caller)
     seqlens_q, seqlens_k = checks.check_seqlens(seqlens, q.shape[0], q.shape[2], k.shape[2], q.device, caller)
     if backend == "triton":
@@ -150,7 +150,7 @@ def entmax_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     """
     caller = "entmax_attention_varlen"
     checks.check_packed_qkv(q, k, v, caller)
-    alpha, causal, scale, window, return_aux, backend = _normalize_options(
+    alpha, causal, scale, window, return_aux, backend = normalize_options(
         q, alpha, causal, scale, window, return_aux, backend, caller)
     cu_seqlens_q = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device, caller)
     cu_seqlens_k = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device, caller)

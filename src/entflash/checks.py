@@ -30,7 +30,8 @@ def fail(error_type: type, caller: str, argument: str, expectation: str, got: st
     raise error_type(f"{caller}: `{argument}` must {expectation}, got {got}")
 
 
-def _describe(value) -> str:
+def describe(value) -> str:
+    """How an error message shows a bad value: a tensor by dtype, shape and device, anything else by repr and type."""
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)} on {value.device}"
     return f"{value!r} ({type(value).__name__})"
@@ -41,18 +42,20 @@ def _reads_tensor_values() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def _is_real_number(value) -> bool:
+def is_real_number(value) -> bool:
+    """A python or numpy real number, not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_integer(value) -> bool:
+def is_integer(value) -> bool:
+    """A python or numpy integer, not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_tensor(value, argument: str, caller: str, dims: int, layout: str) -> torch.Tensor:
     """Check that `value` is a floating tensor with `dims` dimensions; `layout` names them, e.g. "(B, H, N, D)"."""
     if not isinstance(value, torch.Tensor):
-        fail(TypeError, caller, argument, f"be a torch.Tensor {layout}", _describe(value))
+        fail(TypeError, caller, argument, f"be a torch.Tensor {layout}", describe(value))
     if value.dim() != dims:
         fail(ValueError, caller, argument, f"have {dims} dims {layout}", f"shape {tuple(value.shape)}")
     if value.dtype not in FLOAT_DTYPES:
@@ -110,7 +113,7 @@ def check_packed_qkv(q, k, v, caller: str) -> None:
 def check_flag(value, argument: str, caller: str) -> bool:
     """Check a boolean option (`causal`, `return_aux`)."""
     if not isinstance(value, bool):
-        fail(TypeError, caller, argument, "be a bool", _describe(value))
+        fail(TypeError, caller, argument, "be a bool", describe(value))
     return value
 
 
@@ -134,8 +137,8 @@ def check_alpha(alpha, num_heads: int, device: torch.device, caller: str):
             fail(ValueError, caller, "alpha", "lie in (1, 2] for every head",
                  f"values {[round(a, 6) for a in values.reshape(-1).tolist()]}")
         return alpha.expand(num_heads) if alpha.dim() == 0 else alpha
-    if not _is_real_number(alpha):
-        fail(TypeError, caller, "alpha", "be a float in (1, 2] or a tensor of shape (Hq,)", _describe(alpha))
+    if not is_real_number(alpha):
+        fail(TypeError, caller, "alpha", "be a float in (1, 2] or a tensor of shape (Hq,)", describe(alpha))
     if not 1.0 < float(alpha) <= 2.0:
         fail(ValueError, caller, "alpha", "lie in (1, 2] (1 would be softmax, 2 is sparsemax)", repr(alpha))
     return float(alpha)
@@ -145,8 +148,8 @@ def check_scale(scale, head_dim: int, caller: str) -> float:
     """Validate `scale` (a positive finite number, or None meaning 1/sqrt(head_dim)); return it as a float."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not _is_real_number(scale):
-        fail(TypeError, caller, "scale", "be a positive finite float or None", _describe(scale))
+    if not is_real_number(scale):
+        fail(TypeError, caller, "scale", "be a positive finite float or None", describe(scale))
     if not (math.isfinite(float(scale)) and float(scale) > 0):
         fail(ValueError, caller, "scale", "be a positive finite float or None", repr(scale))
     return float(scale)
@@ -157,14 +160,14 @@ def check_window(window, caller: str) -> Optional[Tuple[Optional[int], Optional[
     if window is None:
         return None
     if not isinstance(window, (tuple, list)) or len(window) != 2:
-        fail(TypeError, caller, "window", "be None or a pair (left, right) of ints >= 0 or None", _describe(window))
+        fail(TypeError, caller, "window", "be None or a pair (left, right) of ints >= 0 or None", describe(window))
     sides = []
     for side_name, side in zip(("left", "right"), window):
         if side is None:
             sides.append(None)
             continue
-        if not _is_integer(side):
-            fail(TypeError, caller, "window", f"have an int >= 0 or None as its {side_name} side", _describe(side))
+        if not is_integer(side):
+            fail(TypeError, caller, "window", f"have an int >= 0 or None as its {side_name} side", describe(side))
         if side < 0:
             fail(ValueError, caller, "window", f"have a {side_name} side >= 0", repr(tuple(window)))
         sides.append(int(side))
@@ -184,7 +187,7 @@ def check_lengths(lengths, argument: str, batch: int, max_length: int, device: t
 
     The range is not checked while torch.compile traces (it reads the values)."""
     if not isinstance(lengths, torch.Tensor):
-        fail(TypeError, caller, argument, f"be an integer tensor of shape ({batch},)", _describe(lengths))
+        fail(TypeError, caller, argument, f"be an integer tensor of shape ({batch},)", describe(lengths))
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         fail(TypeError, caller, argument, "have an integer dtype (int32 or int64)", str(lengths.dtype))
     if lengths.shape != (batch,):
@@ -216,7 +219,7 @@ def check_seqlens(seqlens, batch: int, num_queries: int, num_keys: int, device: 
         return lengths, lengths
     if not isinstance(seqlens, (tuple, list)) or len(seqlens) != 2:
         fail(TypeError, caller, "seqlens", "be None, a (B,) integer tensor or a pair (seqlens_q, seqlens_k)",
-             _describe(seqlens))
+             describe(seqlens))
     seqlens_q, seqlens_k = seqlens
     if seqlens_q is not None:
         seqlens_q = check_lengths(seqlens_q, "seqlens[0]", batch, num_queries, device, caller)
@@ -231,7 +234,7 @@ def check_cu_seqlens(cu_seqlens, argument: str, total: int, device: torch.device
     Returns them as int32 on `device`. The values are not checked while torch.compile traces.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
-        fail(TypeError, caller, argument, "be an integer tensor of shape (B + 1,)", _describe(cu_seqlens))
+        fail(TypeError, caller, argument, "be an integer tensor of shape (B + 1,)", describe(cu_seqlens))
     if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
         fail(TypeError, caller, argument, "have an integer dtype (int32 or int64)", str(cu_seqlens.dtype))
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
@@ -253,8 +256,8 @@ def check_cu_seqlens(cu_seqlens, argument: str, total: int, device: torch.device
 def check_max_seqlen(max_seqlen, argument: str, cu_seqlens: torch.Tensor, caller: str) -> int:
     """Validate `max_seqlen`: an int no smaller than the longest sequence described by `cu_seqlens` (that bound
     is not checked while torch.compile traces)."""
-    if not _is_integer(max_seqlen):
-        fail(TypeError, caller, argument, "be an int", _describe(max_seqlen))
+    if not is_integer(max_seqlen):
+        fail(TypeError, caller, argument, "be an int", describe(max_seqlen))
     if not _reads_tensor_values():
         return int(max_seqlen)
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

@@ -154,7 +154,7 @@ def entmax_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     _check_cache(q, k_cache, v_cache)
     num_new = _check_new(k_new, v_new, k_cache)
     batch, num_slots = q.shape[0], k_cache.shape[2]
-    alpha, causal, scale, window, return_aux, backend = api._normalize_options(
+    alpha, causal, scale, window, return_aux, backend = api.normalize_options(
         q, alpha, causal, scale, window, return_aux, backend, _CALLER)
     cache_lengths = _cache_lengths(cache_seqlens, batch, num_slots, q.device)
     _check_room(cache_lengths, num_new, num_slots)

@@ -51,9 +51,9 @@ class HeadAlpha(nn.Module):
     def __init__(self, num_heads: int, init_alpha: Union[float, Sequence[float]] = 1.5, learnable: bool = True):
         super().__init__()
         caller = "HeadAlpha"
-        if not checks._is_integer(num_heads) or num_heads < 1:
+        if not checks.is_integer(num_heads) or num_heads < 1:
             checks.fail(ValueError, caller, "num_heads", "be an int >= 1", repr(num_heads))
-        if checks._is_real_number(init_alpha):
+        if checks.is_real_number(init_alpha):
             values = [float(init_alpha)] * num_heads
         else:
             values = [float(a) for a in torch.as_tensor(init_alpha, dtype=torch.float64).reshape(-1).tolist()]
@@ -104,9 +104,9 @@ class ASEntmaxScaling(nn.Module):
         caller = "ASEntmaxScaling"
         if mode not in ASENTMAX_MODES:
             checks.fail(ValueError, caller, "mode", f"be one of {ASENTMAX_MODES}", repr(mode))
-        if not (checks._is_real_number(init_beta) and init_beta > 0):
+        if not (checks.is_real_number(init_beta) and init_beta > 0):
             checks.fail(ValueError, caller, "init_beta", "be a float > 0", repr(init_beta))
-        if not (checks._is_real_number(init_gamma) and -2.0 < init_gamma < 2.0):
+        if not (checks.is_real_number(init_gamma) and -2.0 < init_gamma < 2.0):
             checks.fail(ValueError, caller, "init_gamma", "lie in (-2, 2)", repr(init_gamma))
         raw_beta, raw_gamma = _inverse_softplus(float(init_beta)), math.atanh(float(init_gamma) / 2.0)
         self.num_heads, self.mode = num_heads, mode
@@ -114,7 +114,7 @@ class ASEntmaxScaling(nn.Module):
             self.beta_raw = nn.Parameter(torch.full((num_heads,), raw_beta))
             self.gamma_raw = nn.Parameter(torch.full((num_heads,), raw_gamma))
             return
-        if not checks._is_integer(hidden_size) or hidden_size < 1:
+        if not checks.is_integer(hidden_size) or hidden_size < 1:
             checks.fail(ValueError, caller, "hidden_size", "be an int >= 1 for mode 'token'", repr(hidden_size))
         self.beta_proj = nn.Linear(hidden_size, num_heads)
         self.gamma_proj = nn.Linear(hidden_size, num_heads)
@@ -132,7 +132,7 @@ class ASEntmaxScaling(nn.Module):
         caller = "ASEntmaxScaling"
         if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.dim() not in (1, 2):
             checks.fail(TypeError, caller, "positions", "be an integer tensor (B, N) or (N,)",
-                        checks._describe(positions))
+                        checks.describe(positions))
         positions = positions.reshape(-1, positions.shape[-1]) if positions.dim() == 2 else positions[None]
         log_position = torch.log(positions.clamp(min=0).to(torch.float32) + 2.0)[:, None, :]  # (B, 1, N)
         if self.mode == "head":
@@ -141,7 +141,7 @@ class ASEntmaxScaling(nn.Module):
         else:
             if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
                 checks.fail(ValueError, caller, "hidden_states", "be a (B, N, hidden_size) tensor in mode 'token'",
-                            checks._describe(hidden_states))
+                            checks.describe(hidden_states))
             if hidden_states.shape[1] != positions.shape[-1]:
                 checks.fail(ValueError, caller, "hidden_states",
                             f"have N = {positions.shape[-1]} tokens (as positions)",
@@ -165,9 +165,9 @@ def query_positions(num_queries: int, position_offset, device: torch.device) -> 
     if isinstance(position_offset, torch.Tensor):
         if position_offset.is_floating_point() or position_offset.dim() != 1:
             checks.fail(TypeError, "query_positions", "position_offset", "be an int or an integer (B,) tensor",
-                        checks._describe(position_offset))
+                        checks.describe(position_offset))
         return position_offset.to(device=device, dtype=torch.int64)[:, None] + steps[None]
-    if not checks._is_integer(position_offset) or position_offset < 0:
+    if not checks.is_integer(position_offset) or position_offset < 0:
         checks.fail(ValueError, "query_positions", "position_offset", "be an int >= 0", repr(position_offset))
     return (steps + int(position_offset))[None]
 
@@ -235,7 +235,7 @@ class EntmaxAttention(nn.Module):
         """
         if q.dim() != 4 or q.shape[1] != self.num_heads:
             checks.fail(ValueError, "EntmaxAttention", "q", f"have shape (B, {self.num_heads}, Nq, D)",
-                        checks._describe(q))
+                        checks.describe(q))
         if self.asentmax is not None and positions is None:
             positions = query_positions(q.shape[2], position_offset, q.device)
         q = self.scale_queries(q, positions, hidden_states)
@@ -350,12 +350,12 @@ class MultiheadEntmaxAttention(nn.Module):
                  alpha: Union[float, Sequence[float]] = 1.5, learn_alpha: bool = False, backend: str = "auto"):
         super().__init__()
         caller = "MultiheadEntmaxAttention"
-        if not checks._is_integer(embed_dim) or embed_dim < 1:
+        if not checks.is_integer(embed_dim) or embed_dim < 1:
             checks.fail(ValueError, caller, "embed_dim", "be an int >= 1", repr(embed_dim))
-        if not checks._is_integer(num_heads) or num_heads < 1 or embed_dim % num_heads:
+        if not checks.is_integer(num_heads) or num_heads < 1 or embed_dim % num_heads:
             checks.fail(ValueError, caller, "num_heads", f"be an int >= 1 dividing embed_dim ({embed_dim})",
                         repr(num_heads))
-        if not (checks._is_real_number(dropout) and 0.0 <= dropout < 1.0):
+        if not (checks.is_real_number(dropout) and 0.0 <= dropout < 1.0):
             checks.fail(ValueError, caller, "dropout", "lie in [0, 1)", repr(dropout))
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
@@ -425,7 +425,7 @@ class MultiheadEntmaxAttention(nn.Module):
         caller = "MultiheadEntmaxAttention"
         for name, tensor in (("query", query), ("key", key), ("value", value)):
             if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (2, 3):
-                checks.fail(ValueError, caller, name, "be a 2-D (unbatched) or 3-D tensor", checks._describe(tensor))
+                checks.fail(ValueError, caller, name, "be a 2-D (unbatched) or 3-D tensor", checks.describe(tensor))
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

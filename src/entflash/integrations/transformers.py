@@ -168,7 +168,7 @@ def _layer_window(causal: bool, sliding_window) -> Optional[Tuple[int, int]]:
     """transformers' sliding_window w -> entmax window (left, right)."""
     if sliding_window is None:
         return None
-    if not checks._is_integer(sliding_window) or sliding_window < 1:
+    if not checks.is_integer(sliding_window) or sliding_window < 1:
         checks.fail(ValueError, "entmax attention", "sliding_window", "be an int >= 1 or None", repr(sliding_window))
     return (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
 
@@ -436,14 +436,14 @@ def register(name: str = "entmax", alpha=1.5, backend: str = "auto") -> str:
 def _head_count(module: nn.Module, model: nn.Module) -> Optional[int]:
     for attribute in ("num_heads", "num_attention_heads", "n_head"):
         value = getattr(module, attribute, None)
-        if checks._is_integer(value):
+        if checks.is_integer(value):
             return int(value)
     for config in (getattr(module, "config", None), getattr(model, "config", None)):
         if config is None:
             continue
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         value = getattr(text_config, "num_attention_heads", None)
-        if checks._is_integer(value):
+        if checks.is_integer(value):
             return int(value)
     return None
 
@@ -486,7 +486,7 @@ def add_learnable_alpha(model: nn.Module, init_alpha: Union[float, List[float]] 
     """
     caller = "add_learnable_alpha"
     if not isinstance(model, nn.Module):
-        checks.fail(TypeError, caller, "model", "be a torch.nn.Module", checks._describe(model))
+        checks.fail(TypeError, caller, "model", "be a torch.nn.Module", checks.describe(model))
     mode = {False: None, None: None, True: "head", "head": "head", "token": "token"}.get(asentmax, "invalid")
     if mode == "invalid":
         checks.fail(ValueError, caller, "asentmax", "be False, True, 'head' or 'token'", repr(asentmax))
