@@ -40,6 +40,7 @@ from torch import nn
 from entflash import checks
 from entflash.api import entmax_attention, entmax_attention_varlen
 from entflash.nn import EntmaxAttention, dense_entmax_attention
+from entflash.reference.attention import visibility_mask
 
 # Attribute under which add_learnable_alpha stores the per-layer parameters.
 PARAMETERS_ATTRIBUTE = "entflash"
@@ -186,15 +187,9 @@ def _is_contiguous(valid: torch.Tensor) -> bool:
 
 
 def _dense_keep(num_queries: int, num_keys: int, causal: bool, window, device, key_valid=None, segments=None):
-    """Dense visibility (B or 1, 1, Nq, Nk) for self-attention whose queries are the last Nq of the Nk keys."""
-    query = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
-    key = torch.arange(num_keys, device=device)[None]
-    keep = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device)
-    if causal:
-        keep = keep & (key <= query)
-    if window is not None:
-        keep = keep & (key >= query - window[0]) & (key <= query + window[1])
-    keep = keep[None]
+    """Dense visibility (B or 1, 1, Nq, Nk) for self-attention whose queries are the last Nq of the Nk keys: the
+    causal / window rule of the reference (bottom-right aligned), then the key padding and the packed segments."""
+    keep = visibility_mask(0, num_queries, num_queries, num_keys, causal, window, None, None, device)
     if key_valid is not None:
         keep = keep & key_valid[:, None, :]
     if segments is not None:
