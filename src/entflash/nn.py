@@ -22,6 +22,7 @@ from torch import nn
 from entflash import checks
 from entflash.api import entmax_attention
 from entflash.reference import rowwise
+from entflash.reference.attention import compute_dtype_for
 
 # Learnable alpha stays inside (1 + ALPHA_MARGIN, 2]: the alpha gradient is singular at alpha = 1.
 ALPHA_MARGIN = 1e-4
@@ -269,7 +270,7 @@ def dense_entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     checks.check_qkv(q, k, v, caller)
     alpha = checks.check_alpha(alpha, q.shape[1], q.device, caller)
     scale = checks.check_scale(scale, q.shape[-1], caller)
-    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute_dtype = compute_dtype_for(q.dtype)
     keys = _repeat_kv_heads(k, q.shape[1]).to(compute_dtype)
     values = _repeat_kv_heads(v, q.shape[1]).to(compute_dtype)
     scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
