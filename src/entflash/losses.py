@@ -71,8 +71,6 @@ def _reference_row_losses(rows: torch.Tensor, target: torch.Tensor, alpha, ignor
     return torch.where(kept, losses, torch.zeros_like(losses))
 
 
-# (accepts(rows, alpha) -> bool, row_losses(rows, target, alpha, ignore_index, label_smoothing) -> (R,)):
-# the first entry whose predicate accepts the (R, C) logits and alpha (float or (R, 1) tensor) runs.
 def _fused_row_losses(rows: torch.Tensor, target: torch.Tensor, alpha: float, ignore_index: int,
                       label_smoothing: float) -> torch.Tensor:
     """Fenchel-Young loss of each row with the fused Triton kernel (p never stored); (R,) float32."""
@@ -80,6 +78,8 @@ def _fused_row_losses(rows: torch.Tensor, target: torch.Tensor, alpha: float, ig
     return fused_entmax_loss(rows, target, alpha, ignore_index, label_smoothing, "none")
 
 
+# (accepts(rows, alpha) -> bool, row_losses(rows, target, alpha, ignore_index, label_smoothing) -> (R,)):
+# the first entry whose predicate accepts the (R, C) logits and alpha (float or (R, 1) tensor) runs.
 _ROW_LOSSES = (
     # CUDA 16/32-bit logits with a python-float alpha: fused kernel (it has no alpha gradient); else exact
     (lambda rows, alpha: rows.is_cuda and rows.dtype != torch.float64 and not isinstance(alpha, torch.Tensor),

@@ -15,13 +15,14 @@ import torch
 from entflash.checks import FLOAT_DTYPES, fail
 from entflash.reference import rowwise as reference
 
-# (accepts(x, alpha) -> bool, impl(x, alpha, dim) -> p): the first entry whose predicate accepts runs.
+
 def _fused_entmax(x: torch.Tensor, alpha, dim: int) -> torch.Tensor:
     """The fused Triton kernels (imported on first use, so CPU-only installs never load Triton)."""
     from entflash.kernels.rowwise import fused_entmax
     return fused_entmax(x, alpha, dim)
 
 
+# (accepts(x, alpha) -> bool, impl(x, alpha, dim) -> p): the first entry whose predicate accepts runs.
 _IMPLEMENTATIONS = (
     # CUDA tensors of 16/32-bit floats: fused kernels; float64 and every other device: the exact reference
     (lambda x, alpha: x.is_cuda and x.dtype != torch.float64, _fused_entmax),
