@@ -110,6 +110,27 @@ def check_packed_qkv(q, k, v, caller: str) -> None:
     _check_heads_and_dims(q.shape, k.shape, v.shape, caller, head_axis=1)
 
 
+def check_rows_input(x, dim, caller: str, argument: str = "x") -> int:
+    """Validate the input of a row-wise op (entmax, the entmax losses): a floating tensor with at least one
+    dimension, ``dim`` an int in range and at least one entry along it. Returns ``dim`` as a non-negative axis."""
+    if not isinstance(x, torch.Tensor):
+        fail(TypeError, caller, argument, "be a torch.Tensor", type(x).__name__)
+    if x.dtype not in FLOAT_DTYPES:
+        fail(TypeError, caller, argument, "have a floating dtype (float16, bfloat16, float32 or float64)",
+             str(x.dtype))
+    if x.dim() == 0:
+        fail(ValueError, caller, argument, "have at least one dimension", "a 0-dim tensor")
+    if not is_integer(dim):
+        fail(TypeError, caller, "dim", "be an int", describe(dim))
+    if not -x.dim() <= dim < x.dim():
+        fail(ValueError, caller, "dim", f"lie in [{-x.dim()}, {x.dim()}) for `{argument}` of shape {tuple(x.shape)}",
+             repr(dim))
+    dim = int(dim) % x.dim()
+    if x.shape[dim] == 0:
+        fail(ValueError, caller, argument, f"have at least one entry along dim={dim}", f"shape {tuple(x.shape)}")
+    return dim
+
+
 def check_flag(value, argument: str, caller: str) -> bool:
     """Check a boolean option (`causal`, `return_aux`)."""
     if not isinstance(value, bool):

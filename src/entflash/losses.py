@@ -16,9 +16,9 @@ import numbers
 
 import torch
 
-from entflash.checks import fail
+from entflash.checks import check_rows_input, fail
 from entflash.reference.rowwise import compute_dtype
-from entflash.rowwise import check_rows_input, dispatch_entmax, normalize_alpha
+from entflash.rowwise import dispatch_entmax, normalize_alpha
 
 _REDUCTIONS = ("none", "mean", "sum")
 

@@ -12,7 +12,7 @@ import numbers
 
 import torch
 
-from entflash.checks import FLOAT_DTYPES, fail
+from entflash.checks import check_rows_input, fail
 from entflash.reference import rowwise as reference
 
 
@@ -28,27 +28,6 @@ _IMPLEMENTATIONS = (
     (lambda x, alpha: x.is_cuda and x.dtype != torch.float64, _fused_entmax),
     (lambda x, alpha: True, reference.entmax),
 )
-
-
-def check_rows_input(x, dim, caller: str, argument: str = "x") -> int:
-    """Validate a row-wise input: a floating tensor with at least one dimension, ``dim`` an int in range and
-    at least one entry along it. Returns ``dim`` as a non-negative axis index."""
-    if not isinstance(x, torch.Tensor):
-        fail(TypeError, caller, argument, "be a torch.Tensor", type(x).__name__)
-    if x.dtype not in FLOAT_DTYPES:
-        fail(TypeError, caller, argument, "have a floating dtype (float16, bfloat16, float32 or float64)",
-             str(x.dtype))
-    if x.dim() == 0:
-        fail(ValueError, caller, argument, "have at least one dimension", "a 0-dim tensor")
-    if not isinstance(dim, numbers.Integral) or isinstance(dim, bool):
-        fail(TypeError, caller, "dim", "be an int", f"{dim!r} ({type(dim).__name__})")
-    if not -x.dim() <= dim < x.dim():
-        fail(ValueError, caller, "dim", f"lie in [{-x.dim()}, {x.dim()}) for `{argument}` of shape {tuple(x.shape)}",
-             repr(dim))
-    dim = int(dim) % x.dim()
-    if x.shape[dim] == 0:
-        fail(ValueError, caller, argument, f"have at least one entry along dim={dim}", f"shape {tuple(x.shape)}")
-    return dim
 
 
 def normalize_alpha(alpha, x: torch.Tensor, dim: int, caller: str, argument: str = "x"):
