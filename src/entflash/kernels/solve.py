@@ -108,8 +108,9 @@ def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, newton_iters=1):
     q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D); alpha_t: (Hq,) float32; row_max, tile_max: from
     sweep.dense_sweep. Returns (tau, tau_low), both (B, Hq, Nq) float32 in tau units (+inf for rows
     without a visible key): tau is <= the root up to rounding, and within ~1e-5 of it after one Newton
-    pass (the output sweep's closing correction squares that error); tau_low (<= tau) is a guaranteed lower bound, minus a
-    rounding margin, that decides which tiles may hold non-zeros.
+    pass (the output sweep's closing correction squares that error); tau_low (<= tau) is a guaranteed
+    lower bound, minus a rounding margin, that decides which tiles may hold non-zeros.
+    newton_iters: Newton passes after the histogram bound (0 returns the bound itself).
     """
     B, H, Nq, D = q.shape
     tau = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
