@@ -1,8 +1,8 @@
 """Fused Triton backward (entflash.kernels.backward) against autograd through a dense float64 oracle.
 
-Everything the forward would save (tau, tile map, O2, S, O3, Hrow) is built here from a dense float64
-materialized computation, so these tests do not depend on the forward kernels. On CPU the kernels run
-through Triton's interpreter (tests/conftest.py); the `gpu` group runs at real shapes on a CUDA device.
+Everything the forward would save (tau, tile map, O2, S) is built here from a dense float64 materialized
+computation, so these tests do not depend on the forward kernels. On CPU the kernels run through Triton's
+interpreter (tests/conftest.py); the `gpu` group runs at real shapes on a CUDA device.
 """
 from __future__ import annotations
 
@@ -47,9 +47,8 @@ def tile_map_of(p, block=64):
 def oracle(q, k, v, dout, alpha, causal, scale, window=None, seqlens_q=None, seqlens_k=None):
     """Dense float64 entmax attention: the forward's saved tensors and autograd gradients.
 
-    alpha: float or (Hq,) tensor. Returns (saved, grads): saved holds out, tau, tile_map, o2, s, o3, h
-    (float32 where the forward would save float32, out in q's dtype); grads holds float64 dq, dk, dv and
-    dalpha (Hq,).
+    alpha: float or (Hq,) tensor. Returns (saved, grads): saved holds tau, tile_map, o2 and s (float32
+    where the forward saves float32); grads holds float64 dq, dk, dv and dalpha (Hq,).
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -73,10 +72,7 @@ def oracle(q, k, v, dout, alpha, causal, scale, window=None, seqlens_q=None, seq
         t_j = torch.where(sup, x - p.clamp_min(1e-300) ** am1, 0.0)
         tau = (t_j.sum(-1) / sup.sum(-1).clamp_min(1)).masked_fill(~live.squeeze(-1), math.inf)
         s = torch.where(sup, p.clamp_min(1e-300) ** (2 - a), 0.0)
-        plogp = torch.where(sup, p * p.clamp_min(1e-300).log(), 0.0)
-        saved = dict(out=o.to(q.dtype), tau=tau.float(), tile_map=tile_map_of(p),
-                     o2=(s @ vv).float(), s=s.sum(-1).float(),
-                     o3=(plogp @ vv).float(), h=plogp.sum(-1).float(), p=p)
+        saved = dict(tau=tau.float(), tile_map=tile_map_of(p), o2=(s @ vv).float(), s=s.sum(-1).float())
     grads = dict(dq=q64.grad, dk=k64.grad, dv=v64.grad, dalpha=a.grad.view(Hq))
     return saved, grads
 
