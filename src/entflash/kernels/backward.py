@@ -85,7 +85,7 @@ def _delta_kernel(DO, O2, S, DELTA,
 
 @triton.jit
 def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m0, n0, offs_d, dmask,
-               s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp, Nq, Lq, Lk, off, wl, wr,
+               s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp, Lq, Lk, off, wl, wr,
                BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
                ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -163,7 +163,7 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SE
             for sub in tl.static_range(QB // BM):
                 dk, dv = _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m * QB + sub * BM,
                                     n * BN, offs_d, dmask, s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp,
-                                    Nq, Lq, Lk, off, wl, wr, BM, BN, CAUSAL, HAS_WL, HAS_WR,
+                                    Lq, Lk, off, wl, wr, BM, BN, CAUSAL, HAS_WL, HAS_WR,
                                     ALPHA_MODE, DOT_PREC, UPCAST)
     dk = dk * scale
     tl.store(DK + b64 * s_dkb + kvh * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
@@ -372,8 +372,7 @@ def _pick_blocks(D: int, dtype: torch.dtype):
 
 
 def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causal, scale,
-                       window, seqlens_q, seqlens_k, *, alpha_requires_grad=False, deterministic=False,
-                       blocks=None):
+                       window, seqlens_q, seqlens_k, *, alpha_requires_grad=False, blocks=None):
     """Gradients of alpha-entmax attention, visiting only the tiles the forward's tile map marks.
 
     Shapes and dtypes (any strides):
@@ -395,10 +394,8 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     dalpha (Hq,) float32 when alpha_requires_grad else None. Fully masked rows contribute nothing.
 
     Deterministic: the dK/dV kernel sums the GQA group inside one program and dQ has its own kernel, so
-    no atomics are used and every sum has a fixed order; results are bit-identical run to run whether
-    or not `deterministic` is set (the flag is accepted for API symmetry).
+    no atomics are used and every sum has a fixed order; results are bit-identical run to run.
     """
-    del deterministic  # always deterministic (see docstring)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"attention_backward: q must be float16, bfloat16 or float32, got {q.dtype}")
     B, Hq, Nq, D = q.shape
