@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from entflash.kernels.common import LN2, entmax_s, mma, visible_mask
-from entflash.kernels.launch import interpreting
+from entflash.kernels.launch import alpha_mode, interpreting
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 
@@ -332,7 +332,7 @@ def _alloc_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def _alpha_tables(alpha, Hq: int, scale: float, device):
-    """Per-head fp32 tables alpha-1, (alpha-1)*scale, (2-alpha)/(alpha-1), and the ALPHA_MODE fast-path id.
+    """Per-head fp32 tables alpha-1, (alpha-1)*scale, (2-alpha)/(alpha-1), and the ALPHA_MODE (launch.alpha_mode).
 
     A tensor alpha is converted on its device; a float alpha's table is cached per (alpha, Hq, scale,
     device), so repeated backward calls make no host-to-device copy (a pageable copy would stall the
@@ -340,9 +340,8 @@ def _alpha_tables(alpha, Hq: int, scale: float, device):
     if isinstance(alpha, torch.Tensor):
         a = alpha.detach().to(device=device, dtype=torch.float64).reshape(-1).expand(Hq)
         am1 = a - 1.0
-        return torch.stack([am1, am1 * scale, (2.0 - a) / am1]).float().unbind(0), 0
-    mode = 1 if float(alpha) == 1.5 else 2 if float(alpha) == 2.0 else 0
-    return _float_alpha_table(float(alpha), Hq, float(scale), device), mode
+        return torch.stack([am1, am1 * scale, (2.0 - a) / am1]).float().unbind(0), alpha_mode(alpha)
+    return _float_alpha_table(float(alpha), Hq, float(scale), device), alpha_mode(alpha)
 
 
 @functools.lru_cache(maxsize=64)
