@@ -158,8 +158,15 @@ def check_alpha(alpha, num_heads: int, device: torch.device, caller: str):
             fail(ValueError, caller, "alpha", "lie in (1, 2] for every head",
                  f"values {[round(a, 6) for a in values.reshape(-1).tolist()]}")
         return alpha.expand(num_heads) if alpha.dim() == 0 else alpha
+    return check_alpha_number(alpha, caller, "be a float in (1, 2] or a tensor of shape (Hq,)")
+
+
+def check_alpha_number(alpha, caller: str, expectation: str) -> float:
+    """Validate a non-tensor alpha: a real number in (1, 2]; return it as a float.
+
+    expectation: what the TypeError says `alpha` must be (the tensor forms differ between callers)."""
     if not is_real_number(alpha):
-        fail(TypeError, caller, "alpha", "be a float in (1, 2] or a tensor of shape (Hq,)", describe(alpha))
+        fail(TypeError, caller, "alpha", expectation, describe(alpha))
     if not 1.0 < float(alpha) <= 2.0:
         fail(ValueError, caller, "alpha", "lie in (1, 2] (1 would be softmax, 2 is sparsemax)", repr(alpha))
     return float(alpha)

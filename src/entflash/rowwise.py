@@ -8,11 +8,9 @@ predicate that says which inputs each takes, fastest first. The exact PyTorch re
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from entflash.checks import check_rows_input, fail
+from entflash.checks import check_alpha_number, check_rows_input, fail
 from entflash.reference import rowwise as reference
 
 
@@ -39,12 +37,7 @@ def normalize_alpha(alpha, x: torch.Tensor, dim: int, caller: str, argument: str
     (a differentiable view of alpha: gradients reach the caller's tensor in its own shape).
     """
     if not isinstance(alpha, torch.Tensor):
-        if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
-            fail(TypeError, caller, "alpha", "be a float in (1, 2] or a floating tensor",
-                 f"{alpha!r} ({type(alpha).__name__})")
-        if not 1.0 < float(alpha) <= 2.0:
-            fail(ValueError, caller, "alpha", "lie in (1, 2] (1 would be softmax, 2 is sparsemax)", repr(alpha))
-        return float(alpha)
+        return check_alpha_number(alpha, caller, "be a float in (1, 2] or a floating tensor")
     if not alpha.is_floating_point():
         fail(TypeError, caller, "alpha", "be a floating tensor", str(alpha.dtype))
     if alpha.device != x.device:
