@@ -64,41 +64,48 @@ def check_tensor(value, argument: str, caller: str, dims: int, layout: str) -> t
     return value
 
 
-def _check_same_dtype_and_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caller: str) -> None:
-    for name, tensor in (("k", k), ("v", v)):
+def _check_same_dtype_and_device(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caller: str,
+                                 names: Tuple[str, str, str] = ("q", "k", "v")) -> None:
+    q_name = names[0]
+    for name, tensor in zip(names[1:], (k, v)):
         if tensor.dtype != q.dtype:
-            fail(TypeError, caller, name, f"have the same dtype as `q` ({q.dtype})", str(tensor.dtype))
+            fail(TypeError, caller, name, f"have the same dtype as `{q_name}` ({q.dtype})", str(tensor.dtype))
         if tensor.device != q.device:
-            fail(ValueError, caller, name, f"be on the same device as `q` ({q.device})", str(tensor.device))
+            fail(ValueError, caller, name, f"be on the same device as `{q_name}` ({q.device})", str(tensor.device))
 
 
-def _check_heads_and_dims(q_shape, k_shape, v_shape, caller: str, head_axis: int) -> None:
-    """Compare the head counts and head dims of q, k, v (head axis `head_axis`, head dim last)."""
+def _check_heads_and_dims(q_shape, k_shape, v_shape, caller: str, head_axis: int,
+                          names: Tuple[str, str, str] = ("q", "k", "v")) -> None:
+    """Compare the head counts and head dims of q, k, v (head axis `head_axis`, head dim last); `names` are
+    their user-facing names."""
+    q_name, k_name, v_name = names
     if v_shape[:-1] != k_shape[:-1]:
-        fail(ValueError, caller, "v", f"have the same shape as `k` {tuple(k_shape)} except the last dim",
+        fail(ValueError, caller, v_name, f"have the same shape as `{k_name}` {tuple(k_shape)} except the last dim",
              f"shape {tuple(v_shape)}")
     if k_shape[-1] != q_shape[-1]:
-        fail(ValueError, caller, "k", f"have the head dim of `q` ({q_shape[-1]})", f"shape {tuple(k_shape)}")
+        fail(ValueError, caller, k_name, f"have the head dim of `{q_name}` ({q_shape[-1]})", f"shape {tuple(k_shape)}")
     if v_shape[-1] != q_shape[-1]:
-        fail(ValueError, caller, "v", f"have the head dim of `q` ({q_shape[-1]})", f"shape {tuple(v_shape)}")
+        fail(ValueError, caller, v_name, f"have the head dim of `{q_name}` ({q_shape[-1]})", f"shape {tuple(v_shape)}")
     if q_shape[-1] == 0:
-        fail(ValueError, caller, "q", "have a head dim of at least 1", f"shape {tuple(q_shape)}")
+        fail(ValueError, caller, q_name, "have a head dim of at least 1", f"shape {tuple(q_shape)}")
     num_q_heads, num_kv_heads = q_shape[head_axis], k_shape[head_axis]
     if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
-        fail(ValueError, caller, "k", f"have a head count dividing the {num_q_heads} heads of `q` (GQA)",
+        fail(ValueError, caller, k_name, f"have a head count dividing the {num_q_heads} heads of `{q_name}` (GQA)",
              f"{num_kv_heads} heads (shape {tuple(k_shape)})")
 
 
-def check_qkv(q, k, v, caller: str) -> None:
+def check_qkv(q, k, v, caller: str, names: Tuple[str, str, str] = ("q", "k", "v")) -> None:
     """Validate padded attention inputs: q (B, Hq, Nq, D), k and v (B, Hkv, Nk, D), Hq % Hkv == 0,
-    one floating dtype and one device for all three."""
-    check_tensor(q, "q", caller, 4, "(B, Hq, Nq, D)")
-    check_tensor(k, "k", caller, 4, "(B, Hkv, Nk, D)")
-    check_tensor(v, "v", caller, 4, "(B, Hkv, Nk, D)")
-    _check_same_dtype_and_device(q, k, v, caller)
+    one floating dtype and one device for all three. `names`: what messages call q, k, v (e.g. the KV caches)."""
+    q_name, k_name, v_name = names
+    check_tensor(q, q_name, caller, 4, "(B, Hq, Nq, D)")
+    check_tensor(k, k_name, caller, 4, "(B, Hkv, Nk, D)")
+    check_tensor(v, v_name, caller, 4, "(B, Hkv, Nk, D)")
+    _check_same_dtype_and_device(q, k, v, caller, names)
     if k.shape[0] != q.shape[0]:
-        fail(ValueError, caller, "k", f"have the batch size of `q` ({q.shape[0]})", f"shape {tuple(k.shape)}")
-    _check_heads_and_dims(q.shape, k.shape, v.shape, caller, head_axis=1)
+        fail(ValueError, caller, k_name, f"have the batch size of `{q_name}` ({q.shape[0]})",
+             f"shape {tuple(k.shape)}")
+    _check_heads_and_dims(q.shape, k.shape, v.shape, caller, head_axis=1, names=names)
 
 
 def check_packed_qkv(q, k, v, caller: str) -> None:

@@ -19,31 +19,6 @@ from entflash import api, checks
 _CALLER = "entmax_attention_with_kvcache"
 
 
-def _check_cache(q: torch.Tensor, k_cache, v_cache) -> None:
-    """Validate q (B, Hq, Nq, D) and the caches (B, Hkv, Ncache, D): one dtype and device, Hq % Hkv == 0."""
-    checks.check_tensor(q, "q", _CALLER, 4, "(B, Hq, Nq, D)")
-    checks.check_tensor(k_cache, "k_cache", _CALLER, 4, "(B, Hkv, Ncache, D)")
-    checks.check_tensor(v_cache, "v_cache", _CALLER, 4, "(B, Hkv, Ncache, D)")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if cache.dtype != q.dtype:
-            checks.fail(TypeError, _CALLER, name, f"have the dtype of `q` ({q.dtype})", str(cache.dtype))
-        if cache.device != q.device:
-            checks.fail(ValueError, _CALLER, name, f"be on the device of `q` ({q.device})", str(cache.device))
-    batch, num_q_heads, _, head_dim = q.shape
-    if head_dim == 0:
-        checks.fail(ValueError, _CALLER, "q", "have a head dim of at least 1", f"shape {tuple(q.shape)}")
-    if k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
-        checks.fail(ValueError, _CALLER, "k_cache", f"have the batch size ({batch}) and head dim ({head_dim}) of `q`",
-                    f"shape {tuple(k_cache.shape)}")
-    num_kv_heads = k_cache.shape[1]
-    if num_kv_heads == 0 or num_q_heads % num_kv_heads != 0:
-        checks.fail(ValueError, _CALLER, "k_cache", f"have a head count dividing the {num_q_heads} heads of `q` "
-                    "(GQA)", f"{num_kv_heads} heads (shape {tuple(k_cache.shape)})")
-    if v_cache.shape != k_cache.shape:
-        checks.fail(ValueError, _CALLER, "v_cache", f"have the shape of `k_cache` {tuple(k_cache.shape)}",
-                    f"shape {tuple(v_cache.shape)}")
-
-
 def _check_new(k_new, v_new, k_cache: torch.Tensor) -> int:
     """Validate the optional new keys/values (B, Hkv, Nnew, D) against the cache; return Nnew (0 when absent)."""
     if k_new is None and v_new is None:
@@ -151,7 +126,7 @@ def entmax_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     64 x 64 "tile_map" (B, Hq, ceil(Nq/64), ceil(Ncache/64)). Every argument is validated before the cache is
     written, so a call that raises leaves the cache as it was.
     """
-    _check_cache(q, k_cache, v_cache)
+    checks.check_qkv(q, k_cache, v_cache, _CALLER, names=("q", "k_cache", "v_cache"))
     num_new = _check_new(k_new, v_new, k_cache)
     batch, num_slots = q.shape[0], k_cache.shape[2]
     alpha, causal, scale, window, return_aux, backend = api.normalize_options(
