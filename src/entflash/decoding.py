@@ -9,7 +9,6 @@ each sequence (seqlens=(None, lengths)), so the same torch / fused backends and 
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
@@ -53,14 +52,14 @@ def _cache_lengths(cache_seqlens, batch: int, num_slots: int, device: torch.devi
     """
     if cache_seqlens is None:
         return torch.full((batch,), num_slots, dtype=torch.int32, device=device)
-    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, bool):
+    if checks.is_integer(cache_seqlens):
         if not 0 <= cache_seqlens <= num_slots:
             checks.fail(ValueError, _CALLER, "cache_seqlens", f"lie in [0, {num_slots}] (Ncache of `k_cache`)",
                         repr(cache_seqlens))
         return torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=device)
     if not isinstance(cache_seqlens, torch.Tensor):
         checks.fail(TypeError, _CALLER, "cache_seqlens", f"be None, an int or an integer tensor of shape ({batch},)",
-                    f"{cache_seqlens!r} ({type(cache_seqlens).__name__})")
+                    checks.describe(cache_seqlens))
     return checks.check_lengths(cache_seqlens, "cache_seqlens", batch, num_slots, device, _CALLER)
 
 

@@ -12,11 +12,9 @@ Layout and options follow torch.nn.functional.cross_entropy. Row losses are comp
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from entflash.checks import check_rows_input, fail
+from entflash.checks import check_rows_input, describe, fail, is_integer, is_real_number
 from entflash.reference.rowwise import compute_dtype
 from entflash.rowwise import dispatch_entmax, normalize_alpha
 
@@ -110,13 +108,12 @@ def _check_target(target, logits: torch.Tensor, class_dim: int, ignore_index: in
 
 
 def _check_options(ignore_index, reduction, label_smoothing, caller: str) -> None:
-    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
-        fail(TypeError, caller, "ignore_index", "be an int", f"{ignore_index!r} ({type(ignore_index).__name__})")
+    if not is_integer(ignore_index):
+        fail(TypeError, caller, "ignore_index", "be an int", describe(ignore_index))
     if reduction not in _REDUCTIONS:
         fail(ValueError, caller, "reduction", f"be one of {_REDUCTIONS}", repr(reduction))
-    if not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool):
-        fail(TypeError, caller, "label_smoothing", "be a float in [0, 1]",
-             f"{label_smoothing!r} ({type(label_smoothing).__name__})")
+    if not is_real_number(label_smoothing):
+        fail(TypeError, caller, "label_smoothing", "be a float in [0, 1]", describe(label_smoothing))
     if not 0.0 <= float(label_smoothing) <= 1.0:
         fail(ValueError, caller, "label_smoothing", "lie in [0, 1]", repr(label_smoothing))
 
