@@ -250,7 +250,6 @@ def _alpha_gradient_rows(problem: _Problem, shifted, probs, normalized_slopes, g
     return (grad_probs * weighted).sum(-1)
 
 
-
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha, causal: bool, scale: float, window,
                       seqlens_q: Optional[torch.Tensor], seqlens_k: Optional[torch.Tensor],
                       chunk_rows: Optional[int] = None):
@@ -281,7 +280,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     dq, dk, dv, dalpha = _backward(problem, q, k, v, problem.grouped(tau), grad_out, need_q, need_k, need_v,
                                    need_alpha)
     return (dq.to(q.dtype).contiguous() if need_q else None, dk.to(k.dtype) if need_k else None,
-            dv.to(v.dtype) if need_v else None, dalpha if need_alpha else None)
+            dv.to(v.dtype) if need_v else None, dalpha)
 
 
 # The "torch" backend as torch custom ops (argument encoding: entflash.custom_ops). chunk_rows 0 = automatic.
