@@ -499,7 +499,7 @@ class MultiheadEntmaxAttention(nn.Module):
 
     def _additive_mask(self, attn_mask, key_padding_mask, is_causal, batch, num_queries, num_keys, q):
         """All masks merged into one additive float mask broadcastable to (N, H, L, S), or None."""
-        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype_for(q.dtype)
         bias = None
         if attn_mask is not None:
             bias = _as_additive(attn_mask, dtype)
