@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import LN2, entmax_s, mma, visible_mask
-from entflash.kernels.launch import alpha_mode, interpreting
+from entflash.kernels.common import LN2, entmax_s, mma, valid_lengths, visible_mask
+from entflash.kernels.launch import alpha_mode, dot_args, interpreting, mask_args
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 
@@ -32,28 +32,16 @@ MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _tile_interior(m0, n0, BM: tl.constexpr, BN: tl.constexpr, Lq, Lk, off, wl, wr,
-                   CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+                   CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr):
     """Does query i see key j for every i in [m0, m0+BM) and j in [n0, n0+BN)? (scalar bool)"""
     full = (m0 + BM <= Lq) & (n0 + BN <= Lk)
     if CAUSAL:
         full = full & (n0 + BN - 1 <= m0 + off)
-    if HAS_WL:
+    if WIN_LEFT:
         full = full & (n0 >= m0 + BM - 1 + off - wl)
-    if HAS_WR:
+    if WIN_RIGHT:
         full = full & (n0 + BN - 1 <= m0 + off + wr)
     return full
-
-
-@triton.jit
-def _bwd_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_SEQ: tl.constexpr):
-    """Valid query/key lengths of batch b and the bottom-right offset Lk - Lq."""
-    if HAS_SEQ:
-        Lq = tl.load(SEQQ + b)
-        Lk = tl.load(SEQK + b)
-    else:
-        Lq = Nq
-        Lk = Nk
-    return Lq, Lk, Lk - Lq
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +75,7 @@ def _delta_kernel(DO, O2, S, DELTA,
 def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m0, n0, offs_d, dmask,
                s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp, Lq, Lk, off, wl, wr,
                BM: tl.constexpr, BN: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+               CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Add the tile of queries [m0, m0+BM) x keys [n0, n0+BN) to dK (unscaled) and dV; the tile is kept
     transposed (keys are rows). Interior tiles skip the visibility mask."""
@@ -102,8 +90,8 @@ def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m0, n0, offs_d, dm
     zero = tl.zeros([offs_n.shape[0], offs_m.shape[0]], dtype=tl.float32)
     x = coef * mma(k, tl.trans(q), zero, DOT_PREC, UPCAST) - tau[None, :]
     u = tl.maximum(x, 0.0)
-    if not _tile_interior(m0, n0, BM, BN, Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR):
-        vis = tl.trans(visible_mask(offs_m, offs_n, Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR))
+    if not _tile_interior(m0, n0, BM, BN, Lq, Lk, off, wl, wr, CAUSAL, WIN_LEFT, WIN_RIGHT):
+        vis = tl.trans(visible_mask(offs_m, offs_n, Lq, Lk, off, wl, wr, CAUSAL, WIN_LEFT, WIN_RIGHT))
         u = tl.where(vis, u, 0.0)
     s = entmax_s(u, sexp, ALPHA_MODE)
     dv = mma((u * s).to(do.dtype), do, dv, DOT_PREC, UPCAST)
@@ -124,8 +112,8 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SE
                  s_dvb, s_dvh, s_dvn, s_dvd,
                  Hq, Hkv, G, Nq, Nk, D, n_kblocks, n_qblocks, wl, wr, scale,
                  QB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                 CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-                 HAS_SEQ: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+                 CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                 HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
                  UPCAST: tl.constexpr):
     """dK, dV of one (batch, kv head, key block of BN), summed over the query heads of its group.
 
@@ -135,7 +123,7 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SE
     n = tl.program_id(1)
     b = bkv // Hkv
     kvh = bkv % Hkv
-    Lq, Lk, off = _bwd_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_SEQ)
+    Lq, Lk, off = valid_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_LQ, HAS_LK)
     b64 = b.to(tl.int64)
     offs_n = n * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
@@ -163,7 +151,7 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SE
             for sub in tl.static_range(QB // BM):
                 dk, dv = _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m * QB + sub * BM,
                                     n * BN, offs_d, dmask, s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp,
-                                    Lq, Lk, off, wl, wr, BM, BN, CAUSAL, HAS_WL, HAS_WR,
+                                    Lq, Lk, off, wl, wr, BM, BN, CAUSAL, WIN_LEFT, WIN_RIGHT,
                                     ALPHA_MODE, DOT_PREC, UPCAST)
     dk = dk * scale
     tl.store(DK + b64 * s_dkb + kvh * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
@@ -176,7 +164,7 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SE
 def _dq_step(q, do, tau, delta, dq, k_base, v_base, m0, n0, offs_d, dmask,
              s_kn, s_kd, s_vn, s_vd, coef, sexp, Lq, Lk, off, wl, wr,
              BM: tl.constexpr, BN: tl.constexpr,
-             CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+             CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
              ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Add the tile of queries [m0, m0+BM) x keys [n0, n0+BN) to dQ (unscaled); interior tiles skip
     the visibility mask. Returns (dq, g, u, s): g = dO v^T, u = [x - tau]_+ and s = p^(2-alpha) of the
@@ -189,8 +177,8 @@ def _dq_step(q, do, tau, delta, dq, k_base, v_base, m0, n0, offs_d, dmask,
     zero = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.float32)
     x = coef * mma(q, tl.trans(k), zero, DOT_PREC, UPCAST) - tau[:, None]
     u = tl.maximum(x, 0.0)
-    if not _tile_interior(m0, n0, BM, BN, Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR):
-        vis = visible_mask(offs_m, offs_n, Lq, Lk, off, wl, wr, CAUSAL, HAS_WL, HAS_WR)
+    if not _tile_interior(m0, n0, BM, BN, Lq, Lk, off, wl, wr, CAUSAL, WIN_LEFT, WIN_RIGHT):
+        vis = visible_mask(offs_m, offs_n, Lq, Lk, off, wl, wr, CAUSAL, WIN_LEFT, WIN_RIGHT)
         u = tl.where(vis, u, 0.0)
     s = entmax_s(u, sexp, ALPHA_MODE)
     g = mma(do, tl.trans(v), zero, DOT_PREC, UPCAST)
@@ -238,8 +226,8 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
                s_dqb, s_dqh, s_dqm, s_dqd,
                Hq, G, Nq, Nk, D, n_qblocks, n_kblocks, wl, wr, scale,
                KB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-               HAS_SEQ: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+               CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+               HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
                UPCAST: tl.constexpr, REVERSE: tl.constexpr, ALPHA_GRAD: tl.constexpr):
     """dQ of one (batch, query head, query block of BM) over its marked key blocks of KB keys, each
     visited in KB // BN steps. With ALPHA_GRAD it also writes the rows' dL/dalpha into DAROW, from six
@@ -252,7 +240,7 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
     b = bh // Hq
     h = bh % Hq
     kvh = h // G
-    Lq, Lk, off = _bwd_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_SEQ)
+    Lq, Lk, off = valid_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_LQ, HAS_LK)
     b64 = b.to(tl.int64)
     coef = tl.load(COEF + h)
     sexp = tl.load(SEXP + h)
@@ -285,7 +273,7 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
         for sub in tl.static_range(KB // BN):
             dq, g, u, s = _dq_step(q, do, tau, delta, dq, k_base, v_base, m * BM, n * KB + sub * BN,
                                    offs_d, dmask, s_kn, s_kd, s_vn, s_vd, coef, sexp, Lq, Lk, off,
-                                   wl, wr, BM, BN, CAUSAL, HAS_WL, HAS_WR, ALPHA_MODE, DOT_PREC, UPCAST)
+                                   wl, wr, BM, BN, CAUSAL, WIN_LEFT, WIN_RIGHT, ALPHA_MODE, DOT_PREC, UPCAST)
             if ALPHA_GRAD:
                 a_gp, a_p, a_gs, a_s, a_gpl, a_pl = _alpha_tile_sums(g, u, s, lcoef, a_gp, a_p, a_gs,
                                                                      a_s, a_gpl, a_pl)
@@ -412,7 +400,6 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
         cfg.update(blocks)
     (am1, coef, sexp), mode = _alpha_tables(alpha, Hq, scale, dev)
     tau = tau.to(torch.float32)
-    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
 
     # delta_i = dO_i . O2_i / S_i
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
@@ -422,17 +409,11 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
         grad_out, o2, s_sum, delta, *grad_out.stride(), *o2.stride(), *s_sum.stride(),
         Hq, Nq, D, BR=BR, BD=BD)
 
-    has_seq = seqlens_q is not None or seqlens_k is not None
-    if has_seq:
-        sq = (seqlens_q if seqlens_q is not None else torch.full((B,), Nq, device=dev)).to(dev, torch.int32)
-        sk = (seqlens_k if seqlens_k is not None else torch.full((B,), Nk, device=dev)).to(dev, torch.int32)
-    else:
-        sq = sk = delta  # unused placeholder pointers
-    wl, wr = (window if window is not None else (None, None))
-    common = dict(CAUSAL=bool(causal), HAS_WL=wl is not None, HAS_WR=wr is not None, HAS_SEQ=has_seq,
-                  ALPHA_MODE=mode, DOT_PREC=dot_prec, UPCAST=interpreting() and q.dtype == torch.bfloat16,
-                  num_warps=cfg["warps"], num_stages=cfg["stages"])
-    wl_i, wr_i = int(wl or 0), int(wr or 0)
+    # lengths as int32 on the device, or a placeholder pointer (never read) where absent
+    sq, sk = (delta if lens is None else lens.to(device=dev, dtype=torch.int32).contiguous()
+              for lens in (seqlens_q, seqlens_k))
+    flags, wl_i, wr_i = mask_args(causal, window, seqlens_q, seqlens_k)
+    common = dict(**flags, ALPHA_MODE=mode, **dot_args(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
     tile_map = tile_map.to(dev)
 
     # dK, dV: transposed map, one program per (batch, kv head, key block)

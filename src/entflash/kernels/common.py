@@ -37,14 +37,22 @@ def program_coords(Lq_ptr, Lk_ptr, Nq, Nk, H, group, NUM_M_BLOCKS,
     h = pid_bh % H
     hk = h // group
     start_m = pid_m * BLOCK_M
+    len_q, len_k, offset = valid_lengths(Lq_ptr, Lk_ptr, b, Nq, Nk, HAS_LQ, HAS_LK)
+    return b, h, hk, start_m, len_q, len_k, offset
+
+
+@triton.jit
+def valid_lengths(Lq_ptr, Lk_ptr, b, Nq, Nk, HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr):
+    """Valid query and key lengths of batch b and the bottom-right offset len_k - len_q (int32 scalars).
+
+    The lengths come from the optional int32 (B,) tensors Lq_ptr/Lk_ptr (HAS_LQ/HAS_LK), else Nq/Nk."""
     len_q = Nq + 0 * b
     len_k = Nk + 0 * b
     if HAS_LQ:
         len_q = tl.load(Lq_ptr + b).to(tl.int32)
     if HAS_LK:
         len_k = tl.load(Lk_ptr + b).to(tl.int32)
-    offset = len_k - len_q
-    return b, h, hk, start_m, len_q, len_k, offset
+    return len_q, len_k, len_k - len_q
 
 
 @triton.jit
@@ -102,7 +110,7 @@ def load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows, D):
 @triton.jit
 def mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b with float32 accumulation. UPCAST feeds float32 operands: Triton 3.6's interpreter
-    gets bf16 products wrong, so launch.make_spec sets it for bf16 inputs under TRITON_INTERPRET=1."""
+    gets bf16 products wrong, so launch.dot_args sets it for bf16 inputs under TRITON_INTERPRET=1."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=DOT_PREC)

@@ -29,6 +29,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def mask_args(causal, window, seqlens_q, seqlens_k):
+    """The masking arguments every attention kernel takes (forward and backward): (flags, win_left, win_right).
+
+    flags: the constexprs HAS_LQ/HAS_LK (a length tensor is passed), CAUSAL, WIN_LEFT/WIN_RIGHT (that
+    window side is limited); win_left/win_right: the window sizes as ints, 0 for an unlimited side."""
+    left, right = window if window is not None else (None, None)
+    flags = dict(HAS_LQ=seqlens_q is not None, HAS_LK=seqlens_k is not None, CAUSAL=bool(causal),
+                 WIN_LEFT=left is not None, WIN_RIGHT=right is not None)
+    return flags, int(left) if left is not None else 0, int(right) if right is not None else 0
+
+
+def dot_args(dtype) -> dict:
+    """The DOT_PREC and UPCAST constexprs of common.mma for inputs of `dtype`: exact-float32 products for
+    float32, tf32 otherwise (ignored for 16-bit operands); float32 operands for bf16 under the interpreter."""
+    return dict(DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
+                UPCAST=interpreting() and dtype == torch.bfloat16)
+
+
 @dataclass
 class StageSpec:
     """Everything the three forward kernels share for one call.
@@ -69,25 +87,22 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
     warps = 4 if block_d <= 64 else 8
     if block_m == 64:
         warps = 4 if block_d <= 128 else 8
-    left, right = window if window is not None else (None, None)
+    flags, win_left, win_right = mask_args(causal, window, seqlens_q, seqlens_k)
     n_mb = triton.cdiv(Nq, block_m)
     nk_chunk = min(512, max(16, triton.next_power_of_2(triton.cdiv(k.shape[2], 64))))
     return StageSpec(
         lq=seqlens_q if seqlens_q is not None else alpha_t,
         lk=seqlens_k if seqlens_k is not None else alpha_t,
-        win_left=int(left) if left is not None else 0,
-        win_right=int(right) if right is not None else 0,
+        win_left=win_left,
+        win_right=win_right,
         group=H // k.shape[1],
         num_m_blocks=n_mb,
         grid=(n_mb, B * H),
         alpha_mode=alpha_mode(alpha),
         lists=torch.empty(n_mb * B * H * nk_chunk, device=q.device, dtype=torch.int32),
         nk_chunk=nk_chunk,
-        flags=dict(HAS_LQ=seqlens_q is not None, HAS_LK=seqlens_k is not None, CAUSAL=bool(causal),
-                   WIN_LEFT=left is not None, WIN_RIGHT=right is not None),
-        tiles=dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d,
-                   DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                   UPCAST=interpreting() and q.dtype == torch.bfloat16),
+        flags=flags,
+        tiles=dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, **dot_args(q.dtype)),
         sweep_launch=dict(num_warps=warps, num_stages=3 if block_d <= 128 else 2),
         sparse_launch=dict(num_warps=warps, num_stages=2),
     )
