@@ -288,6 +288,11 @@ def dense_entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return out, weights
 
 
+def _future_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
+    """torch's causal mask (top-left aligned, as is_causal): bool (Nq, Nk), True where a key is masked."""
+    return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).triu(1)
+
+
 def _structured_mask(attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor], is_causal: bool,
                      num_queries: int, num_keys: int):
     """Express torch-style masks as entmax_attention options, if possible.
@@ -300,7 +305,7 @@ def _structured_mask(attn_mask: Optional[torch.Tensor], key_padding_mask: Option
         if attn_mask.dtype != torch.bool or attn_mask.dim() != 2:
             return None
         if bool(attn_mask.any()):
-            future = torch.ones(num_queries, num_keys, dtype=torch.bool, device=attn_mask.device).triu(1)
+            future = _future_mask(num_queries, num_keys, attn_mask.device)
             if num_queries != num_keys or not torch.equal(attn_mask, future):
                 return None
             causal = True
@@ -505,8 +510,7 @@ class MultiheadEntmaxAttention(nn.Module):
             bias = _as_additive(attn_mask, dtype)
             bias = bias.view(batch, self.num_heads, num_queries, num_keys) if bias.dim() == 3 else bias[None, None]
         elif is_causal:
-            future = torch.ones(num_queries, num_keys, dtype=torch.bool, device=q.device).triu(1)
-            bias = _as_additive(future, dtype)[None, None]
+            bias = _as_additive(_future_mask(num_queries, num_keys, q.device), dtype)[None, None]
         if key_padding_mask is not None:
             padding = _as_additive(key_padding_mask, dtype)[:, None, None, :]
             bias = padding if bias is None else bias + padding
