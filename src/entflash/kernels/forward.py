@@ -34,7 +34,7 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     Returns a dict with out (B, Hq, Nq, D) in q's dtype; tau (B, Hq, Nq) float32 (tau units,
     (alpha-1) * score, +inf for rows without a visible key); support (B, Hq, Nq) int32; tile_map
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool (a superset of the tiles holding non-zeros); o2 (B, Hq, Nq, D)
-    and s (B, Hq, Nq) float32 for the backward; row_max and tile_max (tau units) from the sweep.
+    and s (B, Hq, Nq) float32 for the backward.
     newton_iters: Newton passes of the solve stage (default 1; 2 for alpha = 2, whose piecewise-linear
     F needs one more after a support change); out: optional preallocated output (q's dtype and shape,
     not for float64 inputs); save_bwd=False (inference) returns o2/s as None; fold=False (with
@@ -58,6 +58,4 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
                         fold=fold)
     if out_dtype != res["out"].dtype:
         res["out"] = res["out"].to(out_dtype)
-    res["row_max"] = row_max
-    res["tile_max"] = tile_max
     return res
