@@ -82,15 +82,14 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
     else:
         # without O2, close by exact row normalization (first order in the solver's tau error)
         out = acc / tl.where(f_i > 0, f_i, 1.0)[:, None]
+    d_mask = in_rows[:, None] & (offs_d[None, :] < D)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=in_rows[:, None] & (offs_d[None, :] < D))
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_mask)
     tl.store(TauOut + row_ptr, tau + (alpha - 1.0) * c, mask=in_rows)
     tl.store(Support + row_ptr, n_i, mask=in_rows)
-    row_d = row_ptr[:, None] * D + offs_d[None, :]
-    d_mask = in_rows[:, None] & (offs_d[None, :] < D)
     if SAVE_BWD:
         tl.store(S2 + row_ptr, s_i, mask=in_rows)
-        tl.store(O2 + row_d, acc2, mask=d_mask)
+        tl.store(O2 + row_ptr[:, None] * D + offs_d[None, :], acc2, mask=d_mask)
 
 
 def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, *, out=None, save_bwd=True, fold=True):
