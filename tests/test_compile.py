@@ -168,8 +168,8 @@ def test_compiled_varlen_matches_eager():
 
 
 def test_compiled_transformers_llama_with_entmax_attention_trains_like_eager():
-    """torch.compile(model, fullgraph=True) on a tiny Llama switched to attn_implementation="entmax" (no padding
-    mask: the integration's mask function reads padding masks' values, which breaks the graph)."""
+    """torch.compile(model, fullgraph=True) on a tiny Llama switched to attn_implementation="entmax" (padding masks:
+    tests/test_compile_masks.py)."""
     transformers = pytest.importorskip("transformers")
     from entflash.integrations.transformers import register
 

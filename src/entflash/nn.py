@@ -8,6 +8,14 @@
   arguments, parameter names and state_dict), with alpha-entmax instead of softmax.
 * `dense_entmax_attention`: the exact path for arbitrary masks and for returning the attention weights,
   materializing the (B, H, Nq, Nk) probabilities through the reference row-wise entmax.
+* `unpadded_entmax_attention`: entmax_attention with any key (and query) padding pattern, without reading the
+  masks on the host (a stable per-row permutation moves real tokens to the front; lengths stay on the device).
+
+Under torch.compile the mask handling reads no tensor values on the host (a host read breaks the graph): masks
+whose structure eager code finds by inspection are either handled for every pattern at once (key padding:
+`unpadded_entmax_attention`) or dispatched on the device with `torch.cond` (is this bool mask torch's causal
+mask? is there any padding?), and the dense path's row-wise entmax runs as the opaque custom ops
+`entflash::dense_entmax_forward / _backward`.
 """
 from __future__ import annotations
 
@@ -250,6 +258,79 @@ def _repeat_kv_heads(tensor: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=1)
 
 
+# The dense path's row-wise entmax as torch custom ops, used while torch.compile traces: the reference solver
+# reads tensor values on the host (window size, convergence), which a traced graph cannot hold, so it stays
+# opaque. rows (R, n) in the compute dtype; alpha_rows (R, 1) for a per-row alpha, or None with the python float
+# alpha_value (the reference's closed forms for 1.5 and 2 key on it). Eager calls use rowwise.entmax directly.
+
+@torch.library.custom_op("entflash::dense_entmax_forward", mutates_args=())
+def dense_entmax_forward_op(rows: torch.Tensor, alpha_rows: Optional[torch.Tensor], alpha_value: float
+                            ) -> torch.Tensor:
+    """alpha-entmax of each row of rows (R, n): the reference rowwise.entmax (masked -inf entries give 0)."""
+    return rowwise.entmax(rows, alpha_rows if alpha_rows is not None else alpha_value, dim=-1)
+
+
+@dense_entmax_forward_op.register_fake
+def _dense_entmax_forward_fake(rows, alpha_rows, alpha_value):
+    return torch.empty_like(rows)
+
+
+@torch.library.custom_op("entflash::dense_entmax_backward", mutates_args=())
+def dense_entmax_backward_op(grad_p: torch.Tensor, p: torch.Tensor, alpha_rows: Optional[torch.Tensor],
+                             alpha_value: float, need_alpha: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(d rows (R, n), d alpha_rows (R, 1), or an empty tensor when not need_alpha) from the saved p: the
+    reference's closed-form gradients (rowwise._EntmaxFunction.backward)."""
+    if alpha_rows is None:
+        alpha_rows = torch.full((p.shape[0], 1), alpha_value, dtype=p.dtype, device=p.device)
+    saved = _SavedRows(saved_tensors=(p, alpha_rows), needs_input_grad=(True, need_alpha, False))
+    grad_rows, grad_alpha, _ = rowwise._EntmaxFunction.backward(saved, grad_p)
+    return grad_rows, (grad_alpha if need_alpha else p.new_empty(0))
+
+
+class _SavedRows:
+    """What rowwise._EntmaxFunction.backward reads from its autograd context."""
+
+    def __init__(self, saved_tensors, needs_input_grad):
+        self.saved_tensors, self.needs_input_grad = saved_tensors, needs_input_grad
+
+
+@dense_entmax_backward_op.register_fake
+def _dense_entmax_backward_fake(grad_p, p, alpha_rows, alpha_value, need_alpha):
+    return torch.empty_like(p), p.new_empty((p.shape[0], 1) if need_alpha else (0,))
+
+
+def _dense_entmax_setup_context(ctx, inputs, output):
+    _, alpha_rows, alpha_value = inputs
+    ctx.save_for_backward(output, alpha_rows)
+    ctx.alpha_value = alpha_value
+
+
+def _dense_entmax_autograd(ctx, grad_p):
+    p, alpha_rows = ctx.saved_tensors
+    need_alpha = alpha_rows is not None and ctx.needs_input_grad[1]
+    grad_rows, grad_alpha = dense_entmax_backward_op(grad_p, p, alpha_rows, ctx.alpha_value, need_alpha)
+    return grad_rows, (grad_alpha if need_alpha else None), None
+
+
+dense_entmax_forward_op.register_autograd(_dense_entmax_autograd, setup_context=_dense_entmax_setup_context)
+
+
+def _dense_entmax(scores: torch.Tensor, alpha) -> torch.Tensor:
+    """Row-wise entmax of scores (B, H, Nq, Nk) (compute dtype) with alpha a float or a (H,) tensor: the reference
+    in eager calls, the custom ops above while torch.compile traces."""
+    if not torch.compiler.is_compiling():
+        if isinstance(alpha, torch.Tensor):
+            alpha = alpha.to(scores.dtype).view(1, -1, 1, 1)
+        return rowwise.entmax(scores, alpha, dim=-1)
+    alpha_rows, alpha_value = None, 0.0
+    if isinstance(alpha, torch.Tensor):
+        alpha_rows = alpha.to(scores.dtype).view(1, -1, 1).expand(scores.shape[:-1]).reshape(-1, 1)
+    else:
+        alpha_value = float(alpha)
+    rows = scores.reshape(-1, scores.shape[-1])
+    return dense_entmax_forward_op(rows, alpha_rows, alpha_value).view(scores.shape)
+
+
 def dense_entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha=1.5,
                            scale: Optional[float] = None, keep: Optional[torch.Tensor] = None,
                            bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0
@@ -280,12 +361,98 @@ def dense_entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         if keep.dtype != torch.bool:
             checks.fail(TypeError, caller, "keep", "be a bool tensor", str(keep.dtype))
         scores = scores.masked_fill(~keep, float("-inf"))
-    if isinstance(alpha, torch.Tensor):
-        alpha = alpha.to(compute_dtype).view(1, -1, 1, 1)
-    weights = rowwise.entmax(scores, alpha, dim=-1)  # -inf entries and all -inf rows give exact zeros
+    weights = _dense_entmax(scores, alpha)  # -inf entries and all -inf rows give exact zeros
     attended = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     out = torch.matmul(attended, values).to(q.dtype)
     return out, weights
+
+
+def _front_order(valid: torch.Tensor) -> torch.Tensor:
+    """Stable per-row permutation (B, N) int64 of a bool (B, N) tensor: its True positions first, in order, then
+    its False positions."""
+    return torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
+
+
+def _token_index(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    return order[:, None, :, None].expand(x.shape[0], x.shape[1], order.shape[1], x.shape[3])
+
+
+def _take_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x (B, H, N, D) with row b's tokens in the order order[b] (differentiable)."""
+    return x.gather(2, _token_index(x, order))
+
+
+def _put_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Inverse of _take_tokens: token i of row b goes back to position order[b, i] (differentiable)."""
+    return torch.zeros_like(x).scatter(2, _token_index(x, order), x)
+
+
+def unpadded_entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,
+                              query_valid: Optional[torch.Tensor] = None, *, alpha=1.5, causal: bool = False,
+                              scale: Optional[float] = None, window=None, backend: str = "auto") -> torch.Tensor:
+    """entmax_attention over the real tokens of padded rows, for any padding pattern, reading no mask values on the
+    host (so torch.compile(fullgraph=True) traces it).
+
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D). key_valid: bool (B, Nk), True where a key is a real token.
+    query_valid: bool (B, Nq), True where a query is real (padded query rows return zeros), or None: every query
+        row attends (and queries keep their order).
+    alpha, causal, scale, window, backend: as entmax_attention.
+
+    Real keys (and real queries) move to the front of their row, keeping their order (a stable per-row
+    permutation), entmax_attention runs with seqlens = (real queries or None, real keys) counted on the device, and
+    the outputs move back to their positions. causal and window then apply, bottom-right aligned, to the ranks of
+    the real tokens: the r-th of Lq real queries sees the j-th of Lk real keys iff j <= r + Lk - Lq (and the window
+    around that key). Without causal and window this is attention with the padded keys masked, for any pattern.
+    For self-attention whose queries are the last Nq key positions (query_valid = key_valid[:, Nk - Nq:]),
+    causal is "real key position <= query position" for any pattern; a window counted in positions is the same
+    as one counted in ranks when each row's real tokens are contiguous (left or right padding).
+
+    Returns (B, Hq, Nq, D) in q's dtype.
+    """
+    caller = "unpadded_entmax_attention"
+    checks.check_qkv(q, k, v, caller)
+    for name, mask, length in (("key_valid", key_valid, k.shape[2]), ("query_valid", query_valid, q.shape[2])):
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (q.shape[0],
+                                                                                                 length):
+            checks.fail(ValueError, caller, name, f"be a bool tensor of shape ({q.shape[0]}, {length})",
+                        checks.describe(mask))
+    key_order = _front_order(key_valid)
+    k, v = _take_tokens(k, key_order), _take_tokens(v, key_order)
+    lengths_k = key_valid.sum(dim=1, dtype=torch.int32)
+    if query_valid is None:
+        return entmax_attention(q, k, v, alpha=alpha, causal=causal, scale=scale, window=window,
+                                seqlens=(None, lengths_k), backend=backend)
+    query_order = _front_order(query_valid)
+    out = entmax_attention(_take_tokens(q, query_order), k, v, alpha=alpha, causal=causal, scale=scale,
+                           window=window, seqlens=(query_valid.sum(dim=1, dtype=torch.int32), lengths_k),
+                           backend=backend)
+    return _put_tokens(out, query_order)  # rows past each row's real queries are zeros
+
+
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def choose_on_device(predicate: torch.Tensor, if_true, if_false, tensors) -> torch.Tensor:
+    """torch.cond(predicate, if_true, if_false, tensors) for branches that take `tensors` (e.g. q, k, v) and return
+    one tensor. torch.cond needs the branches' outputs, and the gradients they send back to `tensors`, to share a
+    layout: both are made contiguous. Only the chosen branch runs; the compiled graph holds both."""
+    def branch(function):
+        def run(*inputs):
+            return function(*(_ContiguousGradient.apply(x) for x in inputs)).contiguous()
+        return run
+
+    return torch.cond(predicate, branch(if_true), branch(if_false), tuple(tensors))
 
 
 def _future_mask(num_queries: int, num_keys: int, device: torch.device) -> torch.Tensor:
@@ -346,6 +513,9 @@ class MultiheadEntmaxAttention(nn.Module):
     Without masks, with a causal mask, or with right-padded keys (non-causal), and need_weights=False and no
     dropout, the call runs on entmax_attention (fused on GPU); every other case runs the exact dense path
     (O(N * H * L * S) memory). Rows whose every key is masked give zeros (softmax gives NaN).
+    Under torch.compile (fullgraph=True works with every mask) the choice reads no mask values on the host: a bool
+    key_padding_mask of any pattern without a causal mask runs unpadded_entmax_attention, a bool (L, S) attn_mask
+    is tested on the device (torch.cond) for torch's causal mask, and the rest runs the dense path as in eager.
     need_weights=True returns the sparse attention weights (N, L, S) averaged over heads, or (N, H, L, S) with
     average_attn_weights=False (unbatched inputs drop N).
     """
@@ -460,19 +630,24 @@ class MultiheadEntmaxAttention(nn.Module):
         num_keys = k.shape[2]
         self._check_masks(attn_mask, key_padding_mask, batch, num_queries, num_keys)
         dropout_p = self.dropout if self.training else 0.0
-        structured = _structured_mask(attn_mask, key_padding_mask, is_causal and attn_mask is None,
-                                      num_queries, num_keys)
+        masks = (attn_mask, key_padding_mask, is_causal, batch, num_queries, num_keys)
         weights = None
-        if structured is not None and not need_weights and dropout_p == 0.0:
-            causal, seqlens = structured
-            out = self.attention(q, k, v, causal=causal, seqlens=seqlens)
+        if torch.compiler.is_compiling():  # no host reads of mask values: see _attend_traced
+            if need_weights or dropout_p > 0:
+                out, weights = self._attend_dense(q, k, v, *masks, dropout_p)
+            else:
+                out = self._attend_traced(q, k, v, *masks)
         else:
-            if structured is None and not need_weights:
-                warnings.warn("MultiheadEntmaxAttention: this mask is not causal / right padding only; running the "
-                              "exact dense path (O(N*H*L*S) memory)", stacklevel=2)
-            bias = self._additive_mask(attn_mask, key_padding_mask, is_causal, batch, num_queries, num_keys, q)
-            out, weights = dense_entmax_attention(q, k, v, alpha=self.attention.alpha_for(q), bias=bias,
-                                                  dropout_p=dropout_p)
+            structured = _structured_mask(attn_mask, key_padding_mask, is_causal and attn_mask is None,
+                                          num_queries, num_keys)
+            if structured is not None and not need_weights and dropout_p == 0.0:
+                causal, seqlens = structured
+                out = self.attention(q, k, v, causal=causal, seqlens=seqlens)
+            else:
+                if structured is None and not need_weights:
+                    warnings.warn("MultiheadEntmaxAttention: this mask is not causal / right padding only; running "
+                                  "the exact dense path (O(N*H*L*S) memory)", stacklevel=2)
+                out, weights = self._attend_dense(q, k, v, *masks, dropout_p)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, num_queries, self.embed_dim))
         out = out if self.batch_first and not unbatched else out.transpose(0, 1)
         if unbatched:
@@ -482,6 +657,55 @@ class MultiheadEntmaxAttention(nn.Module):
         weights = weights.to(out.dtype)
         weights = weights.mean(dim=1) if average_attn_weights else weights
         return out, (weights.squeeze(0) if unbatched else weights)
+
+    def _attend_dense(self, q, k, v, attn_mask, key_padding_mask, is_causal, batch, num_queries, num_keys,
+                      dropout_p):
+        """The exact dense path: (out (N, H, L, head_dim), weights (N, H, L, S))."""
+        bias = self._additive_mask(attn_mask, key_padding_mask, is_causal, batch, num_queries, num_keys, q)
+        return dense_entmax_attention(q, k, v, alpha=self.attention.alpha_for(q), bias=bias, dropout_p=dropout_p)
+
+    def _attend_traced(self, q, k, v, attn_mask, key_padding_mask, is_causal, batch, num_queries, num_keys):
+        """forward's path choice while torch.compile traces (need_weights=False, no dropout), with no host reads.
+
+        Eager forward inspects the masks' values (_structured_mask). Here a bool key_padding_mask of any pattern
+        without a causal mask runs unpadded_entmax_attention (no inspection needed), and the remaining questions
+        (is this bool attn_mask torch's causal mask, or empty? does a causal call have any padding?) are answered
+        on the device by torch.cond, whose other branch is the exact dense path, as in eager. Float masks, 3-D
+        masks and is_causal with L != S run the dense path.
+        """
+        attention = self.attention
+
+        def dense(q, k, v):
+            return self._attend_dense(q, k, v, attn_mask, key_padding_mask, is_causal, batch, num_queries, num_keys,
+                                      0.0)[0]
+
+        def without_attn_mask(causal):
+            def attend(q, k, v):
+                if key_padding_mask is None:
+                    return attention(q, k, v, causal=causal)
+                if not causal:
+                    return unpadded_entmax_attention(q, k, v, ~key_padding_mask, alpha=attention.alpha_for(q),
+                                                     backend=attention.backend)
+                return choose_on_device(key_padding_mask.any(), dense,
+                                        lambda q, k, v: attention(q, k, v, causal=True), (q, k, v))
+            return attend
+
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            return dense(q, k, v)
+        if attn_mask is None:
+            if is_causal and num_queries != num_keys:
+                return dense(q, k, v)
+            return without_attn_mask(is_causal)(q, k, v)
+        if attn_mask.dtype != torch.bool or attn_mask.dim() != 2:
+            return dense(q, k, v)
+
+        def empty_or_dense(q, k, v):
+            return choose_on_device(attn_mask.any(), dense, without_attn_mask(False), (q, k, v))
+
+        if num_queries != num_keys:
+            return empty_or_dense(q, k, v)
+        is_future = torch.eq(attn_mask, _future_mask(num_queries, num_keys, attn_mask.device)).all()
+        return choose_on_device(is_future, without_attn_mask(True), empty_or_dense, (q, k, v))
 
     @staticmethod
     def _pad_masks(attn_mask, key_padding_mask):

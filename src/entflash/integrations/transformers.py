@@ -23,6 +23,16 @@ into `entmax_attention_varlen`, exact because tokens keep their order); padded q
 Packed batches (`cu_seq_lens_q` / `cu_seq_lens_k` kwargs, or segment ids) run `entmax_attention_varlen`.
 Attention dropout > 0 (training) runs the exact dense path, since dropout acts on the probabilities.
 
+Under torch.compile (fullgraph=True) nothing here reads tensor values on the host: a padding mask of any pattern
+runs `entflash.nn.unpadded_entmax_attention` (no right-padding / contiguity inspection), a sliding window with
+padding asks torch.cond on the device whether the real tokens are contiguous (else the exact dense path, as in
+eager), and warnings are not issued. Mask functions other than the plain causal / bidirectional ones (sliding
+window, packed sequences, chunked, custom) are closures built inside the traced model that torch.compile cannot
+inspect, so they are materialized by transformers' `sdpa_mask` and run the exact dense path (real tokens give the
+eager results; padded query positions get what transformers' dense mask gives them instead of zeros). A static
+cache's tensor offsets raise a ValueError (the mask's shape depends on them). Packed batches given as
+`cu_seq_lens_q/k` run the dense path (packing reads the lengths on the host); their equality is not checked.
+
 `add_learnable_alpha(model, ...)` gives each attention layer per-head learnable alpha (and optionally ASEntmax)
 parameters, stored as `layer.entflash` (an `entflash.nn.EntmaxAttention`) and read by the attention function.
 ASEntmax positions are the `position_ids` the model passes to its attention layers (Llama-style models do), else
@@ -39,7 +49,7 @@ from torch import nn
 
 from entflash import checks
 from entflash.api import entmax_attention, entmax_attention_varlen
-from entflash.nn import EntmaxAttention, dense_entmax_attention
+from entflash.nn import EntmaxAttention, choose_on_device, dense_entmax_attention, unpadded_entmax_attention
 from entflash.reference.attention import visibility_mask
 
 # Attribute under which add_learnable_alpha stores the per-layer parameters.
@@ -51,7 +61,8 @@ _warned: set = set()
 
 
 def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
+    """Warn once per key; not while torch.compile traces (warnings.warn breaks the graph)."""
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         warnings.warn(f"entflash transformers integration: {message}", stacklevel=3)
 
@@ -79,6 +90,9 @@ def classify_mask_function(mask_function: Callable):
     Returns ("causal" | "bidirectional", packed_sequence_mask or None) for the causal, bidirectional and
     sliding-window patterns (the window itself is read from the layer) and their packed-sequence wrappers;
     None for anything else (custom or/and masks, chunked or block attention), which then needs a dense mask.
+
+    While torch.compile traces, only the plain causal and bidirectional functions are recognized: the others are
+    closures built inside the traced model, whose contents torch.compile cannot read, so they get the dense mask.
     """
     from transformers import masking_utils
 
@@ -86,7 +100,7 @@ def classify_mask_function(mask_function: Callable):
         return "causal", None
     if mask_function is masking_utils.bidirectional_mask_function:
         return "bidirectional", None
-    if _local_name(mask_function) != "and_masks":
+    if torch.compiler.is_compiling() or _local_name(mask_function) != "and_masks":
         return None
     parts = _closure_values(mask_function).get("mask_functions")
     if not isinstance(parts, tuple) or len(parts) != 2:
@@ -110,8 +124,15 @@ def classify_mask_function(mask_function: Callable):
     return None
 
 
-def _as_int(value) -> int:
-    return int(value.item()) if isinstance(value, torch.Tensor) else int(value)
+def _as_int(value, argument: str) -> int:
+    if not isinstance(value, torch.Tensor):
+        return int(value)
+    if torch.compiler.is_compiling():  # .item() is a host read, which a traced graph cannot hold
+        checks.fail(ValueError, "entmax_mask", argument,
+                    "be a python int under torch.compile (its value sets the mask's shape; a tensor offset comes "
+                    "from a static cache: compile with a dynamic cache, or run the mask function eagerly)",
+                    checks.describe(value))
+    return int(value.item())
 
 
 def entmax_mask(batch_size: int, q_length: Optional[int] = None, kv_length: int = 0, q_offset=0, kv_offset=0,
@@ -127,13 +148,13 @@ def entmax_mask(batch_size: int, q_length: Optional[int] = None, kv_length: int 
     from transformers import masking_utils
 
     if cache_position is not None and q_length is None:
-        q_length, q_offset = int(cache_position.shape[0]), _as_int(cache_position[0])
+        q_length, q_offset = int(cache_position.shape[0]), _as_int(cache_position[0], "cache_position")
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
     kind = classify_mask_function(mask_function)
     if kind is None:
         _warn_once("dense-mask", "this model builds a custom attention mask (not causal / sliding window / padding "
-                   "/ packing); the exact dense path is used (O(N^2) memory)")
+                   "/ packing); the exact dense path is used (O(N^2) memory)")  # (no warning while compiling)
         dense_kwargs = {key: kwargs[key] for key in ("use_vmap", "device") if key in kwargs}
         return masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                                        q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
@@ -142,7 +163,7 @@ def entmax_mask(batch_size: int, q_length: Optional[int] = None, kv_length: int 
     pattern, segments = kind
     if segments is not None:
         return segments.to(torch.int64)
-    q_offset, kv_offset = _as_int(q_offset), _as_int(kv_offset)
+    q_offset, kv_offset = _as_int(q_offset, "q_offset"), _as_int(kv_offset, "kv_offset")
     # Causal: key slots after the last query are never visible (e.g. a static cache's unused tail).
     visible_length = kv_length
     if pattern == "causal":
@@ -156,7 +177,9 @@ def entmax_mask(batch_size: int, q_length: Optional[int] = None, kv_length: int 
     if padding.shape[-1] < kv_offset + kv_length:
         padding = torch.nn.functional.pad(padding, (0, kv_offset + kv_length - padding.shape[-1]))
     keys = padding[:, kv_offset:kv_offset + visible_length]
-    if visible_length == kv_length and bool(keys.all()):
+    # Eager calls drop a mask without padding (the fastest path); under torch.compile that would be a host read,
+    # and the attention function handles any padding pattern without one.
+    if visible_length == kv_length and not torch.compiler.is_compiling() and bool(keys.all()):
         return None
     return keys
 
@@ -180,10 +203,15 @@ def _is_prefix(valid: torch.Tensor) -> bool:
     return bool(torch.equal(torch.arange(valid.shape[1], device=valid.device)[None] < lengths, valid))
 
 
+def _is_contiguous_on_device(valid: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: whether the True entries of every row of the bool (B, N) tensor form one run (or none)."""
+    starts = valid & ~torch.nn.functional.pad(valid, (1, 0))[:, :-1]
+    return (starts.sum(dim=1) <= 1).all()
+
+
 def _is_contiguous(valid: torch.Tensor) -> bool:
     """True when the True entries of every row of the bool (B, N) tensor form one run (or none)."""
-    starts = valid & ~torch.nn.functional.pad(valid, (1, 0))[:, :-1]
-    return bool((starts.sum(dim=1) <= 1).all())
+    return bool(_is_contiguous_on_device(valid))
 
 
 def _dense_keep(num_queries: int, num_keys: int, causal: bool, window, device, key_valid=None, segments=None):
@@ -327,7 +355,8 @@ def _dispatch(call: _Call, attention_mask, causal: bool, window, dropout_p: floa
     batch, num_queries, num_keys = query.shape[0], query.shape[2], call.key.shape[2]
     cu_seq_lens_q, cu_seq_lens_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_seq_lens_q is not None or cu_seq_lens_k is not None:
-        if cu_seq_lens_k is not None and cu_seq_lens_q is not None and not torch.equal(cu_seq_lens_q, cu_seq_lens_k):
+        if (cu_seq_lens_k is not None and cu_seq_lens_q is not None and not torch.compiler.is_compiling()
+                and not torch.equal(cu_seq_lens_q, cu_seq_lens_k)):
             checks.fail(ValueError, "entmax attention", "cu_seq_lens_k", "equal cu_seq_lens_q (packed self-attention)",
                         "different offsets")
         if num_queries != num_keys:
@@ -363,7 +392,7 @@ def _dispatch(call: _Call, attention_mask, causal: bool, window, dropout_p: floa
                         f"hold segment ids of shape ({batch}, {num_queries}) with Nq == Nk",
                         f"shape {tuple(attention_mask.shape)}, Nk={num_keys}")
         segments = attention_mask.to(query.device)
-        if dropout_p > 0:
+        if dropout_p > 0 or torch.compiler.is_compiling():  # packing reads the segment lengths on the host
             keep = _dense_keep(num_queries, num_keys, causal, window, query.device, segments=segments)
             return call.dense(keep=keep, dropout_p=dropout_p)
         return call.packed(segments, causal, window)
@@ -377,6 +406,8 @@ def _dispatch(call: _Call, attention_mask, causal: bool, window, dropout_p: floa
     if visible_keys < num_keys:
         call.key, call.value = call.key[:, :, :visible_keys], call.value[:, :, :visible_keys]
         num_keys = visible_keys
+    if torch.compiler.is_compiling():
+        return _dispatch_padding_traced(call, key_valid, causal, window, dropout_p)
     query_valid = key_valid[:, num_keys - num_queries:] if causal else torch.ones(
         batch, num_queries, dtype=torch.bool, device=query.device)
     # Query positions are only defined relative to the keys for causal layers; bidirectional windows need Nq == Nk.
@@ -393,6 +424,46 @@ def _dispatch(call: _Call, attention_mask, causal: bool, window, dropout_p: floa
         lengths_q = query_valid.sum(dim=1).to(torch.int32) if causal else None
         return call.padded(causal, window, seqlens=(lengths_q, key_valid.sum(dim=1).to(torch.int32)))
     return call.unpadded(query_valid, key_valid, causal, window)
+
+
+def _dispatch_padding_traced(call: _Call, key_valid: torch.Tensor, causal: bool, window, dropout_p: float
+                             ) -> torch.Tensor:
+    """_dispatch's padding-mask paths while torch.compile traces: the same results, no host reads of the mask.
+
+    key_valid: bool (B, Nk), call's keys already cut to Nk. Eager code inspects the mask (no padding, right
+    padding, contiguous runs) to pick among entmax_attention, seqlens and varlen packing; here
+    unpadded_entmax_attention handles every pattern at once. The eager conditions that still need the mask's
+    values (a sliding window is only exact on contiguous real tokens) are decided on the device by torch.cond,
+    whose other branch is the exact dense path, as in eager. Dropout runs the dense path.
+    """
+    query = call.query
+    num_queries, num_keys = query.shape[2], call.key.shape[2]
+
+    def query_valid():  # a view of key_valid, so formed inside each torch.cond branch (no aliased captures)
+        return key_valid[:, num_keys - num_queries:] if causal else None
+
+    def dense(q, k, v):
+        keep = _dense_keep(num_queries, num_keys, causal, window, query.device, key_valid=key_valid)
+        if causal:
+            keep = keep & query_valid()[:, None, :, None]
+        return _Call(q, k, v, call.alpha, call.scale, call.backend).dense(keep=keep, dropout_p=dropout_p)
+
+    def unpadded(q, k, v):
+        return unpadded_entmax_attention(q, k, v, key_valid, query_valid(), alpha=call.alpha, causal=causal,
+                                         scale=call.scale, window=window, backend=call.backend)
+
+    tensors = (query, call.key, call.value)
+    if dropout_p > 0:
+        return dense(*tensors)
+    if window is None:
+        return unpadded(*tensors)
+    if causal:
+        return choose_on_device(_is_contiguous_on_device(key_valid), unpadded, dense, tensors)
+    if num_queries != num_keys:
+        checks.fail(ValueError, "entmax attention", "sliding_window", "be None for cross-attention", repr(window))
+    return choose_on_device(key_valid.all(), lambda q, k, v: entmax_attention(
+        q, k, v, alpha=call.alpha, causal=False, scale=call.scale, window=window, backend=call.backend),
+        dense, tensors)
 
 
 # ---------------------------------------------------------------------------------------------------------------
