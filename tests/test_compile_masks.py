@@ -428,3 +428,34 @@ def test_static_cache_offsets_under_compile_raise_a_clear_error(transformers):
     with pytest.raises(Exception, match="`q_offset` must be a python int under torch.compile"):
         torch.compile(mask, fullgraph=True, backend="eager")(torch.tensor(4))
     assert mask(torch.tensor(4)).shape == (1, 5)  # eager calls read it
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_compiles_key_padding_on_the_fused_path():
+    """On CUDA the compiled key-padding path runs the fused kernels (backend "auto"); inductor, fullgraph, outputs
+    and gradients against eager calls of the same module, for several padding patterns."""
+    torch.manual_seed(31)
+    module = MultiheadEntmaxAttention(64, 4, batch_first=True, alpha=1.5).cuda()
+
+    def attend(query, memory, key_padding_mask):
+        return module(query, memory, memory, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+    compiled = torch.compile(attend, fullgraph=True)
+    length = 200
+    for pad_right, pad_left in ((0, 0), (37, 0), (0, 90)):
+        padding = torch.zeros(3, length, dtype=torch.bool, device="cuda")
+        padding[1, length - pad_right:] = True
+        padding[2, :pad_left] = True
+        padding[0, 5:17] = True  # holes
+        query = torch.randn(3, 150, 64, device="cuda", requires_grad=True)
+        memory = torch.randn(3, length, 64, device="cuda", requires_grad=True)
+        weights = torch.randn(3, 150, 64, device="cuda")
+        results = []
+        for function in (compiled, attend):
+            query.grad = memory.grad = None
+            out = function(query, memory, padding)
+            (out * weights).sum().backward()
+            assert torch.isfinite(out).all()
+            results.append((out.detach(), query.grad.clone(), memory.grad.clone()))
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
