@@ -417,17 +417,122 @@ def _no_host(function, *args):
         return function(*args)
 
 
-def test_static_cache_offsets_under_compile_raise_a_clear_error(transformers):
-    """entmax_mask needs python-int offsets to size its mask; a static cache's tensor offset is refused by name."""
-    from entflash.integrations.transformers import entmax_mask
+def _static_cache(transformers, model, max_cache_len):
+    return transformers.StaticCache(config=model.config, max_cache_len=max_cache_len)
 
-    def mask(offset):
-        return entmax_mask(batch_size=1, q_length=1, kv_length=8, q_offset=offset,
-                           attention_mask=torch.ones(1, 8, dtype=torch.bool))
 
-    with pytest.raises(Exception, match="`q_offset` must be a python int under torch.compile"):
-        torch.compile(mask, fullgraph=True, backend="eager")(torch.tensor(4))
-    assert mask(torch.tensor(4)).shape == (1, 5)  # eager calls read it
+def test_compiled_static_cache_decoding_step_matches_eager(transformers):
+    """A static cache gives a tensor query offset; the compiled mask keeps the cache's full length (a fixed shape)
+    and marks on the device which slots are written and which hold the queries. One compiled single-query step
+    against a static cache, without and with left padding (one graph), against the eager step and the full
+    recomputation."""
+    model = _llama(transformers).eval()
+    ids = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(20))
+
+    def step(token, attention_mask, cache):
+        return model(input_ids=token, attention_mask=attention_mask, past_key_values=cache).logits
+
+    compiled, counter = _compiled_model_call(step, "aot_eager")
+    with torch.no_grad():
+        for mask in (_attention_mask([9, 9, 9], 9, left=True), _attention_mask([9, 6, 2], 9, left=True)):
+            cache = _static_cache(transformers, model, 16)
+            model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache)
+            eager_cache = copy.deepcopy(cache)
+            got = compiled(ids[:, -1:], mask, cache)
+            expected = step(ids[:, -1:], mask, eager_cache)
+            full = model(input_ids=ids, attention_mask=mask).logits[:, -1:]
+            torch.testing.assert_close(got, expected, **TOLERANCE)
+            torch.testing.assert_close(got, full, **TOLERANCE)
+            torch.testing.assert_close(cache.layers[0].keys, eager_cache.layers[0].keys, **TOLERANCE)
+    assert counter.frame_count == 1
+
+
+def test_compiled_static_cache_chunked_prefill_matches_eager(transformers, dense_calls):
+    """Several queries into a partly filled static cache: query slots q_offset.. are neither the first nor the last
+    slots. Left padding that reaches into the chunk, right padding (padded queries) and holes: outputs equal eager's
+    at every position (padded query rows are zeros in both), on the structured path (no dense entmax), one graph."""
+    model = _llama(transformers).eval()
+    ids = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(21))
+
+    def chunk(tokens, attention_mask, cache):
+        return model(input_ids=tokens, attention_mask=attention_mask, past_key_values=cache).logits
+
+    compiled, counter = _compiled_model_call(chunk, "eager")
+    holes = torch.tensor([[1] * 10, [1, 0, 1, 1, 0, 1, 1, 0, 1, 1], [0, 1, 1, 0, 1, 1, 1, 1, 0, 1]])
+    with torch.no_grad():
+        for mask in (_attention_mask([10, 7, 4], 10, left=True), _attention_mask([10, 7, 4], 10, left=False), holes):
+            cache = _static_cache(transformers, model, 16)
+            model(input_ids=ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache)
+            eager_cache = copy.deepcopy(cache)
+            dense_calls.clear()
+            got = compiled(ids[:, 5:], mask, cache)
+            assert not dense_calls
+            expected = chunk(ids[:, 5:], mask, eager_cache)
+            full = model(input_ids=ids, attention_mask=mask).logits[:, 5:]
+            torch.testing.assert_close(got, expected, **TOLERANCE)
+            real = mask[:, 5:].bool()
+            torch.testing.assert_close(got[real], full[real], **TOLERANCE)
+    assert counter.frame_count == 1
+
+
+def test_compiled_generate_with_static_cache_matches_eager(transformers):
+    """model.generate(cache_implementation="static") with transformers' own compilation of the decoding steps
+    (CompileConfig, fullgraph=True; forced on the CPU): the tokens of eager generate, left padding included."""
+    model = _llama(transformers).eval()
+    compiled_graphs = []
+
+    def backend(graph_module, example_inputs):  # a function: CompileConfig deep-copies its backend
+        compiled_graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_config = transformers.CompileConfig(fullgraph=True, backend=backend, mode=None)
+    compile_config._compile_all_devices = True  # transformers' switch for compiling generate() off the GPU
+    prompt = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(22))
+    options = dict(attention_mask=_attention_mask([6, 3], 6, left=True), max_new_tokens=4, do_sample=False,
+                   pad_token_id=0, eos_token_id=None, cache_implementation="static")
+    with torch.no_grad():
+        eager = model.generate(prompt, disable_compile=True, **options)
+        compiled = model.generate(prompt, compile_config=compile_config, **options)  # (the prefill runs eagerly)
+    assert compiled_graphs  # the decoding steps did run compiled
+    assert compiled.tolist() == eager.tolist()
+
+
+def test_compiled_static_cache_mask_with_window_and_asentmax_matches_eager(dense_calls):
+    """entmax_mask and the attention function on their own: a tensor q_offset under compile gives the (B, 2, Nk)
+    static-cache form, eager calls the keys cut to the written length. A causal layer with a sliding window runs the
+    padding path when the real tokens are contiguous and the dense path otherwise (torch.cond); ASEntmax positions
+    without position_ids are the query slots. Outputs and gradients (q, k, v, alpha, ASEntmax) against eager."""
+    pytest.importorskip("transformers.masking_utils")
+    from entflash.integrations.transformers import entmax_mask, make_attention_function
+
+    layer = torch.nn.Module()
+    layer.is_causal, layer.sliding_window = True, 3
+    layer.entflash = entflash.nn.EntmaxAttention(4, [1.3, 1.5, 1.7, 1.9], asentmax="head", asentmax_init=(1.0, 1.5))
+    attention = make_attention_function(alpha=1.5, backend="torch")
+    num_keys, num_queries = 12, 3
+
+    def attend(q, k, v, padding, q_offset):
+        mask = entmax_mask(batch_size=2, q_length=num_queries, kv_length=num_keys, q_offset=q_offset,
+                           attention_mask=padding)
+        return attention(layer, q, k, v, mask)[0]
+
+    compiled, counter = _compile(attend, "eager")
+    generator = torch.Generator().manual_seed(23)
+    for rows, offset, dense in ((["........", "###....."], 5, False), (["........", ".....#.."], 3, False),
+                                (["........", ".#..#..."], 5, True)):
+        padding = ~_padding(rows, len(rows[0]))
+        q = torch.randn(2, 4, num_queries, 8, generator=generator).requires_grad_()
+        k, v = (torch.randn(2, 2, num_keys, 8, generator=generator).requires_grad_() for _ in range(2))
+        q_offset = torch.tensor(offset)
+        dense_calls.clear()
+        _no_host(compiled, q, k, v, padding, q_offset)
+        assert bool(dense_calls) == dense
+        _assert_same(lambda *a: _no_host(compiled, *a), attend, (q, k, v, padding, q_offset),
+                     list(layer.entflash.parameters()))
+    assert counter.frame_count == 1
+    with pytest.raises(Exception, match="`kv_offset` must be a python int under torch.compile"):
+        torch.compile(lambda offset: entmax_mask(batch_size=1, q_length=1, kv_length=8, kv_offset=offset),
+                      fullgraph=True, backend="eager")(torch.tensor(0))
 
 
 @pytest.mark.gpu

@@ -342,6 +342,31 @@ def test_custom_mask_takes_the_exact_dense_path():
     assert mask.shape == (1, 1, 6, 6) and bool(mask[0, 0, 0, 2])  # block tokens see each other
 
 
+def test_static_cache_mask_form_is_checked_and_matches_the_cut_form():
+    """The (B, 2, Nk) form entmax_mask gives a static cache while compiling also runs eagerly, with the results of
+    the eager form (keys cut at the written length); a malformed one, or one given to a non-causal layer, raises."""
+    layer = torch.nn.Module()
+    layer.is_causal = True
+    forward = make_attention_function(1.5, backend="torch")
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 3, 8, generator=generator)
+    k, v = torch.randn(2, 2, 10, 8, generator=generator), torch.randn(2, 2, 10, 8, generator=generator)
+    padding = torch.tensor([[1] * 10, [0, 0, 1, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    static = integration._static_cache_mask(2, 3, 10, torch.tensor(4), 0, padding, torch.device("cpu"))
+    assert static.shape == (2, 2, 10) and static[:, 1].sum(1).tolist() == [3, 3] and not static[:, 0, 7:].any()
+    cut = integration.entmax_mask(batch_size=2, q_length=3, kv_length=10, q_offset=torch.tensor(4),
+                                  attention_mask=padding)
+    assert cut.shape == (2, 7)
+    out = forward(layer, q, k, v, static)[0]
+    torch.testing.assert_close(out, forward(layer, q, k, v, cut)[0], atol=TOLERANCE, rtol=0)
+    assert not out[1, 1].any()  # the query in slot 5 is padding
+    with pytest.raises(ValueError, match="attention_mask"):
+        forward(layer, q, k, v, static[:, :, :9])
+    layer.is_causal = False
+    with pytest.raises(ValueError, match="only for causal layers"):
+        forward(layer, q, k, v, static)
+
+
 def test_unsupported_options_raise():
     model = _llama()
     forward = make_attention_function(1.5)

@@ -12,6 +12,9 @@ function a compact description instead of a dense (B, 1, Nq, Nk) mask:
   `sliding_window` kwarg / `module.sliding_window`);
 * a bool tensor (B, Nk'): which keys hold real tokens (Nk' <= Nk: key slots after Nk' are never visible, e.g. the
   unused tail of a static cache); for causal layers the queries are the last Nq of those Nk' positions;
+* a bool tensor (B, 2, Nk), only while torch.compile traces a causal layer whose query offset is a tensor (a static
+  cache): [:, 0] which key slots hold real tokens (slots after the last query's are False), [:, 1] which slots the
+  queries occupy; a fixed shape, computed on the device (the eager form above cuts the keys at the offset's value);
 * an int64 tensor (B, N): segment ids of packed sequences (transformers detected packing from position_ids);
 * a 4-D tensor (bool, True = visible, or float additive): any other pattern (custom and/or mask functions,
   chunked or block attention, older transformers versions) -> the exact dense path, with a one-time warning.
@@ -30,8 +33,9 @@ eager), and warnings are not issued. Mask functions other than the plain causal 
 window, packed sequences, chunked, custom) are closures built inside the traced model that torch.compile cannot
 inspect, so they are materialized by transformers' `sdpa_mask` and run the exact dense path (real tokens give the
 eager results; padded query positions get what transformers' dense mask gives them instead of zeros). A static
-cache's tensor offsets raise a ValueError (the mask's shape depends on them). Packed batches given as
-`cu_seq_lens_q/k` run the dense path (packing reads the lengths on the host); their equality is not checked.
+cache's tensor query offset gives the (B, 2, Nk) form above, which runs the same padding path with the queries at
+their slots; a tensor kv_offset raises a ValueError naming it. Packed batches given as `cu_seq_lens_q/k` run the
+dense path (packing reads the lengths on the host); their equality is not checked.
 
 `add_learnable_alpha(model, ...)` gives each attention layer per-head learnable alpha (and optionally ASEntmax)
 parameters, stored as `layer.entflash` (an `entflash.nn.EntmaxAttention`) and read by the attention function.
@@ -129,10 +133,28 @@ def _as_int(value, argument: str) -> int:
         return int(value)
     if torch.compiler.is_compiling():  # .item() is a host read, which a traced graph cannot hold
         checks.fail(ValueError, "entmax_mask", argument,
-                    "be a python int under torch.compile (its value sets the mask's shape; a tensor offset comes "
-                    "from a static cache: compile with a dynamic cache, or run the mask function eagerly)",
-                    checks.describe(value))
+                    "be a python int under torch.compile (its value sets the mask's shape; only a causal layer's "
+                    "q_offset, as a static cache gives it, may be a tensor)", checks.describe(value))
     return int(value.item())
+
+
+def _static_cache_mask(batch_size: int, q_length: int, kv_length: int, q_offset: torch.Tensor, kv_offset: int,
+                       attention_mask: Optional[torch.Tensor], device) -> torch.Tensor:
+    """The causal mask description for a tensor q_offset while torch.compile traces (a static cache): bool
+    (B, 2, kv_length), a shape that does not depend on the offset's value. [:, 0]: which key slots hold real tokens
+    (slot j is kv_offset + j; slots from q_offset + q_length on are unused cache, never visible); [:, 1]: which
+    slots the queries occupy (q_offset .. q_offset + q_length - 1). Computed on the device."""
+    q_offset = q_offset.to(device).reshape(())
+    slots = torch.arange(kv_offset, kv_offset + kv_length, device=device)
+    end = q_offset + q_length
+    written = slots < end
+    queries = (slots >= q_offset) & written
+    keys = written[None].expand(batch_size, kv_length)
+    if attention_mask is not None:
+        # Pads by the full length whatever the mask's (generate() grows it each step): no guard on its length.
+        padding = torch.nn.functional.pad(attention_mask.to(device=device, dtype=torch.bool), (0, kv_length))
+        keys = keys & padding[:, kv_offset:kv_offset + kv_length]
+    return torch.stack([keys, queries[None].expand(batch_size, kv_length)], dim=1)
 
 
 def entmax_mask(batch_size: int, q_length: Optional[int] = None, kv_length: int = 0, q_offset=0, kv_offset=0,
@@ -148,7 +170,7 @@ def entmax_mask(batch_size: int, q_length: Optional[int] = None, kv_length: int 
     from transformers import masking_utils
 
     if cache_position is not None and q_length is None:
-        q_length, q_offset = int(cache_position.shape[0]), _as_int(cache_position[0], "cache_position")
+        q_length, q_offset = int(cache_position.shape[0]), cache_position[0]
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
     kind = classify_mask_function(mask_function)
@@ -163,10 +185,15 @@ def entmax_mask(batch_size: int, q_length: Optional[int] = None, kv_length: int 
     pattern, segments = kind
     if segments is not None:
         return segments.to(torch.int64)
-    q_offset, kv_offset = _as_int(q_offset, "q_offset"), _as_int(kv_offset, "kv_offset")
+    kv_offset = _as_int(kv_offset, "kv_offset")
     # Causal: key slots after the last query are never visible (e.g. a static cache's unused tail).
     visible_length = kv_length
     if pattern == "causal":
+        if isinstance(q_offset, torch.Tensor) and torch.compiler.is_compiling():
+            # A static cache's offset: cutting the keys to the visible length would read it on the host.
+            device = attention_mask.device if attention_mask is not None else kwargs.get("device", q_offset.device)
+            return _static_cache_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, device)
+        q_offset = _as_int(q_offset, "q_offset")
         visible_length = max(0, min(kv_length, q_offset + q_length - kv_offset))
     if attention_mask is None:
         if visible_length == kv_length:
@@ -290,11 +317,25 @@ def _layer_parameters(module: nn.Module, num_heads: int) -> Optional[EntmaxAtten
     return parameters
 
 
-def _asentmax_positions(kwargs, num_queries: int, num_keys: int, device) -> torch.Tensor:
+def _asentmax_positions(kwargs, num_queries: int, num_keys: int, device, attention_mask=None) -> torch.Tensor:
     position_ids = kwargs.get("position_ids")
     if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == num_queries:
         return position_ids.reshape(-1, num_queries).to(device)
+    if _is_static_cache_mask(attention_mask):  # the query slots, found on the device
+        return _static_query_slots(attention_mask.to(device), num_queries)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and attention_mask.dtype == torch.bool:
+        num_keys = attention_mask.shape[1]  # keys after these are unused cache slots
     return torch.arange(num_keys - num_queries, num_keys, device=device)[None]
+
+
+def _is_static_cache_mask(attention_mask) -> bool:
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 3
+
+
+def _static_query_slots(mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """int64 (B, Nq): the key slot of each query, from the static-cache description (bool (B, 2, Nk))."""
+    first = mask[:, 1].to(torch.int64).argmax(dim=1)  # the first query slot (argmax returns the first maximum)
+    return first[:, None] + torch.arange(num_queries, device=mask.device)
 
 
 def make_attention_function(alpha=1.5, backend: str = "auto") -> Callable:
@@ -327,10 +368,7 @@ def make_attention_function(alpha=1.5, backend: str = "auto") -> Callable:
         if parameters is not None:
             layer_alpha = parameters.alpha_for(query)
             if parameters.asentmax is not None:
-                if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and (
-                        attention_mask.dtype == torch.bool):
-                    num_keys = attention_mask.shape[1]  # keys after these are unused cache slots
-                positions = _asentmax_positions(kwargs, num_queries, num_keys, query.device)
+                positions = _asentmax_positions(kwargs, num_queries, num_keys, query.device, attention_mask)
                 query = parameters.scale_queries(query, positions, getattr(module, _HIDDEN_ATTRIBUTE, None))
         else:
             layer_alpha = default_alpha
@@ -382,8 +420,11 @@ def _dispatch(call: _Call, attention_mask, causal: bool, window, dropout_p: floa
             return call.dense(keep=mask, dropout_p=dropout_p)
         return call.dense(bias=mask, dropout_p=dropout_p)
 
+    if _is_static_cache_mask(attention_mask):
+        return _dispatch_static_cache(call, attention_mask, causal, window, dropout_p)
+
     if attention_mask.dim() != 2:
-        checks.fail(ValueError, "entmax attention", "attention_mask", "be None, 2-D or 4-D",
+        checks.fail(ValueError, "entmax attention", "attention_mask", "be None, 2-D, 3-D or 4-D",
                     f"shape {tuple(attention_mask.shape)}")
 
     if not attention_mask.dtype == torch.bool:  # packed segment ids
@@ -426,8 +467,51 @@ def _dispatch(call: _Call, attention_mask, causal: bool, window, dropout_p: floa
     return call.unpadded(query_valid, key_valid, causal, window)
 
 
-def _dispatch_padding_traced(call: _Call, key_valid: torch.Tensor, causal: bool, window, dropout_p: float
-                             ) -> torch.Tensor:
+def _dispatch_static_cache(call: _Call, mask: torch.Tensor, causal: bool, window, dropout_p: float
+                           ) -> torch.Tensor:
+    """The static-cache description (bool (B, 2, Nk), from entmax_mask while torch.compile traces): key slot j is
+    visible to the query in slot s iff j holds a real token and j <= s (and lies in the window around s).
+
+    The real keys are the real tokens in slots before the last query's, so the real queries are the last real keys
+    of their row: after unpadded_entmax_attention moves the real tokens to the front (keeping their order), the r-th
+    of Lq real queries is the (Lk - Lq + r)-th real key, and its bottom-right causal rule (rank j <= r + Lk - Lq)
+    is "real key slot <= query slot", for any padding pattern. Padded query rows give zeros, as in eager.
+    """
+    batch, num_queries, num_keys = call.query.shape[0], call.query.shape[2], call.key.shape[2]
+    if mask.dtype != torch.bool or tuple(mask.shape) != (batch, 2, num_keys):
+        checks.fail(ValueError, "entmax attention", "attention_mask",
+                    f"be a bool tensor of shape ({batch}, 2, {num_keys}) when 3-D (entmax_mask's static-cache form)",
+                    f"{mask.dtype}, shape {tuple(mask.shape)}")
+    if not causal:
+        checks.fail(ValueError, "entmax attention", "attention_mask",
+                    "be 3-D (entmax_mask's static-cache form) only for causal layers", "a non-causal layer")
+    mask = mask.to(call.query.device)
+    key_valid = mask[:, 0]
+    slots = _static_query_slots(mask, num_queries)
+    query_valid = key_valid.gather(1, slots.clamp(max=num_keys - 1)) & (slots < num_keys)
+    return _dispatch_padding_traced(call, key_valid, causal, window, dropout_p, static=(query_valid, slots))
+
+
+def _dense_keep_at(slots: torch.Tensor, num_keys: int, causal: bool, window, key_valid: torch.Tensor,
+                   query_valid: torch.Tensor) -> torch.Tensor:
+    """Dense visibility (B, 1, Nq, Nk) for queries at the given key slots (int (B, Nq)): key j is visible iff it is
+    real, (causal) j <= slot, and (window (l, r)) slot - l <= j <= slot + r; padded query rows see nothing."""
+    keys = torch.arange(num_keys, device=slots.device)[None, None, :]
+    own = slots[:, :, None]
+    keep = key_valid[:, None, :] & query_valid[:, :, None]
+    if causal:
+        keep = keep & (keys <= own)
+    if window is not None:
+        left, right = window
+        if left is not None:
+            keep = keep & (keys >= own - left)
+        if right is not None:
+            keep = keep & (keys <= own + right)
+    return keep[:, None]
+
+
+def _dispatch_padding_traced(call: _Call, key_valid: torch.Tensor, causal: bool, window, dropout_p: float,
+                             static=None) -> torch.Tensor:
     """_dispatch's padding-mask paths while torch.compile traces: the same results, no host reads of the mask.
 
     key_valid: bool (B, Nk), call's keys already cut to Nk. Eager code inspects the mask (no padding, right
@@ -435,17 +519,24 @@ def _dispatch_padding_traced(call: _Call, key_valid: torch.Tensor, causal: bool,
     unpadded_entmax_attention handles every pattern at once. The eager conditions that still need the mask's
     values (a sliding window is only exact on contiguous real tokens) are decided on the device by torch.cond,
     whose other branch is the exact dense path, as in eager. Dropout runs the dense path.
+    static: None, or (query_valid bool (B, Nq), query slots int (B, Nq)) for a causal layer's static-cache form,
+    whose queries are not the last Nq key slots.
     """
     query = call.query
     num_queries, num_keys = query.shape[2], call.key.shape[2]
 
     def query_valid():  # a view of key_valid, so formed inside each torch.cond branch (no aliased captures)
+        if static is not None:
+            return static[0]
         return key_valid[:, num_keys - num_queries:] if causal else None
 
     def dense(q, k, v):
-        keep = _dense_keep(num_queries, num_keys, causal, window, query.device, key_valid=key_valid)
-        if causal:
-            keep = keep & query_valid()[:, None, :, None]
+        if static is not None:
+            keep = _dense_keep_at(static[1], num_keys, causal, window, key_valid, static[0])
+        else:
+            keep = _dense_keep(num_queries, num_keys, causal, window, query.device, key_valid=key_valid)
+            if causal:
+                keep = keep & query_valid()[:, None, :, None]
         return _Call(q, k, v, call.alpha, call.scale, call.backend).dense(keep=keep, dropout_p=dropout_p)
 
     def unpadded(q, k, v):
