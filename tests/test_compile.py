@@ -285,3 +285,16 @@ def test_fused_backend_custom_ops_pass_opcheck():
     backward_args = (grad_out, *detached, tau.detach(), tile_map, o2.detach(), s.detach(), alpha.detach(), 0.0,
                      True, 0.5, 3, -1, lengths_q, lengths_k, True, False, True, True)
     torch.library.opcheck(triton_attention_backward_op, backward_args)
+
+
+def test_dynamic_compile_with_a_symbolic_scale_matches_eager():
+    """torch.compile(dynamic=True) may trace a float `scale` symbolically: its value check is skipped while
+    tracing (as for tensor values) and each call still uses its own scale."""
+    def attend(q, k, v, scale):
+        return entflash.entmax_attention(q, k, v, alpha=1.5, causal=True, scale=scale, backend="torch")
+
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True, backend="aot_eager")
+    generator = torch.Generator().manual_seed(41)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=generator) for _ in range(3))
+    for scale in (0.3, 0.7):
+        torch.testing.assert_close(compiled(q, k, v, scale), attend(q, k, v, scale), rtol=1e-5, atol=1e-6)

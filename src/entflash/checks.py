@@ -185,6 +185,8 @@ def check_scale(scale, head_dim: int, caller: str) -> float:
         return 1.0 / math.sqrt(head_dim)
     if not is_real_number(scale):
         fail(TypeError, caller, "scale", "be a positive finite float or None", describe(scale))
+    if torch.compiler.is_compiling():
+        return scale  # may be symbolic (torch.compile(dynamic=True)): like tensor values, not checked while tracing
     if not (math.isfinite(float(scale)) and float(scale) > 0):
         fail(ValueError, caller, "scale", "be a positive finite float or None", repr(scale))
     return float(scale)
