@@ -110,7 +110,7 @@ def main():
                 ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, ni),
                                                    return_mode="median")
                 ms_out = triton.testing.do_bench(
-                    lambda: sparse_output(q, k, v, a_t, scale, spec, tm, tau, tlo, save_bwd=False),
+                    lambda: sparse_output(q, k, v, a_t, scale, spec, rm, tm, tau, tlo, save_bwd=False),
                     return_mode="median")
                 # backward: ours from the training forward's saved tensors; FA2's as its fwd+bwd minus fwd
                 grad_out = torch.randn_like(q)

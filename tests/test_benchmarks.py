@@ -131,3 +131,15 @@ def test_cpu_mode_end_to_end(tmp_path):
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == sorted(f"{json_path.stem}-D16-{c}.png" for c in ("causal", "noncausal"))
     assert all((tmp_path / name).stat().st_size > 0 for name in pngs)
+
+
+def test_candidate_tile_counts_are_ordered():
+    """benchmarks.candidates: every tile holding a non-zero passes the relative Newton test (x_ij > tau_i), which
+    implies the relative histogram test (tau_i >= m_i - 1), which implies the absolute one (x_ij > m_i - 1)."""
+    from benchmarks.candidates import tile_fractions
+
+    for causal in (True, False):
+        f = tile_fractions(512, 32, 1.5, causal, blocks=8)
+        assert 0 < f["nonzero"] <= f["relative_newton"] <= f["relative_histogram"] <= 1
+        assert f["relative_histogram"] <= f["absolute_histogram"]
+        assert f["nonzero"] <= f["absolute_newton"] <= f["absolute_histogram"]

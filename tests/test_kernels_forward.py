@@ -133,6 +133,43 @@ def test_local_inputs_are_block_sparse_and_rows_sum_to_one():
     assert torch.allclose(out1, torch.ones_like(out1), atol=1e-5)
 
 
+@pytest.mark.parametrize("causal, window, lengths", [(True, None, None), (False, None, None),
+                                                      (False, (20, 9), None), (True, None, ((70, 0, 40), (50, 33, 90)))])
+def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths):
+    """dense_sweep's contract (sweep.py): row_max is each row's max of x = (alpha-1) * scale * q k^T and each
+    64x64 tile value lies between max_ij (x_ij - row_max_i) and 0 (-inf exactly where the tile has no visible
+    score); local inputs, so rows' maxima differ and the relative values are far below the absolute ones."""
+    from entflash.kernels.forward import alpha_tensor
+    from entflash.kernels.launch import make_spec
+    from entflash.kernels.sweep import dense_sweep
+
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, Nq, Nk, D, alpha = 3, 2, 1, 70, 90, 32, 1.5
+    q, k, _ = make_inputs(B, Hq, Hkv, Nq, Nk, D, torch.float32, gen, local=3.0)
+    sq, sk = ((torch.tensor(x, dtype=torch.int32, device=DEV) for x in lengths) if lengths else (None, None))
+    scale = D ** -0.5
+    alpha_t = alpha_tensor(alpha, Hq, q.device)
+    spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
+    row_max, tile_max = dense_sweep(q, k, alpha_t, scale, spec)
+    x = (alpha - 1) * scale * q.double() @ k.double().repeat_interleave(Hq // Hkv, dim=1).transpose(-1, -2)
+    visible = visibility_mask(0, Nq, Nq, Nk, causal, window, sq, sk, q.device)[:, None]
+    x = x.masked_fill(~visible, float("-inf"))
+    exact_max = x.amax(dim=-1)
+    assert torch.equal(torch.isinf(row_max), torch.isinf(exact_max))
+    live = torch.isfinite(exact_max)
+    assert torch.allclose(row_max.double()[live], exact_max[live], rtol=1e-5, atol=1e-5)
+    relative = x - torch.where(live, exact_max, torch.zeros_like(exact_max))[..., None]
+    pad = torch.full((B, Hq, 128, 128), float("-inf"), dtype=torch.float64, device=q.device)
+    pad[:, :, :Nq, :Nk] = relative
+    exact_tiles = pad.view(B, Hq, 2, 64, 2, 64).amax(dim=(3, 5))
+    assert torch.equal(torch.isinf(tile_max), torch.isinf(exact_tiles))
+    seen = torch.isfinite(exact_tiles)
+    assert (tile_max.double()[seen] >= exact_tiles[seen] - 1e-5).all()
+    assert (tile_max[seen] <= 1e-5).all()
+    if window is None:  # (a window keeps only tiles near the diagonal)
+        assert (exact_tiles[seen] < -1.0).any(), "the inputs should hold tiles the later passes skip"
+
+
 def test_inference_path_without_o2():
     gen = torch.Generator().manual_seed(10)
     q, k, v = make_inputs(1, 2, 1, 90, 130, 32, torch.float32, gen)

@@ -5,8 +5,8 @@ Conventions used by every kernel of this package:
 * Scores live in "tau units": x_ij = (alpha_h - 1) * scale * q_i . k_j, so that
   p_ij = [x_ij - tau_i]_+ ** r with r = 1 / (alpha_h - 1), and tau is reported in the same units.
   u = [x - tau]_+ >= 0 is the "shifted score".
-* Key tiles are BLOCK_N = 64 wide; query blocks are BLOCK_M = 64 or 128 rows. The per-tile max and
-  the tile map are kept at 64 x 64 granularity, so a BLOCK_M = 128 program owns SUB = BLOCK_M // 64
+* Key tiles are BLOCK_N = 64 wide; query blocks are BLOCK_M = 64 or 128 rows. The per-tile (row-relative)
+  max of the sweep and the tile map are kept at 64 x 64 granularity, so a BLOCK_M = 128 program owns SUB = BLOCK_M // 64
   rows of them ("sub-blocks").
 * ALPHA_MODE (tl.constexpr) selects the power code: 1 -> alpha = 1.5 (p = u^2, s = u),
   2 -> alpha = 2 (p = u, s = 1[u > 0]), 0 -> any alpha in (1, 2] through exp2/log2
@@ -187,11 +187,10 @@ def newton_tau(tau, f, s, expo, ALPHA_MODE: tl.constexpr):
 
 
 @triton.jit
-def sub_block_max(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Max of a (BLOCK_M, BLOCK_N) tile over each 64-row sub-block: (BLOCK_M // 64,) float32."""
+def sub_block_max_rows(t, BLOCK_M: tl.constexpr):
+    """Max of a (BLOCK_M,) row vector over each 64-row sub-block: (BLOCK_M // 64,)."""
     SUB: tl.constexpr = BLOCK_M // 64
-    x3 = tl.reshape(x, (SUB, 64, BLOCK_N))
-    return tl.max(tl.max(x3, axis=2), axis=1)
+    return tl.max(tl.reshape(t, (SUB, 64)), axis=1)
 
 
 @triton.jit
@@ -215,10 +214,11 @@ def compact_candidates(tmax_row_ptr, stride_tm, thr_sub, n_sub_valid, kb_lo, kb_
     """Write the key tiles kb in [kb_lo, kb_hi) (at most NK_CHUNK of them) that may hold a score above
     the rows' thresholds to list_ptr[0 : count], ascending; return count (int32 scalar).
 
-    tmax_row_ptr points at the per-64x64-tile max of this program's first sub-block (row stride
-    stride_tm); thr_sub (BLOCK_M // 64,) is each sub-block's lowest row threshold (+inf for a sub-block
-    without valid rows); n_sub_valid = number of this program's sub-blocks inside the tensor. A tile is
-    a candidate when some sub-block's tile max exceeds that sub-block's threshold. The later loop
+    tmax_row_ptr points at the per-64x64-tile values of this program's first sub-block (row stride
+    stride_tm): the sweep's row-relative maxima (sweep.py); thr_sub (BLOCK_M // 64,) is each sub-block's
+    lowest row threshold in the same units, threshold_i - row_max_i (+inf for a sub-block without valid
+    rows); n_sub_valid = number of this program's sub-blocks inside the tensor. A tile is
+    a candidate when some sub-block's tile value exceeds that sub-block's threshold. The later loop
     `for i in range(count): kb = tl.load(list_ptr + i)` then touches candidate tiles only, instead of
     testing every tile serially. list_ptr is private to the program (NK_CHUNK int32 entries).
     """

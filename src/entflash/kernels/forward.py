@@ -54,7 +54,7 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
         newton_iters = 2 if spec.alpha_mode == ALPHA_2 else 1
     row_max, tile_max = dense_sweep(q, k, alpha_t, scale, spec)
     tau, tau_low = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, newton_iters)
-    res = sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, out=out, save_bwd=save_bwd,
+    res = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, out=out, save_bwd=save_bwd,
                         fold=fold)
     if out_dtype != res["out"].dtype:
         res["out"] = res["out"].to(out_dtype)

@@ -15,7 +15,7 @@ from entflash.kernels.common import (compact_candidates, entmax_p, key_range, lo
 
 
 @triton.jit
-def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
+def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists,
                    Out, TauOut, Support, TileMap, O2, S2,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -40,6 +40,7 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
     in_rows = offs_m < Nq
     tau = tl.load(TauIn + row_ptr, mask=in_rows, other=float("inf"))
     tau_low = tl.load(TauLow + row_ptr, mask=in_rows, other=float("inf"))
+    m_i = tl.load(RowMax + row_ptr, mask=in_rows, other=float("-inf"))
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -48,7 +49,8 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
     sub = tl.arange(0, BLOCK_M // 64)
     lo, hi = key_range(start_m, len_q, len_k, offset, win_left, win_right,
                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
-    thr = sub_block_min_rows(tau_low, BLOCK_M)
+    # tile values are relative to each row's max (sweep.py)
+    thr = sub_block_min_rows(tl.where(m_i > float("-inf"), tau_low - m_i, float("inf")), BLOCK_M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -92,10 +94,11 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, TileMax, TauIn, TauLow, Lists,
         tl.store(O2 + row_ptr[:, None] * D + offs_d[None, :], acc2, mask=d_mask)
 
 
-def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, *, out=None, save_bwd=True, fold=True):
+def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, *, out=None, save_bwd=True,
+                  fold=True):
     """Output sweep over candidate tiles.
 
-    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); alpha_t (Hq,) float32; tile_max from the sweep; tau,
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); alpha_t (Hq,) float32; row_max, tile_max from the sweep; tau,
     tau_low (B, Hq, Nq) float32 from solve.solve_tau. Returns a dict:
       out (B, Hq, Nq, D) in q's dtype (strides like q), tau (B, Hq, Nq) float32 (after the closing
       Newton correction), support (B, Hq, Nq) int32 (count of p > 0), tile_map (B, Hq, ceil(Nq/64),
@@ -115,7 +118,7 @@ def sparse_output(q, k, v, alpha_t, scale, spec, tile_max, tau, tau_low, *, out=
     o2 = torch.empty((B, H, Nq, D) if save_bwd else (1,), device=dev, dtype=torch.float32)
     s2 = torch.empty((B, H, Nq) if save_bwd else (1,), device=dev, dtype=torch.float32)
     _output_kernel[spec.grid](
-        q, k, v, alpha_t, spec.lq, spec.lk, tile_max, tau, tau_low, spec.lists,
+        q, k, v, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau, tau_low, spec.lists,
         out, tau_out, support, tile_map, o2, s2,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tile_max.stride()[:3],
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,

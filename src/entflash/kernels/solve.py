@@ -2,7 +2,8 @@
 
 For each block of query rows (one program):
 1. histogram pass: per-row counts of the scores in 16 bins of the window (m - 1, m], over the
-   tiles whose max exceeds the sub-block's lowest m - 1 (the only tiles that can matter);
+   tiles where some row has a score above its m - 1 by the sweep's row-relative tile values
+   (the only tiles that can matter);
 2. a tiny solve over the bin counts in registers gives a guaranteed lower bound of tau
    (common.histogram_lower_tau), at most one bin width (1/16) below the root;
 3. NEWTON_ITERS passes over the tiles that can exceed the current tau, each one Newton step on
@@ -56,7 +57,8 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow, Lists,
     margin_m = 1e-5 * (1.0 + tl.abs(tl.where(valid, m_i, 0.0)))
 
     # 1-2. histogram of the window below the row max, then its lower bound of tau.
-    thr = sub_block_min_rows(tl.where(valid, m_i - 1.0 - margin_m, float("inf")), BLOCK_M)
+    # (tile values are relative to each row's max: sweep.py)
+    thr = sub_block_min_rows(tl.where(valid, -1.0 - margin_m, float("inf")), BLOCK_M)
     counts = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
     for c0 in range(kb_lo, kb_hi, NK_CHUNK):
         n_cand = compact_candidates(tmax_ptr, stride_tm, thr, n_sub_valid, c0, kb_hi, list_ptr,
@@ -81,7 +83,7 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow, Lists,
 
     # 3. Newton passes from below over the tiles that can exceed tau.
     for _ in tl.static_range(NEWTON_ITERS):
-        thr = sub_block_min_rows(tl.where(valid, tau - margin_m, float("inf")), BLOCK_M)
+        thr = sub_block_min_rows(tl.where(valid, tau - m_i - margin_m, float("inf")), BLOCK_M)
         f_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for c0 in range(kb_lo, kb_hi, NK_CHUNK):

@@ -1,13 +1,42 @@
-"""The one dense sweep of the forward: row max and per-64x64-tile max of the scores.
+"""The one dense sweep of the forward: row max and per-64x64-tile relative max of the scores.
 
-Every later stage (solve.py, output.py, the backward) only visits key tiles whose max can exceed
-the rows' lower bound of tau, so this is the only pass whose cost grows with every visible key.
+The tile value is row-relative: for the 64 rows i of a sub-block and the keys j of a tile it bounds
+max_ij (x_ij - m_i) from above, m_i being row i's max. Later stages (solve.py, output.py) visit a tile
+only if that bound exceeds the lowest (threshold_i - m_i) of the sub-block's rows, a test that does not
+suffer from the rows' maxima differing (comparing the absolute tile max with the lowest absolute
+threshold let a tile through whenever any row had a large score in it). The bound is formed with the
+running row max after the tile (<= m_i, so it can only be larger than the exact value); the sweep
+visits the tiles holding each block's diagonal first, where local attention has its maxima, so the
+running max is close to the final one for the other tiles.
+
+Every later stage only visits candidate tiles, so this is the only pass whose cost grows with every
+visible key.
 """
 import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import key_range, load_rows, program_coords, score_tile, sub_block_max
+from entflash.kernels.common import key_range, load_rows, program_coords, score_tile, sub_block_max_rows
+
+
+@triton.jit
+def _sweep_tile(q, k_base, start_n, m_i, tmax_ptr, sub_rows, offs_m, offs_d, stride_kn, stride_kd, stride_tm,
+                D, qk_scale, len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
+                CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Score the key tile at start_n, update the running row max m_i (BLOCK_M,) and store the tile's
+    relative max for each 64-row sub-block: the max over its rows of (the row's max in this tile minus
+    the updated running max), -inf for rows without a visible key yet. Returns the updated m_i."""
+    x, offs_n = score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
+                           qk_scale, len_q, len_k, offset, win_left, win_right,
+                           CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
+    tile_row_max = tl.max(x, axis=1)
+    m_i = tl.maximum(m_i, tile_row_max)
+    seen = m_i > float("-inf")
+    relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
+    tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N,
+             sub_block_max_rows(relative, BLOCK_M), mask=sub_rows < N_SUB_ROWS)
+    return m_i
 
 
 @triton.jit
@@ -33,23 +62,27 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax,
     lo, hi = key_range(start_m, len_q, len_k, offset, win_left, win_right,
                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        x, offs_n = score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
-                               qk_scale, len_q, len_k, offset, win_left, win_right,
-                               CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-        m_i = tl.maximum(m_i, tl.max(x, axis=1))
-        tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N,
-                 sub_block_max(x, BLOCK_M, BLOCK_N), mask=sub_rows < N_SUB_ROWS)
+    # key tiles in rotated order, starting at the tile of the block's first diagonal position (query
+    # start_m sees key start_m + offset; clamped into [lo, hi)): [diag, hi), then [lo, diag)
+    n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
+    diag = (tl.minimum(tl.maximum(start_m + offset, lo), tl.maximum(hi - 1, lo)) - lo) // BLOCK_N
+    for t in range(0, n_tiles):
+        start_n = lo + ((diag + t) % n_tiles) * BLOCK_N
+        m_i = _sweep_tile(q, k_base, start_n, m_i, tmax_ptr, sub_rows, offs_m, offs_d, stride_kn, stride_kd,
+                          stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
+                          CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
     tl.store(RowMax + (b * H + h) * Nq + offs_m, m_i, mask=offs_m < Nq)
 
 
 def dense_sweep(q, k, alpha_t, scale, spec):
-    """Row max and per-tile max of x = (alpha - 1) * scale * q k^T under the visibility mask.
+    """Row max and per-tile relative max of x = (alpha - 1) * scale * q k^T under the visibility mask.
 
     q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D) (fp16/bf16/fp32, any strides); alpha_t: (Hq,) float32;
     scale: python float; spec: the launch.StageSpec shared by the forward stages.
     Returns row_max (B, Hq, Nq) float32 (-inf for rows without a visible key) and
-    tile_max (B, Hq, ceil(Nq/64), ceil(Nk/64)) float32 (-inf for tiles never visited), both in tau units.
+    tile_max (B, Hq, ceil(Nq/64), ceil(Nk/64)) float32, both in tau units: an upper bound of
+    max over the 64 rows i and 64 keys j of the tile of (x_ij - row_max_i), <= 0 up to rounding (-inf for
+    tiles never visited or without a visible score).
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
