@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The recipe's evidence run on one GPU (see recipes/README.md), from the repository root:
 #     bash recipes/run_gpu.sh DEST [flags passed to every training process]
-# 1. recipes.backend_check: the fused ("triton") entmax backend is used only if it matches the exact one;
+# 1. recipes.backend_check, one process per case in parallel: the fused ("triton") entmax backend is used only if
+#    every case matches the exact one;
 #    otherwise every entmax model trains on the exact torch backend (DEST/backend_check.jsonl says why). The
 #    check compiles the fused kernels: on a fresh machine that took over 45 s once, so allow it time.
 # 2. One training process per attention type, run side by side on the GPU (small models are launch-bound, so
@@ -22,7 +23,15 @@ check_timeout=${RECIPE_CHECK_TIMEOUT:-$unlimited}
 train_timeout=${RECIPE_TRAIN_TIMEOUT:-$unlimited}
 throughput_timeout=${RECIPE_THROUGHPUT_TIMEOUT:-$unlimited}
 mkdir -p "$dest" "$work"
-if timeout "$check_timeout" $python -m recipes.backend_check > "$dest/backend_check.jsonl"; then backend=triton; else backend=torch; fi
+# the check's cases run in parallel processes (each is dominated by compiling its kernels); all must pass
+backend=triton
+check_pids=()
+for ((case = 0; case < $($python -m recipes.backend_check --count); case++)); do
+    timeout "$check_timeout" $python -m recipes.backend_check --case "$case" > "$work/backend_check_$case.jsonl" &
+    check_pids+=($!)
+done
+for pid in "${check_pids[@]}"; do wait "$pid" || backend=torch; done
+cat "$work"/backend_check_*.jsonl > "$dest/backend_check.jsonl"
 fallback=()
 if [ "$backend" = torch ] && [ -n "${RECIPE_FALLBACK_FLAGS:-}" ]; then read -r -a fallback <<< "$RECIPE_FALLBACK_FLAGS"; fi
 echo "entmax backend for training: $backend ${fallback[*]}"

@@ -107,3 +107,20 @@ def test_tiny_config_end_to_end(tmp_path):
 
     plot = out / "length_generalization.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_backend_check_runs_one_case_on_request(capsys):
+    """recipes.backend_check --case I runs case I alone (run_gpu.sh starts one process per case); on the CPU the
+    fused backend runs through the Triton interpreter and must match the exact one."""
+    from recipes import backend_check
+
+    assert backend_check.main(["--count"]) == 0
+    count = int(capsys.readouterr().out)
+    assert count == backend_check.CASE_COUNT == 4
+    assert backend_check.main(["--device", "cpu", "--case", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    report = lines[-1]
+    assert report["ok"] and len(report["cases"]) == 1
+    assert report["cases"][0]["alpha"] == "tensor (H,)" and report["cases"][0]["shape"] == [4, 4, 64, 32]
+    with pytest.raises(SystemExit):
+        backend_check.main(["--case", str(count)])
