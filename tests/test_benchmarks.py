@@ -143,3 +143,26 @@ def test_candidate_tile_counts_are_ordered():
         assert 0 < f["nonzero"] <= f["relative_newton"] <= f["relative_histogram"] <= 1
         assert f["relative_histogram"] <= f["absolute_histogram"]
         assert f["nonzero"] <= f["absolute_newton"] <= f["absolute_histogram"]
+
+
+def test_targets_check_counts_cases_in_band():
+    """benchmarks.targets: a case counts for a target only inside its sparsity band and target shapes, and
+    `met` compares the ratio with the limit."""
+    from benchmarks.targets import check_targets
+
+    def record(impl, sparsity, n=4096, fwd=1.0, fwd_bwd=1.0, to_fa2=(1.0, 1.0)):
+        return {"impl": impl, "N": n, "D": 64, "H": 32, "B": 4, "causal": True, "alpha": 1.5, "dtype": "bfloat16",
+                "target_sparsity": sparsity, "block_sparsity": sparsity, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+                "ratio_fwd_to_fa2": to_fa2[0], "ratio_fwd_bwd_to_fa2": to_fa2[1]}
+
+    records = [record("ours", 0.97, to_fa2=(0.5, 0.2)),
+               record("ours", 0.97, n=8192, to_fa2=(9.0, 9.0)),  # N outside the targets' lengths
+               record("ours", 0.0, fwd_bwd=2.0, to_fa2=(2.0, 1.0)), record("ours_learned_alpha", 0.0, fwd_bwd=2.1)]
+    rows = {row["target"]: row for row in check_targets(records)}
+    sparse_fwd = rows["forward at >= 95% block sparsity <= 0.7x FA2"]
+    assert (sparse_fwd["cases"], sparse_fwd["met"], sparse_fwd["worst"]) == (1, 1, 0.5)
+    dense_fwd = rows["forward on dense attention <= 1.8x FA2"]
+    assert dense_fwd["cases"] == 1 and dense_fwd["met"] == 0
+    learned = rows["learnable alpha fwd+bwd within 10% of fixed alpha"]
+    assert learned["cases"] == 1 and learned["met"] == 1 and abs(learned["worst"] - 1.05) < 1e-9
+    assert rows["forward faster than adasplash"]["cases"] == 0
