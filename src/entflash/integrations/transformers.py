@@ -54,7 +54,7 @@ from torch import nn
 from entflash import checks
 from entflash.api import entmax_attention, entmax_attention_varlen
 from entflash.nn import EntmaxAttention, choose_on_device, dense_entmax_attention, unpadded_entmax_attention
-from entflash.reference.attention import visibility_mask
+from entflash.reference.attention import visibility_mask, within_reach
 
 # Attribute under which add_learnable_alpha stores the per-layer parameters.
 PARAMETERS_ATTRIBUTE = "entflash"
@@ -497,16 +497,7 @@ def _dense_keep_at(slots: torch.Tensor, num_keys: int, causal: bool, window, key
     """Dense visibility (B, 1, Nq, Nk) for queries at the given key slots (int (B, Nq)): key j is visible iff it is
     real, (causal) j <= slot, and (window (l, r)) slot - l <= j <= slot + r; padded query rows see nothing."""
     keys = torch.arange(num_keys, device=slots.device)[None, None, :]
-    own = slots[:, :, None]
-    keep = key_valid[:, None, :] & query_valid[:, :, None]
-    if causal:
-        keep = keep & (keys <= own)
-    if window is not None:
-        left, right = window
-        if left is not None:
-            keep = keep & (keys >= own - left)
-        if right is not None:
-            keep = keep & (keys <= own + right)
+    keep = within_reach(keys, slots[:, :, None], causal, window, key_valid[:, None, :] & query_valid[:, :, None])
     return keep[:, None]
 
 

@@ -67,7 +67,14 @@ def visibility_mask(query_start: int, query_stop: int, num_queries: int, num_key
     query = torch.arange(query_start, query_stop, device=device).view(1, -1, 1)
     key = torch.arange(key_start, num_keys if key_stop is None else key_stop, device=device).view(1, 1, -1)
     own_key = query + (length_k - length_q)
-    visible = (query < length_q) & (key < length_k)
+    return within_reach(key, own_key, causal, window, (query < length_q) & (key < length_k))
+
+
+def within_reach(key: torch.Tensor, own_key: torch.Tensor, causal: bool,
+                 window: Optional[Tuple[Optional[int], Optional[int]]], visible: torch.Tensor) -> torch.Tensor:
+    """visible restricted by the causal and window rules: a query whose own key position is own_key sees key
+    position key iff (causal) key <= own_key and (window (l, r)) own_key - l <= key <= own_key + r, a None side
+    being unlimited. key, own_key: int tensors; visible: bool; all broadcast together."""
     if causal:
         visible = visible & (key <= own_key)
     if window is not None:
