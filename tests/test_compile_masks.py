@@ -19,6 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import entflash.nn
 from entflash.nn import MultiheadEntmaxAttention, dense_entmax_attention, unpadded_entmax_attention
 from entflash.reference import rowwise
+from helpers import padding_attention_mask
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
@@ -104,6 +105,16 @@ def test_unpadded_attention_equals_masked_dense_attention():
     expected, _ = dense_entmax_attention(q, k, v, alpha=alpha, keep=keep[:, None])
     torch.testing.assert_close(out, expected, **TOLERANCE)
     assert not out[3, :, 2].any()  # the query at key position 4 is padding: zeros
+
+
+def test_unpadded_attention_rejects_bad_masks_by_name():
+    q, k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    key_valid = torch.ones(2, 7, dtype=torch.bool)
+    for bad in (key_valid.long(), key_valid[:, :6], key_valid[:1], "not a tensor"):
+        with pytest.raises(ValueError, match="`key_valid` must be a bool tensor of shape \\(2, 7\\)"):
+            unpadded_entmax_attention(q, k, v, bad, backend="torch")
+    with pytest.raises(ValueError, match="`query_valid` must be a bool tensor of shape \\(2, 5\\)"):
+        unpadded_entmax_attention(q, k, v, key_valid, torch.ones(2, 7, dtype=torch.bool), backend="torch")
 
 
 @pytest.mark.parametrize("learn_alpha", [False, True])
@@ -257,16 +268,6 @@ def _compiled_model_call(model, backend="aot_eager"):
     return call, counter
 
 
-def _attention_mask(lengths, total, left):
-    mask = torch.zeros(len(lengths), total, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        if left:
-            mask[row, total - length:] = 1
-        else:
-            mask[row, :length] = 1
-    return mask
-
-
 def _llama(transformers):
     torch.manual_seed(11)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -287,7 +288,7 @@ def test_compiled_llama_with_padding_trains_like_eager(transformers):
     compiled, counter = _compiled_model_call(compiled_model)
     ids = torch.randint(0, VOCAB, (3, 10), generator=torch.Generator().manual_seed(12))
     for left in (False, True):
-        mask = _attention_mask([10, 7, 3], 10, left)
+        mask = padding_attention_mask([10, 7, 3], 10, left)
         labels = ids.masked_fill(mask == 0, -100)
         results = []
         for model, run in ((compiled_model, compiled), (eager, eager)):
@@ -320,7 +321,7 @@ def test_compiled_decoding_step_with_left_padded_cache_matches_eager(transformer
     """generate()-style: an eager prefill, then one compiled single-query step against the (dynamic) KV cache."""
     model = _llama(transformers).eval()
     ids = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(13))
-    mask = _attention_mask([9, 6, 2], 9, left=True)
+    mask = padding_attention_mask([9, 6, 2], 9, left=True)
 
     def step(token, attention_mask, cache):
         return model(input_ids=token, attention_mask=attention_mask, past_key_values=cache).logits
@@ -328,13 +329,20 @@ def test_compiled_decoding_step_with_left_padded_cache_matches_eager(transformer
     compiled, counter = _compiled_model_call(step, "eager")
     with torch.no_grad():
         cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
-        eager_cache = copy.deepcopy(cache)
-        got = compiled(ids[:, -1:], mask, cache)
-        expected = step(ids[:, -1:], mask, eager_cache)
-        full = model(input_ids=ids, attention_mask=mask).logits[:, -1:]
+        _check_last_step(model, step, compiled, ids, mask, cache)
+    assert counter.frame_count == 1
+
+
+def _check_last_step(model, step, compiled, ids, mask, cache):
+    """The compiled step(last token, mask, cache) equals the eager step on a copy of the prefilled cache and the
+    last position of a full recomputation; returns (cache, eager_cache) after the step."""
+    eager_cache = copy.deepcopy(cache)
+    got = compiled(ids[:, -1:], mask, cache)
+    expected = step(ids[:, -1:], mask, eager_cache)
+    full = model(input_ids=ids, attention_mask=mask).logits[:, -1:]
     torch.testing.assert_close(got, expected, **TOLERANCE)
     torch.testing.assert_close(got, full, **TOLERANCE)
-    assert counter.frame_count == 1
+    return cache, eager_cache
 
 
 def test_compiled_bert_with_padding_matches_eager(transformers):
@@ -347,7 +355,7 @@ def test_compiled_bert_with_padding_matches_eager(transformers):
     compiled, counter = _compiled_model_call(model)
     ids = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(15))
     for left in (False, True):
-        mask = _attention_mask([8, 5, 2], 8, left)
+        mask = padding_attention_mask([8, 5, 2], 8, left)
         results = []
         for run in (compiled, model):
             model.zero_grad()
@@ -377,7 +385,7 @@ def test_compiled_sliding_window_model_with_padding_matches_eager_at_real_tokens
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(17))
     holes = torch.tensor([[1] * 9, [1, 1, 0, 1, 1, 0, 1, 1, 1]])
     with torch.no_grad():
-        for mask in (_attention_mask([9, 5], 9, left=True), _attention_mask([9, 5], 9, left=False), holes):
+        for mask in (padding_attention_mask([9, 5], 9, left=True), padding_attention_mask([9, 5], 9, left=False), holes):
             got = compiled(input_ids=ids, attention_mask=mask).logits
             expected = model(input_ids=ids, attention_mask=mask).logits
             real = mask.bool()
@@ -434,15 +442,10 @@ def test_compiled_static_cache_decoding_step_matches_eager(transformers):
 
     compiled, counter = _compiled_model_call(step, "aot_eager")
     with torch.no_grad():
-        for mask in (_attention_mask([9, 9, 9], 9, left=True), _attention_mask([9, 6, 2], 9, left=True)):
+        for mask in (padding_attention_mask([9, 9, 9], 9, left=True), padding_attention_mask([9, 6, 2], 9, left=True)):
             cache = _static_cache(transformers, model, 16)
             model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache)
-            eager_cache = copy.deepcopy(cache)
-            got = compiled(ids[:, -1:], mask, cache)
-            expected = step(ids[:, -1:], mask, eager_cache)
-            full = model(input_ids=ids, attention_mask=mask).logits[:, -1:]
-            torch.testing.assert_close(got, expected, **TOLERANCE)
-            torch.testing.assert_close(got, full, **TOLERANCE)
+            cache, eager_cache = _check_last_step(model, step, compiled, ids, mask, cache)
             torch.testing.assert_close(cache.layers[0].keys, eager_cache.layers[0].keys, **TOLERANCE)
     assert counter.frame_count == 1
 
@@ -460,7 +463,7 @@ def test_compiled_static_cache_chunked_prefill_matches_eager(transformers, dense
     compiled, counter = _compiled_model_call(chunk, "eager")
     holes = torch.tensor([[1] * 10, [1, 0, 1, 1, 0, 1, 1, 0, 1, 1], [0, 1, 1, 0, 1, 1, 1, 1, 0, 1]])
     with torch.no_grad():
-        for mask in (_attention_mask([10, 7, 4], 10, left=True), _attention_mask([10, 7, 4], 10, left=False), holes):
+        for mask in (padding_attention_mask([10, 7, 4], 10, left=True), padding_attention_mask([10, 7, 4], 10, left=False), holes):
             cache = _static_cache(transformers, model, 16)
             model(input_ids=ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache)
             eager_cache = copy.deepcopy(cache)
@@ -488,7 +491,7 @@ def test_compiled_generate_with_static_cache_matches_eager(transformers):
     compile_config = transformers.CompileConfig(fullgraph=True, backend=backend, mode=None)
     compile_config._compile_all_devices = True  # transformers' switch for compiling generate() off the GPU
     prompt = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(22))
-    options = dict(attention_mask=_attention_mask([6, 3], 6, left=True), max_new_tokens=4, do_sample=False,
+    options = dict(attention_mask=padding_attention_mask([6, 3], 6, left=True), max_new_tokens=4, do_sample=False,
                    pad_token_id=0, eos_token_id=None, cache_implementation="static")
     with torch.no_grad():
         eager = model.generate(prompt, disable_compile=True, **options)

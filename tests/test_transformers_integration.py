@@ -19,6 +19,7 @@ masking_utils = pytest.importorskip("transformers.masking_utils")
 import entflash.integrations.transformers as integration  # noqa: E402
 from entflash.integrations.transformers import (  # noqa: E402
     add_learnable_alpha, attention_layers, classify_mask_function, make_attention_function, register)
+from helpers import padding_attention_mask  # noqa: E402
 
 TOLERANCE = 1e-5
 VOCAB = 64
@@ -95,16 +96,6 @@ def _dense_output(model, **inputs):
         model.set_attn_implementation("entmax")
 
 
-def _padded(lengths, total, left):
-    mask = torch.zeros(len(lengths), total, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        if left:
-            mask[row, total - length:] = 1
-        else:
-            mask[row, :length] = 1
-    return mask
-
-
 @pytest.mark.parametrize("factory", [_llama, _qwen2_sliding, _gpt2])
 def test_causal_outputs_ignore_future_tokens(factory):
     model = factory()
@@ -123,7 +114,7 @@ def test_padded_batch_matches_single_sequences(factory, left):
     model = factory()
     total, lengths = 16, [16, 11, 7]
     ids = torch.randint(0, VOCAB, (3, total))
-    mask = _padded(lengths, total, left)
+    mask = padding_attention_mask(lengths, total, left)
     # Real tokens keep positions 0, 1, ... (models with absolute position embeddings need them when left padded).
     inputs = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
     batched = _output(model, **inputs)
@@ -148,12 +139,12 @@ def test_standard_patterns_never_take_the_dense_path(factory, monkeypatch):
     model = factory()
     ids = torch.randint(1, VOCAB, (2, 12))
     for left in (False, True):
-        _output(model, input_ids=ids, attention_mask=_padded([12, 7], 12, left))
+        _output(model, input_ids=ids, attention_mask=padding_attention_mask([12, 7], 12, left))
     if factory is _qwen2_sliding:
         _output(model, input_ids=ids[:1], position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None],
                 use_cache=False)
         with torch.no_grad():
-            model.generate(ids, attention_mask=_padded([12, 7], 12, left=True), max_new_tokens=3, do_sample=False,
+            model.generate(ids, attention_mask=padding_attention_mask([12, 7], 12, left=True), max_new_tokens=3, do_sample=False,
                            pad_token_id=0)
 
 
@@ -196,7 +187,7 @@ def _greedy_by_recomputation(model, prompt, new_tokens):
 def test_generate_with_cache_matches_recomputation(factory):
     model = factory()
     prompt = torch.randint(1, VOCAB, (2, 6))
-    mask = _padded([6, 4], 6, left=True)
+    mask = padding_attention_mask([6, 4], 6, left=True)
     with torch.no_grad():
         generated = model.generate(prompt, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
                                    eos_token_id=None)
@@ -228,7 +219,7 @@ def test_generate_with_asentmax_matches_recomputation(asentmax):
 def test_generate_with_static_cache_matches_dynamic_cache():
     model = _llama()
     prompt = torch.randint(1, VOCAB, (2, 6))
-    mask = _padded([6, 3], 6, left=True)
+    mask = padding_attention_mask([6, 3], 6, left=True)
     options = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         dynamic = model.generate(prompt, **options)
@@ -245,7 +236,7 @@ def test_cross_attention_honours_encoder_padding():
     model = transformers.BartForConditionalGeneration(config).eval()
     model.set_attn_implementation("entmax")
     source, target = torch.randint(3, VOCAB, (2, 10)), torch.randint(3, VOCAB, (2, 8))
-    mask = _padded([10, 6], 10, left=False)
+    mask = padding_attention_mask([10, 6], 10, left=False)
     batched = _output(model, input_ids=source, attention_mask=mask, decoder_input_ids=target)
     single = _output(model, input_ids=source[1:, :6], decoder_input_ids=target[1:])
     torch.testing.assert_close(batched[1], single[0], atol=TOLERANCE, rtol=0)
