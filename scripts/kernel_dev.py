@@ -97,17 +97,17 @@ def main():
                     ms_fa = triton.testing.do_bench(fa, warmup=50, rep=200, return_mode="median")
                 a_t = alpha_tensor(args.alpha, H, q.device)
                 spec = make_spec(q, k, args.alpha, a_t, causal, None, None, None)
-                rm, tm = dense_sweep(q, k, a_t, scale, spec)
-                tau, tlo = solve_tau(q, k, a_t, scale, spec, rm, tm, ni)
+                rm, tm, th = dense_sweep(q, k, a_t, scale, spec)
+                tau, tlo = solve_tau(q, k, a_t, scale, spec, rm, tm, th, ni)
                 # histogram bound alone (no Newton pass): does it hold, and how far below the root is it?
-                tau0, _ = solve_tau(q, k, a_t, scale, spec, rm, tm, 0)
+                tau0 = th
                 t0h, tr = tau0[:1, hs], aux["tau"]
                 fin = torch.isfinite(tr)
                 gap = (tr[fin] - t0h[fin])
                 hist_held = (gap >= -1e-3).float().mean().item()
                 hist_gap_bins = (gap * 16).mean().item()
                 ms_sweep = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec), return_mode="median")
-                ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, ni),
+                ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, th, ni),
                                                    return_mode="median")
                 ms_out = triton.testing.do_bench(
                     lambda: sparse_output(q, k, v, a_t, scale, spec, rm, tm, tau, tlo, save_bwd=False),

@@ -150,7 +150,7 @@ def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths
     scale = D ** -0.5
     alpha_t = alpha_tensor(alpha, Hq, q.device)
     spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
-    row_max, tile_max = dense_sweep(q, k, alpha_t, scale, spec)
+    row_max, tile_max, _ = dense_sweep(q, k, alpha_t, scale, spec)
     x = (alpha - 1) * scale * q.double() @ k.double().repeat_interleave(Hq // Hkv, dim=1).transpose(-1, -2)
     visible = visibility_mask(0, Nq, Nq, Nk, causal, window, sq, sk, q.device)[:, None]
     x = x.masked_fill(~visible, float("-inf"))
@@ -170,6 +170,39 @@ def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths
         assert (exact_tiles[seen] < -1.0).any(), "the inputs should hold tiles the later passes skip"
 
 
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0, (1.01, 1.75)])
+@pytest.mark.parametrize("local, causal", [(0.0, True), (3.0, False), (3.0, True)])
+def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal):
+    """dense_sweep's histogram start (sweep.py): for every row, tau - 1/16 <= tau_hist <= tau (up to rounding),
+    whatever the order in which the row max rose during the sweep; +inf for rows that see no key."""
+    from entflash.kernels.forward import alpha_tensor
+    from entflash.kernels.launch import make_spec
+    from entflash.kernels.sweep import dense_sweep
+
+    gen = torch.Generator().manual_seed(12)
+    B, Hq, Hkv, Nq, Nk, D = 2, 2, 1, 77, 200, 32
+    q, k, _ = make_inputs(B, Hq, Hkv, Nq, Nk, D, torch.float32, gen, scale_qk=2.0, local=local)
+    sk = torch.tensor([200, 150], dtype=torch.int32, device=DEV)
+    sq = torch.tensor([77, 0], dtype=torch.int32, device=DEV)
+    alpha = torch.tensor(alpha, device=DEV) if isinstance(alpha, tuple) else alpha
+    scale = D ** -0.5
+    alpha_t = alpha_tensor(alpha, Hq, q.device)
+    spec = make_spec(q, k, alpha, alpha_t, causal, None, sq, sk)
+    _, _, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
+    am1 = (alpha_t.double() - 1)[None, :, None, None]
+    x = am1 * scale * q.double() @ k.double().repeat_interleave(Hq // Hkv, dim=1).transpose(-1, -2)
+    visible = visibility_mask(0, Nq, Nq, Nk, causal, None, sq, sk, q.device)[:, None]
+    x = x.masked_fill(~visible, float("-inf"))
+    from entflash.reference.rowwise import entmax_threshold
+    tau = entmax_threshold(x / am1, alpha_t.double()[None, :, None, None], dim=-1).squeeze(-1)
+    assert torch.equal(torch.isinf(tau_hist), torch.isinf(tau))
+    live = torch.isfinite(tau)
+    assert live[1].sum() == 0 and live[0].all()
+    gap = tau[live] - tau_hist.double()[live]
+    assert (gap >= -1e-4).all(), gap.min()
+    assert (gap <= 1 / 16 + 1e-4).all(), gap.max()
+
+
 def test_inference_path_without_o2():
     gen = torch.Generator().manual_seed(10)
     q, k, v = make_inputs(1, 2, 1, 90, 130, 32, torch.float32, gen)
@@ -187,6 +220,28 @@ def test_bf16_dense():
     gen = torch.Generator().manual_seed(5)
     q, k, v = make_inputs(1, 2, 1, 128, 128, 64, torch.bfloat16, gen)
     check_forward(q, k, v, 1.5, True, tol=2e-2, tau_tol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("alpha, local", [(1.25, 0.0), (1.5, 3.0), (2.0, 0.0), ((1.1, 1.9), 0.0)])
+def test_16bit_inference_takes_one_solver_step_and_aux_stays_exact(dtype, alpha, local):
+    """Without gradients and without return_aux, 16-bit inputs skip the Newton pass (autograd.fused_forward): the
+    output still lands at 16-bit accuracy against float64; with return_aux, tau and support are the exact ones."""
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = make_inputs(1, 2, 1, 100, 150, 32, dtype, gen, scale_qk=1.5, local=local)
+    alpha = torch.tensor(alpha, device=DEV) if isinstance(alpha, tuple) else alpha
+    scale = 32 ** -0.5
+    ref, tau_ref, support_ref = reference(q, k, v, alpha, True, scale)
+    fast = triton_attention(q, k, v, alpha, True, scale, None, None, None, False)
+    assert torch.isfinite(fast).all() and rel(fast, ref) < 1.5e-2
+    exact, aux = triton_attention(q, k, v, alpha, True, scale, None, None, None, True)
+    assert rel(exact, ref) < 1.5e-2
+    assert (aux["tau"].double() - tau_ref).abs().max() < 2e-4
+    assert (aux["support"] - support_ref).abs().float().mean() < 0.02
+    # the skipped pass is what makes the difference (else this test checks nothing)
+    one_step = entmax_forward(q, k, v, alpha, True, scale, newton_iters=0, save_bwd=False)
+    assert (one_step["tau"].double() - tau_ref).abs().max() > 2e-4
+    assert torch.equal(fast, one_step["out"])
 
 
 @pytest.mark.parametrize("kind", ["huge_fp32", "equal_scores", "dominant_key", "fp16_large"])

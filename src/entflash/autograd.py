@@ -63,10 +63,14 @@ def _reference_backward(grad_out, q, k, v, alpha, causal, scale, window, seqlens
     return _like(dq, q), _like(dk, k), _like(dv, v), dalpha
 
 
-def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, keep_for_backward):
+def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, keep_for_backward, exact_aux=True):
     """The fused forward as a plain function (no autograd); arguments as triton_attention.
 
     keep_for_backward: also return O2 and S (else they are empty (0,) tensors).
+    exact_aux: tau and support must be exact (the caller hands them to the user); when False, 16-bit
+    inference (no keep_for_backward) skips the Newton pass of the solve stage: the output pass's closing
+    correction is then the one solver step after the histogram bound, the output stays at 16-bit accuracy
+    (measured ~5e-3 relative for bf16, as with the pass) and tau, support are that step's (tau ~1e-2 off).
     Returns (out, tau, support, tile_map, o2, s): out (B, Hq, Nq, D) in q's dtype laid out like
     torch.empty_like(q); tau (B, Hq, Nq) float32; support (B, Hq, Nq) int32; tile_map
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool; o2 (B, Hq, Nq, D) and s (B, Hq, Nq) float32.
@@ -75,6 +79,8 @@ def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, k
     # one more Newton pass makes that correction negligible, so the gradients reach float32 accuracy (~1e-6
     # instead of ~5e-4 relative on dense rows). 16-bit inputs keep the single pass: their rounding dominates.
     newton_iters = 2 if keep_for_backward and q.dtype == torch.float32 else None
+    if not keep_for_backward and not exact_aux and q.dtype in (torch.float16, torch.bfloat16):
+        newton_iters = 0
     res = entmax_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, save_bwd=keep_for_backward,
                          newton_iters=newton_iters)
     kept = [res[name] if keep_for_backward else res["tau"].new_empty(0) for name in ("o2", "s")]
@@ -101,17 +107,19 @@ def fused_backward(grad_out, q, k, v, tau, tile_map, o2, s, alpha, causal, scale
 def triton_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 alpha_heads: Optional[torch.Tensor], alpha_value: float, causal: bool, scale: float,
                                 window_left: int, window_right: int, seqlens_q: Optional[torch.Tensor],
-                                seqlens_k: Optional[torch.Tensor], keep_for_backward: bool
+                                seqlens_k: Optional[torch.Tensor], keep_for_backward: bool,
+                                exact_aux: bool = True
                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor]:
     """fused_forward on encoded arguments: (out, tau, support, tile_map, o2, s)."""
     return fused_forward(q, k, v, decode_alpha(alpha_heads, alpha_value), causal, scale,
-                         decode_window(window_left, window_right), seqlens_q, seqlens_k, keep_for_backward)
+                         decode_window(window_left, window_right), seqlens_q, seqlens_k, keep_for_backward,
+                         exact_aux)
 
 
 @triton_attention_forward_op.register_fake
 def _triton_attention_forward_fake(q, k, v, alpha_heads, alpha_value, causal, scale, window_left, window_right,
-                                   seqlens_q, seqlens_k, keep_for_backward):
+                                   seqlens_q, seqlens_k, keep_for_backward, exact_aux=True):
     batch, heads, num_queries, _ = q.shape
     rows = (batch, heads, num_queries)
     tile_rows, tile_columns = (num_queries + MAP_BLOCK - 1) // MAP_BLOCK, (k.shape[2] + MAP_BLOCK - 1) // MAP_BLOCK
@@ -148,7 +156,7 @@ def _triton_attention_backward_fake(grad_out, q, k, v, tau, tile_map, o2, s, alp
 
 
 def _triton_attention_setup_context(ctx, inputs, output):
-    q, k, v, alpha_heads, alpha_value, causal, scale, window_left, window_right, seqlens_q, seqlens_k, _ = inputs
+    q, k, v, alpha_heads, alpha_value, causal, scale, window_left, window_right, seqlens_q, seqlens_k = inputs[:11]
     _, tau, _, tile_map, o2, s = output
     ctx.save_for_backward(q, k, v, tau, tile_map, o2, s, alpha_heads, seqlens_q, seqlens_k)
     ctx.options = (alpha_value, causal, scale, window_left, window_right)
@@ -160,7 +168,7 @@ def _triton_attention_autograd(ctx, grad_out, *_grads_of_other_outputs):
     dq, dk, dv, dalpha = triton_attention_backward_op(grad_out, q, k, v, tau, tile_map, o2, s, alpha_heads,
                                                       *ctx.options, seqlens_q, seqlens_k, *needs)
     return (input_gradient(dq, needs[0]), input_gradient(dk, needs[1]), input_gradient(dv, needs[2]),
-            alpha_gradient(dalpha, alpha_heads, needs[3])) + (None,) * 8
+            alpha_gradient(dalpha, alpha_heads, needs[3])) + (None,) * 9
 
 
 triton_attention_forward_op.register_autograd(_triton_attention_autograd,
@@ -182,7 +190,7 @@ def triton_attention(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k
     keep_for_backward = needs_autograd(q, k, v, alpha_heads)
     out, tau, support, tile_map, _, _ = triton_attention_forward_op(
         q, k, v, alpha_heads, alpha_value, causal, scale, *encode_window(window), seqlens_q, seqlens_k,
-        keep_for_backward)
+        keep_for_backward, bool(return_aux))
     if return_aux:
         return out, {"tau": tau.detach(), "support": support, "tile_map": tile_map}
     return out

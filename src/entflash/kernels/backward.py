@@ -21,27 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import LN2, entmax_s, mma, valid_lengths, visible_mask
+from entflash.kernels.common import LN2, entmax_s, mma, tile_interior, valid_lengths, visible_mask
 from entflash.kernels.launch import alpha_mode, dot_args, interpreting, mask_args
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
-
-
-# ----------------------------------------------------------------------------------------------
-# jit helpers
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _tile_interior(m0, n0, BM: tl.constexpr, BN: tl.constexpr, Lq, Lk, off, wl, wr,
-                   CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr):
-    """Does query i see key j for every i in [m0, m0+BM) and j in [n0, n0+BN)? (scalar bool)"""
-    full = (m0 + BM <= Lq) & (n0 + BN <= Lk)
-    if CAUSAL:
-        full = full & (n0 + BN - 1 <= m0 + off)
-    if WIN_LEFT:
-        full = full & (n0 >= m0 + BM - 1 + off - wl)
-    if WIN_RIGHT:
-        full = full & (n0 + BN - 1 <= m0 + off + wr)
-    return full
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +73,7 @@ def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m0, n0, offs_d, dm
     zero = tl.zeros([offs_n.shape[0], offs_m.shape[0]], dtype=tl.float32)
     x = coef * mma(k, tl.trans(q), zero, DOT_PREC, UPCAST) - tau[None, :]
     u = tl.maximum(x, 0.0)
-    if not _tile_interior(m0, n0, BM, BN, Lq, Lk, off, wl, wr, CAUSAL, WIN_LEFT, WIN_RIGHT):
+    if not tile_interior(m0, n0, BM, BN, Lq, Lk, off, wl, wr, CAUSAL, WIN_LEFT, WIN_RIGHT):
         vis = tl.trans(visible_mask(offs_m, offs_n, Lq, Lk, off, wl, wr, CAUSAL, WIN_LEFT, WIN_RIGHT))
         u = tl.where(vis, u, 0.0)
     s = entmax_s(u, sexp, ALPHA_MODE)
@@ -177,7 +160,7 @@ def _dq_step(q, do, tau, delta, dq, k_base, v_base, m0, n0, offs_d, dmask,
     zero = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.float32)
     x = coef * mma(q, tl.trans(k), zero, DOT_PREC, UPCAST) - tau[:, None]
     u = tl.maximum(x, 0.0)
-    if not _tile_interior(m0, n0, BM, BN, Lq, Lk, off, wl, wr, CAUSAL, WIN_LEFT, WIN_RIGHT):
+    if not tile_interior(m0, n0, BM, BN, Lq, Lk, off, wl, wr, CAUSAL, WIN_LEFT, WIN_RIGHT):
         vis = visible_mask(offs_m, offs_n, Lq, Lk, off, wl, wr, CAUSAL, WIN_LEFT, WIN_RIGHT)
         u = tl.where(vis, u, 0.0)
     s = entmax_s(u, sexp, ALPHA_MODE)

@@ -101,6 +101,23 @@ def visible_mask(offs_m, offs_n, len_q, len_k, offset, win_left, win_right,
 
 
 @triton.jit
+def tile_interior(m0, n0, BM: tl.constexpr, BN: tl.constexpr, len_q, len_k, offset, win_left, win_right,
+                  CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr):
+    """Does query i see key j for every i in [m0, m0+BM) and j in [n0, n0+BN)? (int32 scalars in, scalar bool out)
+
+    True for the tiles away from every boundary (length, causal diagonal, window edges): those skip
+    visible_mask, which costs several integer operations per score."""
+    full = (m0 + BM <= len_q) & (n0 + BN <= len_k)
+    if CAUSAL:
+        full = full & (n0 + BN - 1 <= m0 + offset)
+    if WIN_LEFT:
+        full = full & (n0 >= m0 + BM - 1 + offset - win_left)
+    if WIN_RIGHT:
+        full = full & (n0 + BN - 1 <= m0 + offset + win_right)
+    return full
+
+
+@triton.jit
 def load_rows(base, offs_r, offs_d, stride_r, stride_d, n_rows, D):
     """Load a (len(offs_r), BLOCK_D) tile of a row-major-ish (rows, D) slice; out-of-range -> 0."""
     ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
@@ -117,13 +134,14 @@ def mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, D, qk_scale,
+def score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D, qk_scale,
                len_q, len_k, offset, win_left, win_right,
                CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Scores in tau units for one key tile: (BLOCK_M, BLOCK_N) float32, invisible -> -inf.
 
-    q: (BLOCK_M, BLOCK_D) tile already loaded; keys start_n .. start_n + BLOCK_N - 1 are read from
+    q: (BLOCK_M, BLOCK_D) tile already loaded, rows offs_m = start_m + arange(BLOCK_M); keys
+    start_n .. start_n + BLOCK_N - 1 are read from
     k_base with strides (stride_kn, stride_kd); keys at or past len_k are not read (padding or unused
     cache slots may hold anything, NaN included). qk_scale = (alpha - 1) * scale (a scalar).
     Returns (x, offs_n).
@@ -132,9 +150,12 @@ def score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, D, qk_s
     kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=(offs_n[None, :] < len_k) & (offs_d[:, None] < D), other=0.0)
     x = mma(q, kt, tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32), DOT_PREC, UPCAST) * qk_scale
-    vis = visible_mask(offs_m, offs_n, len_q, len_k, offset, win_left, win_right,
-                       CAUSAL, WIN_LEFT, WIN_RIGHT)
-    return tl.where(vis, x, float("-inf")), offs_n
+    if not tile_interior(start_m, start_n, q.shape[0], BLOCK_N, len_q, len_k, offset, win_left, win_right,
+                         CAUSAL, WIN_LEFT, WIN_RIGHT):
+        vis = visible_mask(offs_m, offs_n, len_q, len_k, offset, win_left, win_right,
+                           CAUSAL, WIN_LEFT, WIN_RIGHT)
+        x = tl.where(vis, x, float("-inf"))
+    return x, offs_n
 
 
 @triton.jit
@@ -201,14 +222,6 @@ def sub_block_min_rows(t, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def sub_block_any(c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Does each 64-row sub-block of a (BLOCK_M, BLOCK_N) bool tile hold a True? (BLOCK_M//64,) int32."""
-    SUB: tl.constexpr = BLOCK_M // 64
-    c3 = tl.reshape(c.to(tl.int32), (SUB, 64, BLOCK_N))
-    return tl.max(tl.max(c3, axis=2), axis=1)
-
-
-@triton.jit
 def compact_candidates(tmax_row_ptr, stride_tm, thr_sub, n_sub_valid, kb_lo, kb_hi, list_ptr,
                        BLOCK_M: tl.constexpr, NK_CHUNK: tl.constexpr):
     """Write the key tiles kb in [kb_lo, kb_hi) (at most NK_CHUNK of them) that may hold a score above
@@ -236,61 +249,62 @@ def compact_candidates(tmax_row_ptr, stride_tm, thr_sub, n_sub_valid, kb_lo, kb_
 
 
 @triton.jit
-def histogram_words(x, m):
-    """Per-row counts of scores x (BLOCK_M, BLOCK_N <= 255) in 16 bins of width 1/16 below the row max
-    m (BLOCK_M,): bin b holds m - (b+1)/16 < x <= m - b/16 (bin 0 also takes rounding above m).
-    Scores at or below m - 1 (never non-zero, since tau >= m - 1) are not counted.
+def histogram_tile(x, top):
+    """Per-row counts (BLOCK_M, 16) int32 of the scores x (BLOCK_M, BLOCK_N <= 255) in 16 bins of width 1/16
+    below top / 16, where top (BLOCK_M,) float32 is an integer in bin units at or above 16 * (row max):
+    bin b holds top/16 - (b+1)/16 < x <= top/16 - b/16 (bin 0 also takes rounding above top/16).
+    Scores at or below top/16 - 1 and rows with top = -inf (nothing visible yet) are not counted.
 
-    Returns four (BLOCK_M,) int64 words, word w holding bins 4w..4w+3 in 16-bit lanes, ready to be
-    summed over up to 65535 / BLOCK_N tiles. Four bins share one int32 during the row sums (8-bit
-    lanes), so a score costs 4 selects and 4 row sums rather than 16.
+    Four bins share one int32 during the row sums (8-bit lanes: at most BLOCK_N counts per tile), so a
+    score costs 4 selects and 4 row sums rather than 16.
     """
-    t = tl.maximum((m[:, None] - x) * 16.0, 0.0)
-    inwin = (t < 16.0) & (x > float("-inf"))
-    b = tl.where(inwin, t, 0.0).to(tl.int32)
+    t = top[:, None] - x * 16.0
+    inwin = t < 16.0  # false for invisible scores (+inf) and empty rows (NaN)
+    b = tl.where(inwin, tl.maximum(t, 0.0), 0.0).to(tl.int32)
     val = tl.where(inwin, 1 << ((b & 3) * 8), 0)
     word = b >> 2
-    w0 = _widen_lanes(tl.sum(tl.where(word == 0, val, 0), axis=1))
-    w1 = _widen_lanes(tl.sum(tl.where(word == 1, val, 0), axis=1))
-    w2 = _widen_lanes(tl.sum(tl.where(word == 2, val, 0), axis=1))
-    w3 = _widen_lanes(tl.sum(tl.where(word == 3, val, 0), axis=1))
-    return w0, w1, w2, w3
-
-
-@triton.jit
-def _widen_lanes(p):
-    """int32 with four 8-bit lanes -> int64 with the same four lanes 16 bits wide."""
-    p = p.to(tl.int64)
-    return (p & 0xFF) | ((p & 0xFF00) << 8) | ((p & 0xFF0000) << 16) | ((p & 0xFF000000) << 24)
-
-
-@triton.jit
-def unpack_words(w0, w1, w2, w3):
-    """Four (BLOCK_M,) int64 words of 16-bit lanes (histogram_words) -> (BLOCK_M, 16) int32 counts."""
+    w0 = tl.sum(tl.where(word == 0, val, 0), axis=1)
+    w1 = tl.sum(tl.where(word == 1, val, 0), axis=1)
+    w2 = tl.sum(tl.where(word == 2, val, 0), axis=1)
+    w3 = tl.sum(tl.where(word == 3, val, 0), axis=1)
     bins = tl.arange(0, 16)[None, :]
-    shift = ((bins & 3) * 16).to(tl.int64)
     wsel = bins >> 2
     w = tl.where(wsel == 0, w0[:, None], tl.where(wsel == 1, w1[:, None],
                  tl.where(wsel == 2, w2[:, None], w3[:, None])))
-    return ((w >> shift) & 0xFFFF).to(tl.int32)
+    return (w >> ((bins & 3) * 8)) & 0xFF
 
 
 @triton.jit
-def histogram_lower_tau(counts, m, rm1, expo, ALPHA_MODE: tl.constexpr, NBINS: tl.constexpr,
-                        ITERS: tl.constexpr):
-    """Guaranteed lower bound of tau from per-row bin counts (BLOCK_M, NBINS) and row max m (BLOCK_M,).
+def shift_bins(counts, shift):
+    """Move each row's bin counts (BLOCK_M, NB) int32 down by shift (BLOCK_M,) int32 >= 0 bins (bin b to
+    b + shift; counts pushed past the last bin are dropped): the histogram after its top rose by
+    `shift` bins. Every count keeps a lower edge at or below its score, so bounds stay valid."""
+    bins = tl.arange(0, counts.shape[1])[None, :]
+    src = bins - shift[:, None]
+    moved = tl.gather(counts, tl.maximum(src, 0), axis=1)
+    return tl.where(src >= 0, moved, 0)
 
-    Every counted score is moved down to its bin's lower edge, except the row max itself (one count
-    of bin 0), which stays at m. The resulting F_lo(tau) <= F(tau) everywhere, so its root is <= the
-    true tau; Newton steps on F_lo^(alpha-1) - 1 from m - 1 (<= that root) stay below it. Rows with
-    m = -inf get +inf.
+
+@triton.jit
+def histogram_lower_tau(counts, m, top, rm1, expo, ALPHA_MODE: tl.constexpr, NBINS: tl.constexpr,
+                        ITERS: tl.constexpr):
+    """Guaranteed lower bound of tau from per-row bin counts (BLOCK_M, NBINS), the row max m (BLOCK_M,)
+    and the bins' top (BLOCK_M,) (>= m, bin b's lower edge is top - (b+1)/NBINS), all in tau units.
+
+    Every counted score is moved down to its bin's lower edge, except one count of the lowest non-empty
+    bin, which stands for the row max and stays at m (the max's own bin is at or above it in index, so
+    the count replaced is of a score >= the max's lower edge). The resulting F_lo(tau) <= F(tau)
+    everywhere, so its root is <= the true tau; Newton steps on F_lo^(alpha-1) - 1 from m - 1 (<= that
+    root) stay below it. Rows with m = -inf get +inf.
     """
     valid = m > float("-inf")
     mm = tl.where(valid, m, 0.0)
+    tt = tl.where(valid, top, 0.0)
     bins = tl.arange(0, NBINS)
-    c = counts - tl.where(bins[None, :] == 0, 1, 0)
-    c = tl.maximum(c, 0).to(tl.float32)
-    edge = mm[:, None] - (bins[None, :] + 1).to(tl.float32) / NBINS
+    first = tl.min(tl.where(counts > 0, bins[None, :], NBINS), axis=1)
+    c = counts - tl.where(bins[None, :] == first[:, None], 1, 0)
+    c = c.to(tl.float32)
+    edge = tt[:, None] - (bins[None, :] + 1).to(tl.float32) / NBINS
     tau = mm - 1.0
     for _ in tl.static_range(ITERS):
         ub = tl.maximum(edge - tau[:, None], 0.0)

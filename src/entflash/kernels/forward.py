@@ -1,4 +1,5 @@
-"""The fused forward pipeline: dense sweep -> tau solve over candidate tiles -> sparse output sweep."""
+"""The fused forward pipeline: dense sweep (max, tile maxima, histogram) -> Newton solve over candidate tiles
+-> sparse output sweep."""
 from __future__ import annotations
 
 import torch
@@ -52,8 +53,8 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
     if newton_iters is None:
         newton_iters = 2 if spec.alpha_mode == ALPHA_2 else 1
-    row_max, tile_max = dense_sweep(q, k, alpha_t, scale, spec)
-    tau, tau_low = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, newton_iters)
+    row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
+    tau, tau_low = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters)
     res = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, out=out, save_bwd=save_bwd,
                         fold=fold)
     if out_dtype != res["out"].dtype:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from entflash.kernels.common import (compact_candidates, entmax_p, key_range, load_rows, mma,
-                                     program_coords, score_tile, sub_block_any, sub_block_min_rows)
+                                     program_coords, score_tile, sub_block_max_rows, sub_block_min_rows)
 
 
 @triton.jit
@@ -64,10 +64,10 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
                                     BLOCK_M, NK_CHUNK)
         for i in range(0, n_cand):
             kb = tl.load(list_ptr + i)
-            x, offs_n = score_tile(q, k_base, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
+            x, offs_n = score_tile(q, k_base, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
                                    qk_scale, len_q, len_k, offset, win_left, win_right,
                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-            hit = sub_block_any(x > tau_low[:, None], BLOCK_M, BLOCK_N)
+            hit = sub_block_max_rows(tl.max(x, axis=1) - tau_low, BLOCK_M) > 0
             tl.store(TileMap + tile_off + sub * stride_tm + kb, hit.to(tl.int8), mask=sub < n_sub_valid)
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
             v = load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, len_k, D)

@@ -1,28 +1,21 @@
-"""tau refinement over candidate tiles: a histogram pass, then Newton passes from below.
+"""tau solve over candidate tiles: Newton passes from the sweep's histogram bound, from below.
 
-For each block of query rows (one program):
-1. histogram pass: per-row counts of the scores in 16 bins of the window (m - 1, m], over the
-   tiles where some row has a score above its m - 1 by the sweep's row-relative tile values
-   (the only tiles that can matter);
-2. a tiny solve over the bin counts in registers gives a guaranteed lower bound of tau
-   (common.histogram_lower_tau), at most one bin width (1/16) below the root;
-3. NEWTON_ITERS passes over the tiles that can exceed the current tau, each one Newton step on
-   F^(alpha-1) - 1, which approaches the root from below (common.newton_tau).
+For each block of query rows (one program), starting from the sweep's guaranteed lower bound of tau
+(sweep.py: a 16-bin histogram of the window below the row max, solved in registers, at most about one
+bin width, 1/16, below the root), NEWTON_ITERS passes over the tiles that can exceed the current tau,
+each one Newton step on F^(alpha-1) - 1, which approaches the root from below (common.newton_tau).
 The output sweep (output.py) closes with one more, analytic, Newton correction.
 """
 import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (compact_candidates, entmax_p, histogram_lower_tau, histogram_words,
-                                     key_range, load_rows, newton_tau, program_coords, score_tile,
-                                     sub_block_min_rows, unpack_words)
-
-HIST_ITERS = 8  # Newton steps of the in-register solve over the 16 bin counts
+from entflash.kernels.common import (compact_candidates, entmax_p, key_range, load_rows, newton_tau,
+                                     program_coords, score_tile, sub_block_min_rows)
 
 
 @triton.jit
-def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow, Lists,
+def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Lists,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_tb, stride_th, stride_tm,
@@ -31,8 +24,7 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow, Lists,
                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                  ALPHA_MODE: tl.constexpr, NK_CHUNK: tl.constexpr,
-                  HIST_ITERS: tl.constexpr, NEWTON_ITERS: tl.constexpr):
+                  ALPHA_MODE: tl.constexpr, NK_CHUNK: tl.constexpr, NEWTON_ITERS: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -56,32 +48,10 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow, Lists,
     # Rounding margin: recomputed scores may differ from the sweep's by a few ulps.
     margin_m = 1e-5 * (1.0 + tl.abs(tl.where(valid, m_i, 0.0)))
 
-    # 1-2. histogram of the window below the row max, then its lower bound of tau.
-    # (tile values are relative to each row's max: sweep.py)
-    thr = sub_block_min_rows(tl.where(valid, -1.0 - margin_m, float("inf")), BLOCK_M)
-    counts = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
-    for c0 in range(kb_lo, kb_hi, NK_CHUNK):
-        n_cand = compact_candidates(tmax_ptr, stride_tm, thr, n_sub_valid, c0, kb_hi, list_ptr,
-                                    BLOCK_M, NK_CHUNK)
-        w0 = tl.zeros((BLOCK_M,), dtype=tl.int64)
-        w1 = tl.zeros((BLOCK_M,), dtype=tl.int64)
-        w2 = tl.zeros((BLOCK_M,), dtype=tl.int64)
-        w3 = tl.zeros((BLOCK_M,), dtype=tl.int64)
-        for i in range(0, n_cand):
-            kb = tl.load(list_ptr + i)
-            x, offs_n = score_tile(q, k_base, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
-                                   qk_scale, len_q, len_k, offset, win_left, win_right,
-                                   CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-            h0, h1, h2, h3 = histogram_words(x, m_i)
-            w0 += h0
-            w1 += h1
-            w2 += h2
-            w3 += h3
-        counts += unpack_words(w0, w1, w2, w3)
-    tau = histogram_lower_tau(counts, m_i, rm1, expo, ALPHA_MODE, 16, HIST_ITERS)
+    tau = tl.load(TauHist + row_ptr, mask=offs_m < Nq, other=float("inf"))
     tau_low = tau
 
-    # 3. Newton passes from below over the tiles that can exceed tau.
+    # Newton passes from below over the tiles that can exceed tau.
     for _ in tl.static_range(NEWTON_ITERS):
         thr = sub_block_min_rows(tl.where(valid, tau - m_i - margin_m, float("inf")), BLOCK_M)
         f_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -91,7 +61,7 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow, Lists,
                                         BLOCK_M, NK_CHUNK)
             for i in range(0, n_cand):
                 kb = tl.load(list_ptr + i)
-                x, offs_n = score_tile(q, k_base, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
+                x, offs_n = score_tile(q, k_base, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
                                        qk_scale, len_q, len_k, offset, win_left, win_right,
                                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
                 p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
@@ -104,10 +74,10 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, Tau, TauLow, Lists,
     tl.store(TauLow + row_ptr, tau_low - margin_m, mask=offs_m < Nq)
 
 
-def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, newton_iters=1):
+def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters=1):
     """tau estimate and certified lower bound per query row.
 
-    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D); alpha_t: (Hq,) float32; row_max, tile_max: from
+    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D); alpha_t: (Hq,) float32; row_max, tile_max, tau_hist: from
     sweep.dense_sweep. Returns (tau, tau_low), both (B, Hq, Nq) float32 in tau units (+inf for rows
     without a visible key): tau is <= the root up to rounding, and within ~1e-5 of it after one Newton
     pass (the output sweep's closing correction squares that error); tau_low (<= tau) is a guaranteed
@@ -118,10 +88,10 @@ def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, newton_iters=1):
     tau = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tau_low = torch.empty_like(tau)
     _solve_kernel[spec.grid](
-        q, k, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau, tau_low, spec.lists,
+        q, k, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist, tau, tau_low, spec.lists,
         *q.stride(), *k.stride(), *tile_max.stride()[:3],
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, tile_max.shape[2], **spec.flags, **spec.tiles,
-        ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, HIST_ITERS=HIST_ITERS, NEWTON_ITERS=newton_iters,
+        ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, NEWTON_ITERS=newton_iters,
         **spec.sparse_launch)
     return tau, tau_low

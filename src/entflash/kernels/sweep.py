@@ -1,13 +1,21 @@
-"""The one dense sweep of the forward: row max and per-64x64-tile relative max of the scores.
+"""The one dense sweep of the forward: row max, per-64x64-tile relative max and the histogram start of tau.
 
-The tile value is row-relative: for the 64 rows i of a sub-block and the keys j of a tile it bounds
-max_ij (x_ij - m_i) from above, m_i being row i's max. Later stages (solve.py, output.py) visit a tile
-only if that bound exceeds the lowest (threshold_i - m_i) of the sub-block's rows, a test that does not
-suffer from the rows' maxima differing (comparing the absolute tile max with the lowest absolute
-threshold let a tile through whenever any row had a large score in it). The bound is formed with the
-running row max after the tile (<= m_i, so it can only be larger than the exact value); the sweep
-visits the tiles holding each block's diagonal first, where local attention has its maxima, so the
-running max is close to the final one for the other tiles.
+Tile values. The tile value is row-relative: for the 64 rows i of a sub-block and the keys j of a tile
+it bounds max_ij (x_ij - m_i) from above, m_i being row i's max. Later stages (solve.py, output.py)
+visit a tile only if that bound exceeds the lowest (threshold_i - m_i) of the sub-block's rows, a test
+that does not suffer from the rows' maxima differing. The bound is formed with the running row max
+after the tile (<= m_i, so it can only be larger than the exact value); the sweep visits the tiles
+holding each block's diagonal first, where local attention has its maxima, so the running max is
+close to the final one for the other tiles.
+
+Histogram. Each row also counts its scores in 16 bins of width 1/16 below a top that is the running
+max rounded up to the bin grid (top = ceil(16 m) / 16). When the max rises, the top rises by whole bins
+and the counts move down by as many bins (common.shift_bins): no count ever sits in a bin whose lower
+edge is above its score, so the in-register solve at the end (common.histogram_lower_tau) gives a
+guaranteed lower bound of tau, within about one bin of it. Scores at or below top - 1 are not counted
+(tau >= m - 1 >= top - 1 - 1/16 makes them zero or nearly so; dropping scores only lowers the bound), and
+a tile with no score above that floor is not binned at all, so under local attention the histogram
+costs little beyond the tiles near the diagonal.
 
 Every later stage only visits candidate tiles, so this is the only pass whose cost grows with every
 visible key.
@@ -16,18 +24,24 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import key_range, load_rows, program_coords, score_tile, sub_block_max_rows
+from entflash.kernels.common import (histogram_lower_tau, histogram_tile, key_range, load_rows, program_coords,
+                                     score_tile, shift_bins, sub_block_max_rows)
+
+NBINS = 16  # histogram bins of width 1/16 (common.histogram_tile packs exactly 16)
+HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts
 
 
 @triton.jit
-def _sweep_tile(q, k_base, start_n, m_i, tmax_ptr, sub_rows, offs_m, offs_d, stride_kn, stride_kd, stride_tm,
-                D, qk_scale, len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
-                CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+def _sweep_tile(q, k_base, start_m, start_n, m_i, top, counts, tmax_ptr, sub_rows, offs_m, offs_d,
+                stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right,
+                N_SUB_ROWS, CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Score the key tile at start_n, update the running row max m_i (BLOCK_M,) and store the tile's
-    relative max for each 64-row sub-block: the max over its rows of (the row's max in this tile minus
-    the updated running max), -inf for rows without a visible key yet. Returns the updated m_i."""
-    x, offs_n = score_tile(q, k_base, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
+    """Score the key tile at start_n and fold it into the running state: row max m_i (BLOCK_M,), bin top
+    (BLOCK_M,) float32 (16 * top is an integer; -inf before the row's first visible key) and bin counts
+    (BLOCK_M, 16) int32. Stores the tile's relative max for each 64-row sub-block: the max over its rows
+    of (the row's max in this tile minus the updated running max), -inf for rows without a visible key
+    yet. Returns the updated (m_i, top, counts)."""
+    x, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
                            qk_scale, len_q, len_k, offset, win_left, win_right,
                            CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
     tile_row_max = tl.max(x, axis=1)
@@ -36,11 +50,22 @@ def _sweep_tile(q, k_base, start_n, m_i, tmax_ptr, sub_rows, offs_m, offs_d, str
     relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
     tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N,
              sub_block_max_rows(relative, BLOCK_M), mask=sub_rows < N_SUB_ROWS)
-    return m_i
+    new_top = tl.where(seen, tl.ceil(tl.where(seen, m_i, 0.0) * 16.0), float("-inf"))
+    had = top > float("-inf")
+    rise = tl.where(had, new_top - tl.where(had, top, 0.0), 0.0)
+    if tl.max(rise, axis=0) > 0:
+        counts = shift_bins(counts, tl.minimum(rise, 16.0).to(tl.int32))
+    # bin the tile only if some row has a score above its window's floor (new_top - 16) / 16; with the
+    # block's diagonal visited first, tiles far from it are skipped under local attention. The running
+    # top is <= the final one, so a skipped tile has no score in the final window either.
+    reach = tl.where(seen, tile_row_max * 16.0 - tl.where(seen, new_top, 0.0) + 16.0, -1.0)
+    if tl.max(reach, axis=0) > 0:
+        counts += histogram_tile(x, new_top)
+    return m_i, new_top, counts
 
 
 @triton.jit
-def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax,
+def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_tb, stride_th, stride_tm,
@@ -48,7 +73,8 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax,
                   HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, CAUSAL: tl.constexpr,
                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  ALPHA_MODE: tl.constexpr, HIST_ITERS: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -62,37 +88,48 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax,
     lo, hi = key_range(start_m, len_q, len_k, offset, win_left, win_right,
                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    counts = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
     # key tiles in rotated order, starting at the tile of the block's first diagonal position (query
     # start_m sees key start_m + offset; clamped into [lo, hi)): [diag, hi), then [lo, diag)
     n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
     diag = (tl.minimum(tl.maximum(start_m + offset, lo), tl.maximum(hi - 1, lo)) - lo) // BLOCK_N
     for t in range(0, n_tiles):
         start_n = lo + ((diag + t) % n_tiles) * BLOCK_N
-        m_i = _sweep_tile(q, k_base, start_n, m_i, tmax_ptr, sub_rows, offs_m, offs_d, stride_kn, stride_kd,
-                          stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
-                          CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
-    tl.store(RowMax + (b * H + h) * Nq + offs_m, m_i, mask=offs_m < Nq)
+        m_i, top, counts = _sweep_tile(q, k_base, start_m, start_n, m_i, top, counts, tmax_ptr, sub_rows,
+                                       offs_m, offs_d, stride_kn, stride_kd, stride_tm, D, qk_scale,
+                                       len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
+                                       CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
+    tau = histogram_lower_tau(counts, m_i, top / 16.0, (2.0 - alpha) / (alpha - 1.0), 2.0 - alpha,
+                              ALPHA_MODE, 16, HIST_ITERS)
+    in_rows = offs_m < Nq
+    tl.store(RowMax + (b * H + h) * Nq + offs_m, m_i, mask=in_rows)
+    tl.store(TauHist + (b * H + h) * Nq + offs_m, tau, mask=in_rows)
 
 
 def dense_sweep(q, k, alpha_t, scale, spec):
-    """Row max and per-tile relative max of x = (alpha - 1) * scale * q k^T under the visibility mask.
+    """Row max, per-tile relative max and histogram lower bound of tau, for
+    x = (alpha - 1) * scale * q k^T under the visibility mask.
 
     q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D) (fp16/bf16/fp32, any strides); alpha_t: (Hq,) float32;
     scale: python float; spec: the launch.StageSpec shared by the forward stages.
-    Returns row_max (B, Hq, Nq) float32 (-inf for rows without a visible key) and
-    tile_max (B, Hq, ceil(Nq/64), ceil(Nk/64)) float32, both in tau units: an upper bound of
-    max over the 64 rows i and 64 keys j of the tile of (x_ij - row_max_i), <= 0 up to rounding (-inf for
-    tiles never visited or without a visible score).
+    Returns row_max (B, Hq, Nq) float32 (-inf for rows without a visible key),
+    tile_max (B, Hq, ceil(Nq/64), ceil(Nk/64)) float32 and tau_hist (B, Hq, Nq) float32, all in tau
+    units: tile_max is an upper bound of max over the 64 rows i and 64 keys j of the tile of
+    (x_ij - row_max_i), <= 0 up to rounding (-inf for tiles never visited or without a visible score);
+    tau_hist is a guaranteed lower bound of each row's tau up to rounding (+inf for rows without a
+    visible key), at most about one bin (1/16) below it.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     n_sub, n_kt = triton.cdiv(Nq, 64), triton.cdiv(Nk, 64)
     row_max = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    tau_hist = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tile_max = torch.full((B, H, n_sub, n_kt), float("-inf"), device=q.device, dtype=torch.float32)
     _sweep_kernel[spec.grid](
-        q, k, alpha_t, spec.lq, spec.lk, row_max, tile_max,
+        q, k, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist,
         *q.stride(), *k.stride(), *tile_max.stride()[:3],
         H, Nq, Nk, D, spec.group, float(scale), spec.win_left, spec.win_right,
-        spec.num_m_blocks, n_sub, **spec.flags, **spec.tiles, **spec.sweep_launch)
-    return row_max, tile_max
-
+        spec.num_m_blocks, n_sub, **spec.flags, **spec.tiles,
+        ALPHA_MODE=spec.alpha_mode, HIST_ITERS=HIST_ITERS, **spec.sweep_launch)
+    return row_max, tile_max, tau_hist
