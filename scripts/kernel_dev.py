@@ -11,6 +11,7 @@ reports block sparsity (64x64 tile map), support size and first-call (compile) t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -40,6 +41,8 @@ def main():
     ap.add_argument("--alpha", type=float, default=1.5)
     ap.add_argument("--newton", nargs="+", type=int, default=[1])
     ap.add_argument("--noncausal", action="store_true")
+    ap.add_argument("--warps", nargs="*", type=int, default=[],
+                    help="also time the sweep and the output stage with these num_warps (launch-config experiments)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -112,6 +115,15 @@ def main():
                 ms_out = triton.testing.do_bench(
                     lambda: sparse_output(q, k, v, a_t, scale, spec, rm, tm, tau, tlo, save_bwd=False),
                     return_mode="median")
+                warp_ms = {}
+                for w in args.warps:
+                    spec_w = dataclasses.replace(spec, sweep_launch=dict(spec.sweep_launch, num_warps=w),
+                                                 sparse_launch=dict(spec.sparse_launch, num_warps=w))
+                    warp_ms[f"ms_sweep_w{w}"] = triton.testing.do_bench(
+                        lambda: dense_sweep(q, k, a_t, scale, spec_w), return_mode="median")
+                    warp_ms[f"ms_output_w{w}"] = triton.testing.do_bench(
+                        lambda: sparse_output(q, k, v, a_t, scale, spec_w, rm, tm, tau, tlo, save_bwd=False),
+                        return_mode="median")
                 # backward: ours from the training forward's saved tensors; FA2's as its fwd+bwd minus fwd
                 grad_out = torch.randn_like(q)
                 _, tau_s, _, tile_map, o2, s_sum = fused_forward(q, k, v, args.alpha, causal, scale, None, None,
@@ -132,7 +144,7 @@ def main():
                            ms_solve=ms_solve, ms_output=ms_out, first_call_s=first_call_s,
                            hist_bound_held=hist_held, hist_gap_in_bins=hist_gap_bins, ms_bwd=ms_bwd,
                            ms_fa2_bwd=ms_fa_fb - ms_fa, ms_fa2_fwd_bwd=ms_fa_fb,
-                           ratio_fwd_bwd=(ms_train + ms_bwd) / ms_fa_fb)
+                           ratio_fwd_bwd=(ms_train + ms_bwd) / ms_fa_fb, **warp_ms)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del res, ref, aux, tau_s, tile_map, o2, s_sum, qf, kf, vf
@@ -143,7 +155,9 @@ def main():
               f"{r['mean_support']:7.1f} {r['rel_err']:.1e} {r['ms']:8.3f} {r['ms_fa2']:7.3f} {r['ratio']:6.2f} "
               f"{r['ms_sweep']:6.3f} {r['ms_solve']:6.3f} {r['ms_output']:6.3f} {r['first_call_s']:6.1f} "
               f"{r['ms_train']:6.3f} {r['ms_normalized']:6.3f} {r['rel_err_normalized']:.1e} "
-              f"{r['ms_bwd']:6.3f} {r['ms_fa2_bwd']:6.3f} {r['ratio_fwd_bwd']:6.2f}")
+              f"{r['ms_bwd']:6.3f} {r['ms_fa2_bwd']:6.3f} {r['ratio_fwd_bwd']:6.2f}  "
+              + " ".join(f"{key[3:]}={val:.3f}" for key, val in r.items() if key.endswith(tuple(
+                  f"_w{w}" for w in args.warps))))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -249,40 +249,76 @@ def compact_candidates(tmax_row_ptr, stride_tm, thr_sub, n_sub_valid, kb_lo, kb_
 
 
 @triton.jit
-def histogram_tile(x, top):
-    """Per-row counts (BLOCK_M, 16) int32 of the scores x (BLOCK_M, BLOCK_N <= 255) in 16 bins of width 1/16
-    below top / 16, where top (BLOCK_M,) float32 is an integer in bin units at or above 16 * (row max):
-    bin b holds top/16 - (b+1)/16 < x <= top/16 - b/16 (bin 0 also takes rounding above top/16).
-    Scores at or below top/16 - 1 and rows with top = -inf (nothing visible yet) are not counted.
+def histogram_words(x, top):
+    """Per-row counts of the scores x (BLOCK_M, BLOCK_N <= 255) in 16 bins of width 1/16 below top / 16,
+    where top (BLOCK_M,) float32 is an integer in bin units at or above 16 * (row max): bin b holds
+    top/16 - (b+1)/16 < x <= top/16 - b/16 (bin 0 also takes rounding above top/16). Scores at or below
+    top/16 - 1 and rows with top = -inf (nothing visible yet) are not counted.
 
-    Four bins share one int32 during the row sums (8-bit lanes: at most BLOCK_N counts per tile), so a
-    score costs 4 selects and 4 row sums rather than 16.
+    Returns four (BLOCK_M,) int64 words, word w holding bins 4w..4w+3 in 16-bit lanes (bin b at bits
+    16 * (b & 3) of word b >> 2), to be summed over tiles. Four bins share one int32 during the row sums
+    (8-bit lanes), so a score costs 4 selects and 4 row sums rather than 16. Everything stays in the
+    scores' row layout: no per-tile data movement between threads beyond the row sums.
     """
     t = top[:, None] - x * 16.0
     inwin = t < 16.0  # false for invisible scores (+inf) and empty rows (NaN)
     b = tl.where(inwin, tl.maximum(t, 0.0), 0.0).to(tl.int32)
     val = tl.where(inwin, 1 << ((b & 3) * 8), 0)
     word = b >> 2
-    w0 = tl.sum(tl.where(word == 0, val, 0), axis=1)
-    w1 = tl.sum(tl.where(word == 1, val, 0), axis=1)
-    w2 = tl.sum(tl.where(word == 2, val, 0), axis=1)
-    w3 = tl.sum(tl.where(word == 3, val, 0), axis=1)
-    bins = tl.arange(0, 16)[None, :]
-    wsel = bins >> 2
-    w = tl.where(wsel == 0, w0[:, None], tl.where(wsel == 1, w1[:, None],
-                 tl.where(wsel == 2, w2[:, None], w3[:, None])))
-    return (w >> ((bins & 3) * 8)) & 0xFF
+    w0 = _widen_lanes(tl.sum(tl.where(word == 0, val, 0), axis=1))
+    w1 = _widen_lanes(tl.sum(tl.where(word == 1, val, 0), axis=1))
+    w2 = _widen_lanes(tl.sum(tl.where(word == 2, val, 0), axis=1))
+    w3 = _widen_lanes(tl.sum(tl.where(word == 3, val, 0), axis=1))
+    return w0, w1, w2, w3
 
 
 @triton.jit
-def shift_bins(counts, shift):
-    """Move each row's bin counts (BLOCK_M, NB) int32 down by shift (BLOCK_M,) int32 >= 0 bins (bin b to
-    b + shift; counts pushed past the last bin are dropped): the histogram after its top rose by
-    `shift` bins. Every count keeps a lower edge at or below its score, so bounds stay valid."""
-    bins = tl.arange(0, counts.shape[1])[None, :]
-    src = bins - shift[:, None]
-    moved = tl.gather(counts, tl.maximum(src, 0), axis=1)
-    return tl.where(src >= 0, moved, 0)
+def _widen_lanes(p):
+    """int32 with four 8-bit lanes -> int64 with the same four lanes 16 bits wide."""
+    p = p.to(tl.int64)
+    return (p & 0xFF) | ((p & 0xFF00) << 8) | ((p & 0xFF0000) << 16) | ((p & 0xFF000000) << 24)
+
+
+@triton.jit
+def _word_at(j, w0, w1, w2, w3):
+    """Per row, word j (BLOCK_M,) int64 of the four histogram words, 0 where j is outside 0..3."""
+    return tl.where(j == 0, w0, tl.where(j == 1, w1, tl.where(j == 2, w2, tl.where(j == 3, w3, 0))))
+
+
+@triton.jit
+def shift_words(w0, w1, w2, w3, shift):
+    """Move each row's 16 bin counts (histogram_words' four int64 words) down by shift (BLOCK_M,) int32
+    bins, 0..16 (bin b to b + shift; counts pushed past bin 15 are dropped): the histogram after its top
+    rose by `shift` bins. Every count keeps a lower edge at or below its score, so bounds stay valid.
+    The 16 lanes form one 256-bit number per row, shifted left by 16 * shift bits, word by word."""
+    words = shift >> 2
+    bits = ((shift & 3) * 16).to(tl.int64)
+    low_mask = (tl.full(bits.shape, 1, tl.int64) << bits) - 1
+    carry_shift = tl.where(bits > 0, 64 - bits, 0)
+    n0 = _shifted_word(0 - words, bits, low_mask, carry_shift, w0, w1, w2, w3)
+    n1 = _shifted_word(1 - words, bits, low_mask, carry_shift, w0, w1, w2, w3)
+    n2 = _shifted_word(2 - words, bits, low_mask, carry_shift, w0, w1, w2, w3)
+    n3 = _shifted_word(3 - words, bits, low_mask, carry_shift, w0, w1, w2, w3)
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _shifted_word(src, bits, low_mask, carry_shift, w0, w1, w2, w3):
+    """One word of shift_words: word src shifted up by `bits`, with the top bits of word src - 1 carried in."""
+    main = _word_at(src, w0, w1, w2, w3) << bits
+    carry = (_word_at(src - 1, w0, w1, w2, w3) >> carry_shift) & low_mask
+    return main | tl.where(bits > 0, carry, 0)
+
+
+@triton.jit
+def unpack_words(w0, w1, w2, w3):
+    """Four (BLOCK_M,) int64 words of 16-bit lanes (histogram_words) -> (BLOCK_M, 16) int32 counts."""
+    bins = tl.arange(0, 16)[None, :]
+    shift = ((bins & 3) * 16).to(tl.int64)
+    wsel = bins >> 2
+    w = tl.where(wsel == 0, w0[:, None], tl.where(wsel == 1, w1[:, None],
+                 tl.where(wsel == 2, w2[:, None], w3[:, None])))
+    return ((w >> shift) & 0xFFFF).to(tl.int32)
 
 
 @triton.jit

@@ -10,12 +10,14 @@ close to the final one for the other tiles.
 
 Histogram. Each row also counts its scores in 16 bins of width 1/16 below a top that is the running
 max rounded up to the bin grid (top = ceil(16 m) / 16). When the max rises, the top rises by whole bins
-and the counts move down by as many bins (common.shift_bins): no count ever sits in a bin whose lower
+and the counts move down by as many bins (common.shift_words): no count ever sits in a bin whose lower
 edge is above its score, so the in-register solve at the end (common.histogram_lower_tau) gives a
 guaranteed lower bound of tau, within about one bin of it. Scores at or below top - 1 are not counted
 (tau >= m - 1 >= top - 1 - 1/16 makes them zero or nearly so; dropping scores only lowers the bound), and
 a tile with no score above that floor is not binned at all, so under local attention the histogram
-costs little beyond the tiles near the diagonal.
+costs little beyond the tiles near the diagonal. The counts live in 16-bit lanes of four int64 words per
+row (common.histogram_words); a bin holding more than 65535 scores wraps, which loses counts (and may
+add one to the next lower bin of the same word): the bound stays valid, only looser.
 
 Every later stage only visits candidate tiles, so this is the only pass whose cost grows with every
 visible key.
@@ -24,23 +26,23 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (histogram_lower_tau, histogram_tile, key_range, load_rows, program_coords,
-                                     score_tile, shift_bins, sub_block_max_rows)
+from entflash.kernels.common import (histogram_lower_tau, histogram_words, key_range, load_rows, program_coords,
+                                     score_tile, shift_words, sub_block_max_rows, unpack_words)
 
 NBINS = 16  # histogram bins of width 1/16 (common.histogram_tile packs exactly 16)
 HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts
 
 
 @triton.jit
-def _sweep_tile(q, k_base, start_m, start_n, m_i, top, counts, tmax_ptr, sub_rows, offs_m, offs_d,
+def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
                 stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right,
                 N_SUB_ROWS, CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Score the key tile at start_n and fold it into the running state: row max m_i (BLOCK_M,), bin top
-    (BLOCK_M,) float32 (16 * top is an integer; -inf before the row's first visible key) and bin counts
-    (BLOCK_M, 16) int32. Stores the tile's relative max for each 64-row sub-block: the max over its rows
-    of (the row's max in this tile minus the updated running max), -inf for rows without a visible key
-    yet. Returns the updated (m_i, top, counts)."""
+    (BLOCK_M,) float32 (16 * top is an integer; -inf before the row's first visible key) and the bin
+    counts as four (BLOCK_M,) int64 words (common.histogram_words). Stores the tile's relative max for
+    each 64-row sub-block: the max over its rows of (the row's max in this tile minus the updated running
+    max), -inf for rows without a visible key yet. Returns the updated (m_i, top, w0, w1, w2, w3)."""
     x, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
                            qk_scale, len_q, len_k, offset, win_left, win_right,
                            CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
@@ -48,20 +50,23 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, counts, tmax_ptr, sub_row
     m_i = tl.maximum(m_i, tile_row_max)
     seen = m_i > float("-inf")
     relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
-    tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N,
-             sub_block_max_rows(relative, BLOCK_M), mask=sub_rows < N_SUB_ROWS)
+    tile_vals = sub_block_max_rows(relative, BLOCK_M)
+    tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N, tile_vals, mask=sub_rows < N_SUB_ROWS)
+    # the top follows the max up the bin grid; the counts move down by as many bins (a few integer
+    # operations per row, so no branch)
     new_top = tl.where(seen, tl.ceil(tl.where(seen, m_i, 0.0) * 16.0), float("-inf"))
     had = top > float("-inf")
-    rise = tl.where(had, new_top - tl.where(had, top, 0.0), 0.0)
-    if tl.max(rise, axis=0) > 0:
-        counts = shift_bins(counts, tl.minimum(rise, 16.0).to(tl.int32))
-    # bin the tile only if some row has a score above its window's floor (new_top - 16) / 16; with the
-    # block's diagonal visited first, tiles far from it are skipped under local attention. The running
-    # top is <= the final one, so a skipped tile has no score in the final window either.
-    reach = tl.where(seen, tile_row_max * 16.0 - tl.where(seen, new_top, 0.0) + 16.0, -1.0)
-    if tl.max(reach, axis=0) > 0:
-        counts += histogram_tile(x, new_top)
-    return m_i, new_top, counts
+    rise = tl.where(had, tl.minimum(new_top - tl.where(had, top, 0.0), 16.0), 0.0).to(tl.int32)
+    w0, w1, w2, w3 = shift_words(w0, w1, w2, w3, rise)
+    # bin the tile only if some row may have a score above its window's floor top/16 - 1: every row's
+    # tile max is at most its max plus the largest relative value, and top/16 >= max
+    if tl.max(tile_vals, axis=0) > -1.0:
+        h0, h1, h2, h3 = histogram_words(x, new_top)
+        w0 += h0
+        w1 += h1
+        w2 += h2
+        w3 += h3
+    return m_i, new_top, w0, w1, w2, w3
 
 
 @triton.jit
@@ -89,18 +94,21 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    counts = tl.zeros((BLOCK_M, 16), dtype=tl.int32)
+    w0 = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    w1 = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    w2 = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    w3 = tl.zeros((BLOCK_M,), dtype=tl.int64)
     # key tiles in rotated order, starting at the tile of the block's first diagonal position (query
     # start_m sees key start_m + offset; clamped into [lo, hi)): [diag, hi), then [lo, diag)
     n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
     diag = (tl.minimum(tl.maximum(start_m + offset, lo), tl.maximum(hi - 1, lo)) - lo) // BLOCK_N
     for t in range(0, n_tiles):
         start_n = lo + ((diag + t) % n_tiles) * BLOCK_N
-        m_i, top, counts = _sweep_tile(q, k_base, start_m, start_n, m_i, top, counts, tmax_ptr, sub_rows,
-                                       offs_m, offs_d, stride_kn, stride_kd, stride_tm, D, qk_scale,
-                                       len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
-                                       CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
-    tau = histogram_lower_tau(counts, m_i, top / 16.0, (2.0 - alpha) / (alpha - 1.0), 2.0 - alpha,
+        m_i, top, w0, w1, w2, w3 = _sweep_tile(
+            q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
+            stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
+            CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
+    tau = histogram_lower_tau(unpack_words(w0, w1, w2, w3), m_i, top / 16.0, (2.0 - alpha) / (alpha - 1.0), 2.0 - alpha,
                               ALPHA_MODE, 16, HIST_ITERS)
     in_rows = offs_m < Nq
     tl.store(RowMax + (b * H + h) * Nq + offs_m, m_i, mask=in_rows)
