@@ -84,9 +84,12 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
         block_m = 64
     else:
         block_m = 128
-    warps = 8  # 128-row blocks: with 4 warps at D = 64 the output kernel spills and the sweep uses 255 registers
+    # 128-row blocks: the sweep is fastest with 4 warps, the later stages need 8 (with 4, the output
+    # kernel spills at D = 64 and runs 5x slower at D = 128); measured in kernel_dev-9b67436.json
+    sweep_warps, warps = 4, 8
     if block_m == 64:
         warps = 4 if block_d <= 128 else 8
+        sweep_warps = warps
     flags, win_left, win_right = mask_args(causal, window, seqlens_q, seqlens_k)
     n_mb = triton.cdiv(Nq, block_m)
     nk_chunk = min(512, max(16, triton.next_power_of_2(triton.cdiv(k.shape[2], 64))))
@@ -103,6 +106,6 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
         nk_chunk=nk_chunk,
         flags=flags,
         tiles=dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, **dot_args(q.dtype)),
-        sweep_launch=dict(num_warps=warps, num_stages=3 if block_d <= 128 else 2),
+        sweep_launch=dict(num_warps=sweep_warps, num_stages=3 if block_d <= 128 else 2),
         sparse_launch=dict(num_warps=warps, num_stages=2),
     )

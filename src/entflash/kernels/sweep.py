@@ -52,15 +52,19 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
     tile_vals = sub_block_max_rows(relative, BLOCK_M)
     tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N, tile_vals, mask=sub_rows < N_SUB_ROWS)
-    # the top follows the max up the bin grid; the counts move down by as many bins (a few integer
-    # operations per row, so no branch)
+    # The top follows the max up the bin grid and the counts move down by as many bins. A row's max can
+    # only have risen if its tile max equals it (relative value 0), so the shift is skipped for tiles
+    # where no sub-block reaches 0: after the first tiles (the diagonal ones, visited first) that is
+    # most of them under local attention.
     new_top = tl.where(seen, tl.ceil(tl.where(seen, m_i, 0.0) * 16.0), float("-inf"))
-    had = top > float("-inf")
-    rise = tl.where(had, tl.minimum(new_top - tl.where(had, top, 0.0), 16.0), 0.0).to(tl.int32)
-    w0, w1, w2, w3 = shift_words(w0, w1, w2, w3, rise)
+    top_max = tl.max(tile_vals, axis=0)
+    if top_max >= 0.0:
+        had = top > float("-inf")
+        rise = tl.where(had, tl.minimum(new_top - tl.where(had, top, 0.0), 16.0), 0.0).to(tl.int32)
+        w0, w1, w2, w3 = shift_words(w0, w1, w2, w3, rise)
     # bin the tile only if some row may have a score above its window's floor top/16 - 1: every row's
     # tile max is at most its max plus the largest relative value, and top/16 >= max
-    if tl.max(tile_vals, axis=0) > -1.0:
+    if top_max > -1.0:
         h0, h1, h2, h3 = histogram_words(x, new_top)
         w0 += h0
         w1 += h1
