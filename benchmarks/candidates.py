@@ -5,7 +5,8 @@
 On the harness's inputs (benchmarks.inputs, one head, bf16) this counts, over evenly spaced 64-row query
 blocks and 64-key tiles, the fraction of visible tiles that
   * hold a non-zero p (exact tau, benchmarks.sparsity.row_thresholds);
-  * pass the histogram pass's test and the Newton/output passes' test, in two forms:
+  * pass the histogram's test (the tiles the dense sweep bins; a separate pass over candidate tiles before
+    commit 08329d2) and the Newton/output passes' test, in two forms:
     absolute   the tile's max score exceeds the lowest (row max - 1), resp. lowest tau, of the block's rows;
     relative   the tile's max of (score - its row's max) exceeds the lowest (-1), resp. (tau - row max).
 The kernels use the relative form since the sweep stores row-relative tile maxima (entflash.kernels.sweep);
