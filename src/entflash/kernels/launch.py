@@ -80,13 +80,11 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
     """
     B, H, Nq, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
-    if interpreting() or block_d > 128:
-        block_m = 64
-    else:
-        block_m = 128
+    block_m = 64 if interpreting() or block_d > 128 else 128
     # 128-row blocks: the sweep is fastest with 4 warps, the later stages need 8 (with 4, the output
-    # kernel spills at D = 64 and runs 5x slower at D = 128); measured in kernel_dev-9b67436.json
-    sweep_warps, warps = 4, 8
+    # kernel spills at D = 64 and runs 5x slower at D = 128; kernel_dev-9b67436.json); float32 tiles
+    # need 8 warps' registers in the sweep too (scripts/compile_kernels.py's spill counts)
+    sweep_warps, warps = (4 if q.element_size() == 2 else 8), 8
     if block_m == 64:
         warps = 4 if block_d <= 128 else 8
         sweep_warps = warps
