@@ -136,11 +136,16 @@ def environment(config: RecipeConfig) -> Dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        info["commit"] = commit.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
+    # ENTFLASH_COMMIT names the commit where git cannot (a copied working tree, as on the device machine,
+    # whose git metadata may lag behind the files)
+    info["commit"] = os.environ.get("ENTFLASH_COMMIT") or None
+    if info["commit"] is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    timeout=10)
+            info["commit"] = commit.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            info["commit"] = None
     if any(name != "softmax" for name in config.attention):
         from entflash.api import resolve_backend
         info["entmax_backend"] = resolve_backend(config.entmax_backend, device, "recipe")
