@@ -111,3 +111,16 @@ def test_compiler_only_error_is_reported(tmp_path):
     assert not plain["ok"] and "Cannot access global variable PLAIN" in plain["error"]
     assert const["ok"] and const["error"] == ""
     assert "BLOCK=128" in const["spec"].split()
+
+
+def test_sass_count_lists_the_sweeps_instructions(tmp_path):
+    """scripts/sass_count.py compiles and disassembles one kernel: the dense sweep's listing holds its tensor-core
+    products and no float-to-int conversion per score (the histogram bins through common.MAGIC_ROUND)."""
+    proc = run_python([str(ROOT / "scripts" / "sass_count.py"), "--subset", "smoke", "--filter",
+                       "attn bf16 D64 alpha=1.5 causal inference", "--kernel", "_sweep_kernel", "--top", "200"],
+                      tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(row for row in proc.stdout.splitlines() if "instructions;" in row)
+    counts = dict(item.rsplit(" ", 1) for item in line.split("instructions; ")[1].split(", "))
+    assert int(counts["HGMMA"]) > 0
+    assert int(counts.get("F2I", 0)) < 16  # a handful outside the loop (index arithmetic), not one per score
