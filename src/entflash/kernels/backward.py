@@ -332,6 +332,11 @@ def _pick_blocks(D: int, dtype: torch.dtype):
     """
     if interpreting():
         return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=4, stages=1)
+    if D <= 128 and dtype == torch.float32:
+        # exact-float32 dots are built from FMAs: with 4 warps and 2 stages ptxas spills 14-54 KB per thread
+        # (a local-memory stack frame) in the dK/dV kernel at D = 32-128; 8 warps and 1 stage bring D <= 64
+        # under 0.5 KB and halve D = 128 (scripts/compile_kernels.py machinery; not yet timed on the GPU)
+        return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=8, stages=1)
     if D <= 128:  # H100, D=128, bf16, N=4k/16k: 0.82-0.89x FA2's backward (128x64 tiles, 8 warps: 0.96-1.0x)
         return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=4, stages=2)
     if dtype == torch.float32:
