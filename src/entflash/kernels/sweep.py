@@ -29,7 +29,6 @@ import triton.language as tl
 from entflash.kernels.common import (histogram_lower_tau, histogram_words, key_range, load_rows, program_coords,
                                      score_tile, shift_words, sub_block_max_rows, unpack_words)
 
-NBINS = 16  # histogram bins of width 1/16 (common.histogram_tile packs exactly 16)
 HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts
 
 
@@ -57,14 +56,14 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     # where no sub-block reaches 0: after the first tiles (the diagonal ones, visited first) that is
     # most of them under local attention.
     new_top = tl.where(seen, tl.ceil(tl.where(seen, m_i, 0.0) * 16.0), float("-inf"))
-    top_max = tl.max(tile_vals, axis=0)
-    if top_max >= 0.0:
+    largest_value = tl.max(tile_vals, axis=0)
+    if largest_value >= 0.0:
         had = top > float("-inf")
         rise = tl.where(had, tl.minimum(new_top - tl.where(had, top, 0.0), 16.0), 0.0).to(tl.int32)
         w0, w1, w2, w3 = shift_words(w0, w1, w2, w3, rise)
     # bin the tile only if some row may have a score above its window's floor top/16 - 1: every row's
     # tile max is at most its max plus the largest relative value, and top/16 >= max
-    if top_max > -1.0:
+    if largest_value > -1.0:
         h0, h1, h2, h3 = histogram_words(x, new_top)
         w0 += h0
         w1 += h1
