@@ -36,8 +36,9 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     (alpha-1) * score, +inf for rows without a visible key); support (B, Hq, Nq) int32; tile_map
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool (a superset of the tiles holding non-zeros); o2 (B, Hq, Nq, D)
     and s (B, Hq, Nq) float32 for the backward.
-    newton_iters: Newton passes of the solve stage (default 1; 2 for alpha = 2, whose piecewise-linear
-    F needs one more after a support change); out: optional preallocated output (q's dtype and shape,
+    newton_iters: Newton passes of the solve stage after the sweep's histogram bound (default 1; 2 for
+    alpha = 2, whose piecewise-linear F needs one more after a support change; 0 leaves the output pass's
+    closing correction as the only step, enough for 16-bit outputs: autograd.fused_forward); out: optional preallocated output (q's dtype and shape,
     not for float64 inputs); save_bwd=False (inference) returns o2/s as None; fold=False (with
     save_bwd=False) skips O2 and normalizes instead (output.sparse_output).
     """
