@@ -19,7 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import entflash.nn
 from entflash.nn import MultiheadEntmaxAttention, dense_entmax_attention, unpadded_entmax_attention
 from entflash.reference import rowwise
-from helpers import padding_attention_mask
+from helpers import padding_attention_mask, qwen2_sliding_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
@@ -375,12 +375,7 @@ def test_compiled_sliding_window_model_with_padding_matches_eager_at_real_tokens
     may see, as in transformers' own dense masks, where eager returns zeros); the full-attention layers take the
     padding path. Left and right padding, and holes."""
     torch.manual_seed(16)
-    config = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=3,
-        max_window_layers=0, layer_types=["sliding_attention", "full_attention"])
-    model = transformers.Qwen2ForCausalLM(config).eval()
-    model.set_attn_implementation("entmax")
+    model = qwen2_sliding_model(transformers, VOCAB, sliding_window=3)
     compiled, counter = _compiled_model_call(model, "eager")
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(17))
     holes = torch.tensor([[1] * 9, [1, 1, 0, 1, 1, 0, 1, 1, 1]])

@@ -19,7 +19,7 @@ masking_utils = pytest.importorskip("transformers.masking_utils")
 import entflash.integrations.transformers as integration  # noqa: E402
 from entflash.integrations.transformers import (  # noqa: E402
     add_learnable_alpha, attention_layers, classify_mask_function, make_attention_function, register)
-from helpers import padding_attention_mask  # noqa: E402
+from helpers import padding_attention_mask, qwen2_sliding_model  # noqa: E402
 
 TOLERANCE = 1e-5
 VOCAB = 64
@@ -53,13 +53,7 @@ def _llama(seed=0, **overrides):
 
 def _qwen2_sliding(seed=0):
     torch.manual_seed(seed)
-    config = transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=4,
-        max_window_layers=0, layer_types=["sliding_attention", "full_attention"])
-    model = transformers.Qwen2ForCausalLM(config).eval()
-    model.set_attn_implementation("entmax")
-    return model
+    return qwen2_sliding_model(transformers, VOCAB, sliding_window=4)
 
 
 def _bert(seed=0):
