@@ -321,11 +321,8 @@ def _shifted_word(src, bits, low_mask, carry_shift, w0, w1, w2, w3):
 def unpack_words(w0, w1, w2, w3):
     """Four (BLOCK_M,) int64 words of 16-bit lanes (histogram_words) -> (BLOCK_M, 16) int32 counts."""
     bins = tl.arange(0, 16)[None, :]
-    shift = ((bins & 3) * 16).to(tl.int64)
-    wsel = bins >> 2
-    w = tl.where(wsel == 0, w0[:, None], tl.where(wsel == 1, w1[:, None],
-                 tl.where(wsel == 2, w2[:, None], w3[:, None])))
-    return ((w >> shift) & 0xFFFF).to(tl.int32)
+    w = _word_at(bins >> 2, w0[:, None], w1[:, None], w2[:, None], w3[:, None])
+    return ((w >> ((bins & 3) * 16).to(tl.int64)) & 0xFFFF).to(tl.int32)
 
 
 @triton.jit

@@ -38,9 +38,10 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     and s (B, Hq, Nq) float32 for the backward.
     newton_iters: Newton passes of the solve stage after the sweep's histogram bound (default 1; 2 for
     alpha = 2, whose piecewise-linear F needs one more after a support change; 0 leaves the output pass's
-    closing correction as the only step, enough for 16-bit outputs: autograd.fused_forward); out: optional preallocated output (q's dtype and shape,
-    not for float64 inputs); save_bwd=False (inference) returns o2/s as None; fold=False (with
-    save_bwd=False) skips O2 and normalizes instead (output.sparse_output).
+    closing correction as the only step, enough for 16-bit outputs: autograd.fused_forward);
+    out: optional preallocated output (q's dtype and shape, not for float64 inputs); save_bwd=False
+    (inference) returns o2/s as None; fold=False (with save_bwd=False) skips O2 and normalizes instead
+    (output.sparse_output).
     """
     out_dtype = q.dtype
     if q.dtype == torch.float64:
