@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python3 scripts/kernel_dev.py --shapes 4096:128 16384:128 --local 0 3 --out /tmp/dev.json
 
-For each (N, D) with B * N = 16k tokens and H * D = 2048, causal, bf16, and each locality strength:
+For each (N, D) with B * N = 16k tokens and H * D = 2048, causal, bf16, and each locality strength (or, with
+--levels, each target block sparsity on the benchmark harness's own inputs, benchmarks/inputs.py):
 checks the output against the float32 reference on a slice of heads, then times (median ms,
 triton.testing.do_bench) FA2 (SDPA flash backend), our whole forward and each of its three stages, our fused
 backward (from the training forward's saved tensors) against FA2's backward (its fwd+bwd minus fwd), and
@@ -38,6 +39,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["4096:128", "16384:128", "4096:64", "16384:64"])
     ap.add_argument("--local", nargs="+", type=float, default=[0.0, 3.0])
+    ap.add_argument("--levels", nargs="*", type=float, default=[],
+                    help="target block sparsities on the harness's inputs (replaces --local)")
     ap.add_argument("--alpha", type=float, default=1.5)
     ap.add_argument("--newton", nargs="+", type=int, default=[1])
     ap.add_argument("--noncausal", action="store_true")
@@ -63,8 +66,16 @@ def main():
     for shape in args.shapes:
         N, D = map(int, shape.split(":"))
         B, H = max(1, 16384 // N), 2048 // D
-        for local in args.local:
-            q, k, v = local_inputs(B, H, N, D, local, seed=N + D)
+        for local in (args.levels or args.local):
+            if args.levels:
+                from benchmarks.inputs import StructuredInputs, calibrate_strength
+                parts = StructuredInputs(B, H, N, D, device="cuda")
+                strength = calibrate_strength(local, parts, causal=causal)
+                q, k = parts.queries_keys(strength, torch.bfloat16)
+                v = parts.v.to(torch.bfloat16)
+                del parts
+            else:
+                q, k, v = local_inputs(B, H, N, D, local, seed=N + D)
             scale = D ** -0.5
             for ni in args.newton:
                 t0 = time.time()
@@ -88,8 +99,12 @@ def main():
                 def bench(**kw):
                     fn = lambda: entmax_forward(q, k, v, args.alpha, causal, scale, newton_iters=ni, **kw)
                     return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
-                ms = bench(save_bwd=False)                   # inference, closing Newton correction
-                ms_train = bench(save_bwd=True)              # also stores O2, S for the backward
+
+                def library(keep):  # the forward as the library runs it (autograd.fused_forward, no return_aux)
+                    fn = lambda: fused_forward(q, k, v, args.alpha, causal, scale, None, None, None, keep, False)
+                    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+                ms = library(False)                          # inference
+                ms_train = library(True)                     # training: also stores O2, S for the backward
                 ms_norm = bench(save_bwd=False, fold=False)  # inference, closed by normalization
                 res_n = entmax_forward(q, k, v, args.alpha, causal, scale, newton_iters=ni, save_bwd=False,
                                        fold=False)
@@ -110,6 +125,9 @@ def main():
                 hist_held = (gap >= -1e-3).float().mean().item()
                 hist_gap_bins = (gap * 16).mean().item()
                 ms_sweep = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec), return_mode="median")
+                # the sweep without its running bound of tau (tiles are skipped only below row max - 1)
+                ms_sweep_norun = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec, running_iters=0),
+                                                         return_mode="median")
                 ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, th, ni),
                                                    return_mode="median")
                 ms_out = triton.testing.do_bench(
@@ -141,19 +159,20 @@ def main():
                            rel_err=err, tau_err=tau_err, finite=finite, block_sparsity=sparsity,
                            mean_support=support, ms=ms, ms_fa2=ms_fa, ratio=ms / ms_fa, ms_train=ms_train,
                            ms_normalized=ms_norm, rel_err_normalized=err_norm, ms_sweep=ms_sweep,
-                           ms_solve=ms_solve, ms_output=ms_out, first_call_s=first_call_s,
+                           ms_sweep_norun=ms_sweep_norun, ms_solve=ms_solve, ms_output=ms_out,
+                           first_call_s=first_call_s,
                            hist_bound_held=hist_held, hist_gap_in_bins=hist_gap_bins, ms_bwd=ms_bwd,
                            ms_fa2_bwd=ms_fa_fb - ms_fa, ms_fa2_fwd_bwd=ms_fa_fb,
                            ratio_fwd_bwd=(ms_train + ms_bwd) / ms_fa_fb, **warp_ms)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del res, ref, aux, tau_s, tile_map, o2, s_sum, qf, kf, vf
-    print("\n   N    D local NI  sparsity support  err      ours ms  FA2 ms  ratio  sweep  solve output first_s"
+    print("\n   N    D local NI  sparsity support  err      ours ms  FA2 ms  ratio  sweep norun  solve output first_s"
           "  train  norm  err_norm   bwd  FA2bwd  f+b ratio")
     for r in rows:
         print(f"{r['N']:5d} {r['D']:4d} {r['local']:5.1f} {r['newton_iters']:2d} {r['block_sparsity']:8.3f} "
               f"{r['mean_support']:7.1f} {r['rel_err']:.1e} {r['ms']:8.3f} {r['ms_fa2']:7.3f} {r['ratio']:6.2f} "
-              f"{r['ms_sweep']:6.3f} {r['ms_solve']:6.3f} {r['ms_output']:6.3f} {r['first_call_s']:6.1f} "
+              f"{r['ms_sweep']:6.3f} {r['ms_sweep_norun']:5.3f} {r['ms_solve']:6.3f} {r['ms_output']:6.3f} {r['first_call_s']:6.1f} "
               f"{r['ms_train']:6.3f} {r['ms_normalized']:6.3f} {r['rel_err_normalized']:.1e} "
               f"{r['ms_bwd']:6.3f} {r['ms_fa2_bwd']:6.3f} {r['ratio_fwd_bwd']:6.2f}  "
               + " ".join(f"{key[3:]}={val:.3f}" for key, val in r.items() if key.endswith(tuple(

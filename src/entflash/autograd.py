@@ -70,7 +70,8 @@ def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, k
     exact_aux: tau and support must be exact (the caller hands them to the user); when False, 16-bit
     inference (no keep_for_backward) skips the Newton pass of the solve stage: the output pass's closing
     correction is then the one solver step after the histogram bound, the output stays at 16-bit accuracy
-    (measured ~5e-3 relative for bf16, as with the pass) and tau, support are that step's (tau ~1e-2 off).
+    (measured ~5e-3 relative for bf16, as with the pass) and tau is that step's (~1e-2 off); support is
+    not counted at all (-1) without exact_aux.
     Returns (out, tau, support, tile_map, o2, s): out (B, Hq, Nq, D) in q's dtype laid out like
     torch.empty_like(q); tau (B, Hq, Nq) float32; support (B, Hq, Nq) int32; tile_map
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool; o2 (B, Hq, Nq, D) and s (B, Hq, Nq) float32.
@@ -82,7 +83,7 @@ def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, k
     if not keep_for_backward and not exact_aux and q.dtype in (torch.float16, torch.bfloat16):
         newton_iters = 0
     res = entmax_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, save_bwd=keep_for_backward,
-                         newton_iters=newton_iters)
+                         newton_iters=newton_iters, count_support=exact_aux)
     kept = [res[name] if keep_for_backward else res["tau"].new_empty(0) for name in ("o2", "s")]
     return (res["out"], res["tau"], res["support"], res["tile_map"], *kept)
 

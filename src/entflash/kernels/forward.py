@@ -23,7 +23,7 @@ def alpha_tensor(alpha, n_heads: int, device) -> torch.Tensor:
 
 
 def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlens_q=None, seqlens_k=None,
-                   *, newton_iters=None, out=None, save_bwd=True, fold=True):
+                   *, newton_iters=None, out=None, save_bwd=True, fold=True, count_support=True):
     """Fused alpha-entmax attention forward.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); float16, bfloat16 or float32 (float32 products use
@@ -41,7 +41,7 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     closing correction as the only step, enough for 16-bit outputs: autograd.fused_forward);
     out: optional preallocated output (q's dtype and shape, not for float64 inputs); save_bwd=False
     (inference) returns o2/s as None; fold=False (with save_bwd=False) skips O2 and normalizes instead
-    (output.sparse_output).
+    (output.sparse_output); count_support=False leaves support uncounted (-1).
     """
     out_dtype = q.dtype
     if q.dtype == torch.float64:
@@ -58,7 +58,7 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
     tau, tau_low = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters)
     res = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, out=out, save_bwd=save_bwd,
-                        fold=fold)
+                        fold=fold, count_support=count_support)
     if out_dtype != res["out"].dtype:
         res["out"] = res["out"].to(out_dtype)
     return res

@@ -28,7 +28,7 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                    ALPHA_MODE: tl.constexpr, NK_CHUNK: tl.constexpr,
-                   FOLD: tl.constexpr, SAVE_BWD: tl.constexpr):
+                   FOLD: tl.constexpr, SAVE_BWD: tl.constexpr, COUNT_SUPPORT: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -76,7 +76,8 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
                 acc2 = mma(s.to(v.dtype), v, acc2, DOT_PREC, UPCAST)
             f_i += tl.sum(p, axis=1)
             s_i += tl.sum(s, axis=1)
-            n_i += tl.sum((u > 0).to(tl.int32), axis=1)
+            if COUNT_SUPPORT:
+                n_i += tl.sum((u > 0).to(tl.int32), axis=1)
 
     c = tl.where(s_i > 0, (f_i - 1.0) / tl.where(s_i > 0, s_i, 1.0), 0.0)
     if FOLD:
@@ -88,14 +89,14 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_mask)
     tl.store(TauOut + row_ptr, tau + (alpha - 1.0) * c, mask=in_rows)
-    tl.store(Support + row_ptr, n_i, mask=in_rows)
+    tl.store(Support + row_ptr, n_i if COUNT_SUPPORT else n_i - 1, mask=in_rows)
     if SAVE_BWD:
         tl.store(S2 + row_ptr, s_i, mask=in_rows)
         tl.store(O2 + row_ptr[:, None] * D + offs_d[None, :], acc2, mask=d_mask)
 
 
 def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, *, out=None, save_bwd=True,
-                  fold=True):
+                  fold=True, count_support=True):
     """Output sweep over candidate tiles.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); alpha_t (Hq,) float32; row_max, tile_max from the sweep; tau,
@@ -108,6 +109,7 @@ def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low
     also skips computing O2 (one matmul of two per tile) and closes the output by exact row
     normalization instead of the O2-based Newton correction: cheaper, but first order in the solver's
     tau error (~1e-3 relative after one Newton pass, under half-precision output rounding).
+    count_support=False skips the support count (three operations per score) and fills support with -1.
     """
     B, H, Nq, D = q.shape
     dev = q.device
@@ -124,6 +126,6 @@ def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, tile_max.shape[2], **spec.flags, **spec.tiles,
         ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, FOLD=bool(fold or save_bwd),
-        SAVE_BWD=bool(save_bwd), **spec.sparse_launch)
+        SAVE_BWD=bool(save_bwd), COUNT_SUPPORT=bool(count_support), **spec.sparse_launch)
     return dict(out=out, tau=tau_out, support=support, tile_map=tile_map.view(torch.bool),
                 o2=o2 if save_bwd else None, s=s2 if save_bwd else None)
