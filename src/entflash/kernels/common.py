@@ -19,9 +19,8 @@ import triton.language as tl
 # ln 2 for jit code (log x = LN2 * log2 x); a kernel may only read globals declared tl.constexpr
 LN2 = tl.constexpr(0.6931471805599453)
 # 1.5 * 2^23: a float32 in [2^23, 2^24) has unit spacing, so v + MAGIC_ROUND rounds v (|v| < 2^22) to an
-# integer that the low mantissa bits of the sum hold (histogram_words); MAGIC_ROUND_BITS is its bit pattern
+# integer that the low mantissa bits of the sum hold (histogram_words)
 MAGIC_ROUND = tl.constexpr(12582912.0)
-MAGIC_ROUND_BITS = tl.constexpr(0x4B400000)
 
 
 @triton.jit
@@ -144,36 +143,22 @@ def score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd
                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Scores in tau units for one key tile: (BLOCK_M, BLOCK_N) float32, invisible -> -inf.
 
-    The products of dot_tile times qk_scale = (alpha - 1) * scale (a positive scalar). Returns (x, offs_n).
-    """
-    raw, offs_n = dot_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
-                           len_q, len_k, offset, win_left, win_right,
-                           CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-    return raw * qk_scale, offs_n
-
-
-@triton.jit
-def dot_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
-             len_q, len_k, offset, win_left, win_right,
-             CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-             BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Products q . k for one key tile: (BLOCK_M, BLOCK_N) float32, invisible -> -inf.
-
     q: (BLOCK_M, BLOCK_D) tile already loaded, rows offs_m = start_m + arange(BLOCK_M); keys
-    start_n .. start_n + BLOCK_N - 1 are read from k_base with strides (stride_kn, stride_kd); keys at or
-    past len_k are not read (padding or unused cache slots may hold anything, NaN included).
-    Returns (raw, offs_n).
+    start_n .. start_n + BLOCK_N - 1 are read from
+    k_base with strides (stride_kn, stride_kd); keys at or past len_k are not read (padding or unused
+    cache slots may hold anything, NaN included). qk_scale = (alpha - 1) * scale (a scalar).
+    Returns (x, offs_n).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=(offs_n[None, :] < len_k) & (offs_d[:, None] < D), other=0.0)
-    raw = mma(q, kt, tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32), DOT_PREC, UPCAST)
+    x = mma(q, kt, tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32), DOT_PREC, UPCAST) * qk_scale
     if not tile_interior(start_m, start_n, q.shape[0], BLOCK_N, len_q, len_k, offset, win_left, win_right,
                          CAUSAL, WIN_LEFT, WIN_RIGHT):
         vis = visible_mask(offs_m, offs_n, len_q, len_k, offset, win_left, win_right,
                            CAUSAL, WIN_LEFT, WIN_RIGHT)
-        raw = tl.where(vis, raw, float("-inf"))
-    return raw, offs_n
+        x = tl.where(vis, x, float("-inf"))
+    return x, offs_n
 
 
 @triton.jit
@@ -267,34 +252,30 @@ def compact_candidates(tmax_row_ptr, stride_tm, thr_sub, n_sub_valid, kb_lo, kb_
 
 
 @triton.jit
-def histogram_words(raw, top, bin_scale):
-    """Per-row counts of scores in 16 bins of width 1/16 (tau units) centred on the grid below top / 16.
-
-    raw (BLOCK_M, BLOCK_N <= 255) float32 are the scores before the factor bin_scale / 16 that turns them
-    into tau units x (the sweep passes q.k products and 16 (alpha - 1) scale); top (BLOCK_M,) float32 is an
-    integer in bin units at or above 16 * (row max), -inf for rows with nothing visible yet. With
-    t = top - 16 x (>= 0, up to rounding), bin b holds the scores with round(t) = b, so its lower edge is
-    top/16 - (b + 1/2)/16. Scores with t above 15.5, invisible scores (-inf) and rows with top = -inf are
-    not counted.
+def histogram_words(x, top):
+    """Per-row counts of the scores x (BLOCK_M, BLOCK_N <= 255) in 16 bins of width 1/16 below top / 16,
+    where top (BLOCK_M,) float32 is an integer in bin units at or above 16 * (row max): bin b holds
+    top/16 - (b+1)/16 < x <= top/16 - b/16 (bin 0 also takes rounding above top/16). Scores at or below
+    top/16 - 1 and rows with top = -inf (nothing visible yet) are not counted.
 
     Returns four (BLOCK_M,) int64 words, word w holding bins 4w..4w+3 in 16-bit lanes (bin b at bits
-    16 * (b & 3) of word b >> 2), to be summed over tiles. Four bins share one 32-bit word during the row sums
+    16 * (b & 3) of word b >> 2), to be summed over tiles. Four bins share one int32 during the row sums
     (8-bit lanes), so a score costs 4 selects and 4 row sums rather than 16. Everything stays in the
     scores' row layout: no per-tile data movement between threads beyond the row sums.
     """
-    # top + 1.5 * 2^23 - 16 x in one fused multiply-add: a float32 in [2^23, 2^24) has unit spacing, so the
-    # sum rounds t to the nearest integer and its low mantissa bits hold it (|t| < 2^22). This replaces a
-    # float-to-int conversion per score, a quarter-rate instruction. Out of the window (t > 15.5, or +inf
-    # for invisible scores) the difference of bit patterns is 16 or more: no word index matches it.
-    base = tl.where(top > float("-inf"), top, 0.0) + MAGIC_ROUND  # rows with top = -inf only hold -inf scores
-    shifted = base[:, None] - raw * bin_scale
-    b = shifted.to(tl.uint32, bitcast=True) - MAGIC_ROUND_BITS  # round(t) in the window
-    val = (1 << ((b & 3) << 3)).to(tl.uint32)
-    word = b >> 2
+    # The bin is floor(t), t = top - 16 x >= 0 (exact in real numbers since 16 x <= 16 m <= top). Adding
+    # 1.5 * 2^23 to t - 1/2 rounds it to an integer held in the low mantissa bits: floor(t) except at ties,
+    # where an exact bin edge may land in the bin above, whose lower edge then equals the score (still a
+    # valid lower edge). This replaces a float-to-int conversion per score, a quarter-rate instruction.
+    shifted = ((top - 0.5)[:, None] - x * 16.0) + MAGIC_ROUND
+    inwin = shifted <= MAGIC_ROUND + 15.0  # false for invisible scores (+inf) and empty rows (NaN)
+    b = shifted.to(tl.int32, bitcast=True)  # low 4 bits: the bin (where inwin)
+    val = tl.where(inwin, 1 << ((b & 3) << 3), 0)
+    word = b & 12  # 4 * (bin >> 2)
     w0 = _widen_lanes(tl.sum(tl.where(word == 0, val, 0), axis=1))
-    w1 = _widen_lanes(tl.sum(tl.where(word == 1, val, 0), axis=1))
-    w2 = _widen_lanes(tl.sum(tl.where(word == 2, val, 0), axis=1))
-    w3 = _widen_lanes(tl.sum(tl.where(word == 3, val, 0), axis=1))
+    w1 = _widen_lanes(tl.sum(tl.where(word == 4, val, 0), axis=1))
+    w2 = _widen_lanes(tl.sum(tl.where(word == 8, val, 0), axis=1))
+    w3 = _widen_lanes(tl.sum(tl.where(word == 12, val, 0), axis=1))
     return w0, w1, w2, w3
 
 
@@ -345,19 +326,16 @@ def unpack_words(w0, w1, w2, w3):
 
 
 @triton.jit
-def histogram_lower_tau(counts, m, top, floor, rm1, expo, ALPHA_MODE: tl.constexpr, NBINS: tl.constexpr,
+def histogram_lower_tau(counts, m, top, rm1, expo, ALPHA_MODE: tl.constexpr, NBINS: tl.constexpr,
                         ITERS: tl.constexpr):
-    """Guaranteed lower bound of tau from per-row bin counts (BLOCK_M, NBINS), the row max m (BLOCK_M,),
-    the bins' top (BLOCK_M,) (>= m, bin b's lower edge is top - (b+1)/NBINS) and a known lower bound
-    `floor` (BLOCK_M,) of tau (-inf if none), all in tau units.
+    """Guaranteed lower bound of tau from per-row bin counts (BLOCK_M, NBINS), the row max m (BLOCK_M,)
+    and the bins' top (BLOCK_M,) (>= m, bin b's lower edge is top - (b+1)/NBINS), all in tau units.
 
     Every counted score is moved down to its bin's lower edge, except one count of the lowest non-empty
     bin, which stands for the row max and stays at m (the max's own bin is at or above it in index, so
-    the count replaced is of a score >= the max's lower edge); scores left out of the counts only lower
-    it further. The resulting F_lo(tau) <= F(tau) everywhere, so its root is <= the true tau. Newton steps
-    on F_lo^(alpha-1) - 1 from start = max(m - 1, floor) stay below that root when start is, and are held
-    at start otherwise (start itself is a bound). ITERS steps; each iterate is a valid bound.
-    Rows with m = -inf get +inf.
+    the count replaced is of a score >= the max's lower edge). The resulting F_lo(tau) <= F(tau)
+    everywhere, so its root is <= the true tau; Newton steps on F_lo^(alpha-1) - 1 from m - 1 (<= that
+    root) stay below it. Rows with m = -inf get +inf.
     """
     valid = m > float("-inf")
     mm = tl.where(valid, m, 0.0)
@@ -367,8 +345,7 @@ def histogram_lower_tau(counts, m, top, floor, rm1, expo, ALPHA_MODE: tl.constex
     c = counts - tl.where(bins[None, :] == first[:, None], 1, 0)
     c = c.to(tl.float32)
     edge = tt[:, None] - (bins[None, :] + 1).to(tl.float32) / NBINS
-    start = tl.maximum(mm - 1.0, tl.where(valid, floor, 0.0))
-    tau = start
+    tau = mm - 1.0
     for _ in tl.static_range(ITERS):
         ub = tl.maximum(edge - tau[:, None], 0.0)
         sb = entmax_s(ub, rm1, ALPHA_MODE)
@@ -376,5 +353,5 @@ def histogram_lower_tau(counts, m, top, floor, rm1, expo, ALPHA_MODE: tl.constex
         s0 = entmax_s(u0, rm1, ALPHA_MODE)
         f = tl.sum(c * ub * sb, axis=1) + u0 * s0
         s = tl.sum(c * sb, axis=1) + s0
-        tau = tl.maximum(newton_tau(tau, f, s, expo, ALPHA_MODE), start)
+        tau = tl.maximum(newton_tau(tau, f, s, expo, ALPHA_MODE), mm - 1.0)
     return tl.where(valid, tau, float("inf"))

@@ -143,7 +143,7 @@ def _entmax_rows_fwd_kernel(
         for start in range(0, n_cols, BLOCK_N):
             xc = _load_shifted(X, rows, start + cols, n_rows, n_cols, stride_x, zsafe, am1)
             counts += _bin_counts(xc, m, BLOCK_M, BLOCK_N, NB)
-    tau = histogram_lower_tau(counts, m, m, m - 1.0, rm1, expo, ALPHA_MODE, NB, HIST_IT)
+    tau = histogram_lower_tau(counts, m, m, rm1, expo, ALPHA_MODE, NB, HIST_IT)
 
     # 3. Newton steps on the r-norm (iterates stay below the true tau)
     for _ in tl.static_range(N_STEPS):

@@ -26,30 +26,26 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (dot_tile, histogram_lower_tau, histogram_words, key_range, load_rows,
-                                     program_coords, shift_words, sub_block_max_rows, unpack_words)
+from entflash.kernels.common import (histogram_lower_tau, histogram_words, key_range, load_rows, program_coords,
+                                     score_tile, shift_words, sub_block_max_rows, unpack_words)
 
-HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts at the end of the sweep
-RUNNING_ITERS = 3  # the same for the running bound of tau taken during the sweep
+HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts
 
 
 @triton.jit
-def _sweep_tile(q, k_base, start_m, start_n, m_i, top, tau_run, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m,
-                offs_d, stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right,
+def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
+                stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right,
                 N_SUB_ROWS, CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Score the key tile at start_n and fold it into the running state: row max m_i (BLOCK_M,), bin top
     (BLOCK_M,) float32 (16 * top is an integer; -inf before the row's first visible key) and the bin
-    counts as four (BLOCK_M,) int64 words (common.histogram_words). tau_run (BLOCK_M,) is a lower bound of
-    each row's tau (-inf if none yet): a tile none of whose scores exceeds it is not binned. Stores the
-    tile's relative max for each 64-row sub-block: the max over its rows of (the row's max in this tile
-    minus the updated running max), -inf for rows without a visible key yet.
-    Returns the updated (m_i, top, w0, w1, w2, w3)."""
-    # q . k products: the factor qk_scale > 0 is applied per row (max) or folded into the binning
-    raw, offs_n = dot_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
-                           len_q, len_k, offset, win_left, win_right,
+    counts as four (BLOCK_M,) int64 words (common.histogram_words). Stores the tile's relative max for
+    each 64-row sub-block: the max over its rows of (the row's max in this tile minus the updated running
+    max), -inf for rows without a visible key yet. Returns the updated (m_i, top, w0, w1, w2, w3)."""
+    x, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
+                           qk_scale, len_q, len_k, offset, win_left, win_right,
                            CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-    tile_row_max = tl.max(raw, axis=1) * qk_scale
+    tile_row_max = tl.max(x, axis=1)
     m_i = tl.maximum(m_i, tile_row_max)
     seen = m_i > float("-inf")
     relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
@@ -60,28 +56,20 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, tau_run, w0, w1, w2, w3, 
     # where no sub-block reaches 0: after the first tiles (the diagonal ones, visited first) that is
     # most of them under local attention.
     new_top = tl.where(seen, tl.ceil(tl.where(seen, m_i, 0.0) * 16.0), float("-inf"))
-    if tl.max(tile_vals, axis=0) >= 0.0:
+    largest_value = tl.max(tile_vals, axis=0)
+    if largest_value >= 0.0:
         had = top > float("-inf")
         rise = tl.where(had, tl.minimum(new_top - tl.where(had, top, 0.0), 16.0), 0.0).to(tl.int32)
         w0, w1, w2, w3 = shift_words(w0, w1, w2, w3, rise)
-    # bin the tile only if some row has a score above both its window's floor (top/16 - 1) and its running
-    # bound of tau: scores at or below tau_run are zero at every tau the final solve looks at
-    floor = tl.maximum(new_top / 16.0 - 1.0, tau_run)
-    if tl.max((tile_row_max > floor).to(tl.int32), axis=0) > 0:
-        h0, h1, h2, h3 = histogram_words(raw, new_top, 16.0 * qk_scale)
+    # bin the tile only if some row may have a score above its window's floor top/16 - 1: every row's
+    # tile max is at most its max plus the largest relative value, and top/16 >= max
+    if largest_value > -1.0:
+        h0, h1, h2, h3 = histogram_words(x, new_top)
         w0 += h0
         w1 += h1
         w2 += h2
         w3 += h3
     return m_i, new_top, w0, w1, w2, w3
-
-
-@triton.jit
-def _bin_lower_tau(w0, w1, w2, w3, m_i, top, floor, alpha, ALPHA_MODE: tl.constexpr, ITERS: tl.constexpr):
-    """Lower bound of tau (BLOCK_M,) from the packed counts of centred bins (common.histogram_words, whose
-    bin b has lower edge top/16 - (b + 1/2)/16) and a known lower bound `floor`; +inf for empty rows."""
-    return histogram_lower_tau(unpack_words(w0, w1, w2, w3), m_i, top / 16.0 + 1.0 / 32.0, floor,
-                               (2.0 - alpha) / (alpha - 1.0), 2.0 - alpha, ALPHA_MODE, 16, ITERS)
 
 
 @triton.jit
@@ -94,7 +82,7 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                  ALPHA_MODE: tl.constexpr, HIST_ITERS: tl.constexpr, RUNNING_ITERS: tl.constexpr):
+                  ALPHA_MODE: tl.constexpr, HIST_ITERS: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -109,7 +97,6 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    tau_run = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     w0 = tl.zeros((BLOCK_M,), dtype=tl.int64)
     w1 = tl.zeros((BLOCK_M,), dtype=tl.int64)
     w2 = tl.zeros((BLOCK_M,), dtype=tl.int64)
@@ -121,23 +108,17 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
     for t in range(0, n_tiles):
         start_n = lo + ((diag + t) % n_tiles) * BLOCK_N
         m_i, top, w0, w1, w2, w3 = _sweep_tile(
-            q, k_base, start_m, start_n, m_i, top, tau_run, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
+            q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
             stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
             CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
-        # After tiles 1, 4, 16, 64, ... (the diagonal ones first), the scores seen so far give a lower bound
-        # of tau (a subset of a row's scores has a lower tau) that lets later tiles below it go unbinned:
-        # under local attention the far tiles, whose scores sit inside the window below the max but under
-        # tau. Few solves per row, so dense rows, where no whole tile falls below, lose little.
-        if ((t & (t + 1)) == 0) & (((t + 1) & 0x55555555) != 0):
-            bound = _bin_lower_tau(w0, w1, w2, w3, m_i, top, tau_run, alpha, ALPHA_MODE, RUNNING_ITERS)
-            tau_run = tl.where(m_i > float("-inf"), bound, float("-inf"))
-    tau = _bin_lower_tau(w0, w1, w2, w3, m_i, top, tau_run, alpha, ALPHA_MODE, HIST_ITERS)
+    tau = histogram_lower_tau(unpack_words(w0, w1, w2, w3), m_i, top / 16.0, (2.0 - alpha) / (alpha - 1.0), 2.0 - alpha,
+                              ALPHA_MODE, 16, HIST_ITERS)
     in_rows = offs_m < Nq
     tl.store(RowMax + (b * H + h) * Nq + offs_m, m_i, mask=in_rows)
     tl.store(TauHist + (b * H + h) * Nq + offs_m, tau, mask=in_rows)
 
 
-def dense_sweep(q, k, alpha_t, scale, spec, running_iters=RUNNING_ITERS):
+def dense_sweep(q, k, alpha_t, scale, spec):
     """Row max, per-tile relative max and histogram lower bound of tau, for
     x = (alpha - 1) * scale * q k^T under the visibility mask.
 
@@ -148,8 +129,7 @@ def dense_sweep(q, k, alpha_t, scale, spec, running_iters=RUNNING_ITERS):
     units: tile_max is an upper bound of max over the 64 rows i and 64 keys j of the tile of
     (x_ij - row_max_i), <= 0 up to rounding (-inf for tiles never visited or without a visible score);
     tau_hist is a guaranteed lower bound of each row's tau up to rounding (+inf for rows without a
-    visible key), at most about one bin (1/16) below it. running_iters: Newton steps of each running bound
-    taken during the sweep (0 keeps it at row max - 1, i.e. no tile is skipped for lying below tau).
+    visible key), at most about one bin (1/16) below it.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -162,5 +142,5 @@ def dense_sweep(q, k, alpha_t, scale, spec, running_iters=RUNNING_ITERS):
         *q.stride(), *k.stride(), *tile_max.stride()[:3],
         H, Nq, Nk, D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, n_sub, **spec.flags, **spec.tiles,
-        ALPHA_MODE=spec.alpha_mode, HIST_ITERS=HIST_ITERS, RUNNING_ITERS=running_iters, **spec.sweep_launch)
+        ALPHA_MODE=spec.alpha_mode, HIST_ITERS=HIST_ITERS, **spec.sweep_launch)
     return row_max, tile_max, tau_hist
