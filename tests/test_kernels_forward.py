@@ -6,7 +6,6 @@ The `gpu` group repeats the key checks at real shapes on a CUDA device.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 
 import pytest
@@ -134,14 +133,12 @@ def test_local_inputs_are_block_sparse_and_rows_sum_to_one():
     assert torch.allclose(out1, torch.ones_like(out1), atol=1e-5)
 
 
-@pytest.mark.parametrize("causal, window, lengths, sweep_tiles", [
-    (True, None, None, None), (False, None, None, (128, 128)), (False, (20, 9), None, (64, 128)),
-    (True, None, ((70, 0, 40), (50, 33, 90)), None), (True, None, ((70, 0, 40), (50, 33, 90)), (128, 128))])
-def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths, sweep_tiles):
+@pytest.mark.parametrize("causal, window, lengths", [(True, None, None), (False, None, None),
+                                                      (False, (20, 9), None), (True, None, ((70, 0, 40), (50, 33, 90)))])
+def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths):
     """dense_sweep's contract (sweep.py): row_max is each row's max of x = (alpha-1) * scale * q k^T and each
     64x64 tile value lies between max_ij (x_ij - row_max_i) and 0 (-inf exactly where the tile has no visible
-    score); local inputs, so rows' maxima differ and the relative values are far below the absolute ones.
-    sweep_tiles: the sweep's (BLOCK_M, BLOCK_N) when not the launch default (128-key tiles store two values)."""
+    score); local inputs, so rows' maxima differ and the relative values are far below the absolute ones."""
     from entflash.kernels.forward import alpha_tensor
     from entflash.kernels.launch import make_spec
     from entflash.kernels.sweep import dense_sweep
@@ -153,8 +150,6 @@ def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths
     scale = D ** -0.5
     alpha_t = alpha_tensor(alpha, Hq, q.device)
     spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
-    if sweep_tiles is not None:
-        spec = dataclasses.replace(spec, sweep_tiles=dict(BLOCK_M=sweep_tiles[0], BLOCK_N=sweep_tiles[1]))
     row_max, tile_max, _ = dense_sweep(q, k, alpha_t, scale, spec)
     x = (alpha - 1) * scale * q.double() @ k.double().repeat_interleave(Hq // Hkv, dim=1).transpose(-1, -2)
     visible = visibility_mask(0, Nq, Nq, Nk, causal, window, sq, sk, q.device)[:, None]
@@ -176,9 +171,8 @@ def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths
 
 
 @pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0, (1.01, 1.75)])
-@pytest.mark.parametrize("local, causal, sweep_tiles", [(0.0, True, None), (3.0, False, None), (3.0, True, None),
-                                                        (0.0, True, (128, 128))])
-def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal, sweep_tiles):
+@pytest.mark.parametrize("local, causal", [(0.0, True), (3.0, False), (3.0, True)])
+def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal):
     """dense_sweep's histogram start (sweep.py): for every row, tau - 1/16 <= tau_hist <= tau (up to rounding),
     whatever the order in which the row max rose during the sweep; +inf for rows that see no key."""
     from entflash.kernels.forward import alpha_tensor
@@ -194,8 +188,6 @@ def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal,
     scale = D ** -0.5
     alpha_t = alpha_tensor(alpha, Hq, q.device)
     spec = make_spec(q, k, alpha, alpha_t, causal, None, sq, sk)
-    if sweep_tiles is not None:
-        spec = dataclasses.replace(spec, sweep_tiles=dict(BLOCK_M=sweep_tiles[0], BLOCK_N=sweep_tiles[1]))
     _, _, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
     am1 = (alpha_t.double() - 1)[None, :, None, None]
     x = am1 * scale * q.double() @ k.double().repeat_interleave(Hq // Hkv, dim=1).transpose(-1, -2)

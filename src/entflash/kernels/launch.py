@@ -53,8 +53,7 @@ class StageSpec:
 
     lq/lk: int32 (B,) length tensors or a dummy pointer (flags say which); win_left/win_right: ints
     (0 when that side is unlimited); group = Hq // Hkv; grid = (num query blocks, B * Hq);
-    tiles: BLOCK_M/BLOCK_N/BLOCK_D/DOT_PREC/UPCAST constexprs; sweep_tiles: the sweep's own BLOCK_M
-    (a multiple of 64) and BLOCK_N (64 or 128); *_launch: num_warps/num_stages per stage.
+    tiles: BLOCK_M/BLOCK_N/BLOCK_D/DOT_PREC/UPCAST constexprs; *_launch: num_warps/num_stages per stage.
     """
     lq: torch.Tensor
     lk: torch.Tensor
@@ -68,7 +67,6 @@ class StageSpec:
     nk_chunk: int
     flags: dict = field(default_factory=dict)
     tiles: dict = field(default_factory=dict)
-    sweep_tiles: dict = field(default_factory=dict)
     sweep_launch: dict = field(default_factory=dict)
     sparse_launch: dict = field(default_factory=dict)
 
@@ -106,7 +104,6 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
         nk_chunk=nk_chunk,
         flags=flags,
         tiles=dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, **dot_args(q.dtype)),
-        sweep_tiles=dict(BLOCK_M=block_m, BLOCK_N=64),
         sweep_launch=dict(num_warps=sweep_warps, num_stages=3 if block_d <= 128 else 2),
         sparse_launch=dict(num_warps=warps, num_stages=2),
     )

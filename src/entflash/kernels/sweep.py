@@ -35,41 +35,28 @@ HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts
 @triton.jit
 def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
                 stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right,
-                N_SUB_ROWS, N_KEY_TILES, CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                N_SUB_ROWS, CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Score the key tile at start_n (BLOCK_N = 64 or 128 keys) and fold it into the running state: row max
-    m_i (BLOCK_M,), bin top (BLOCK_M,) float32 (16 * top is an integer; -inf before the row's first visible
-    key) and the bin counts as four (BLOCK_M,) int64 words (common.histogram_words). Stores, for each
-    64-row sub-block and each 64-key part of the tile, the max over the sub-block's rows of (the row's max
-    in that part minus the updated running max), -inf for rows without a visible key yet.
-    Returns the updated (m_i, top, w0, w1, w2, w3)."""
+    """Score the key tile at start_n and fold it into the running state: row max m_i (BLOCK_M,), bin top
+    (BLOCK_M,) float32 (16 * top is an integer; -inf before the row's first visible key) and the bin
+    counts as four (BLOCK_M,) int64 words (common.histogram_words). Stores the tile's relative max for
+    each 64-row sub-block: the max over its rows of (the row's max in this tile minus the updated running
+    max), -inf for rows without a visible key yet. Returns the updated (m_i, top, w0, w1, w2, w3)."""
     x, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
                            qk_scale, len_q, len_k, offset, win_left, win_right,
                            CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-    if BLOCK_N == 64:
-        tile_row_max = tl.max(x, axis=1)
-        m_i = tl.maximum(m_i, tile_row_max)
-        seen = m_i > float("-inf")
-        relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
-        tile_vals = sub_block_max_rows(relative, BLOCK_M)
-        tl.store(tmax_ptr + sub_rows * stride_tm + start_n // 64, tile_vals, mask=sub_rows < N_SUB_ROWS)
-        largest_value = tl.max(tile_vals, axis=0)
-    else:
-        PARTS: tl.constexpr = BLOCK_N // 64
-        part_max = tl.max(tl.reshape(x, (BLOCK_M, PARTS, 64)), axis=2)  # (BLOCK_M, PARTS)
-        m_i = tl.maximum(m_i, tl.max(part_max, axis=1))
-        seen = m_i > float("-inf")
-        relative = tl.where(seen[:, None], part_max - tl.where(seen, m_i, 0.0)[:, None], float("-inf"))
-        tile_vals = tl.max(tl.reshape(relative, (BLOCK_M // 64, 64, PARTS)), axis=1)  # (SUB, PARTS)
-        key_tiles = start_n // 64 + tl.arange(0, PARTS)
-        tl.store(tmax_ptr + sub_rows[:, None] * stride_tm + key_tiles[None, :], tile_vals,
-                 mask=(sub_rows[:, None] < N_SUB_ROWS) & (key_tiles[None, :] < N_KEY_TILES))
-        largest_value = tl.max(tl.max(tile_vals, axis=1), axis=0)
+    tile_row_max = tl.max(x, axis=1)
+    m_i = tl.maximum(m_i, tile_row_max)
+    seen = m_i > float("-inf")
+    relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
+    tile_vals = sub_block_max_rows(relative, BLOCK_M)
+    tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N, tile_vals, mask=sub_rows < N_SUB_ROWS)
     # The top follows the max up the bin grid and the counts move down by as many bins. A row's max can
     # only have risen if its tile max equals it (relative value 0), so the shift is skipped for tiles
     # where no sub-block reaches 0: after the first tiles (the diagonal ones, visited first) that is
     # most of them under local attention.
     new_top = tl.where(seen, tl.ceil(tl.where(seen, m_i, 0.0) * 16.0), float("-inf"))
+    largest_value = tl.max(tile_vals, axis=0)
     if largest_value >= 0.0:
         had = top > float("-inf")
         rise = tl.where(had, tl.minimum(new_top - tl.where(had, top, 0.0), 16.0), 0.0).to(tl.int32)
@@ -90,7 +77,7 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_tb, stride_th, stride_tm,
-                  H, Nq, Nk, D, group, scale, win_left, win_right, NUM_M_BLOCKS, N_SUB_ROWS, N_KEY_TILES,
+                  H, Nq, Nk, D, group, scale, win_left, win_right, NUM_M_BLOCKS, N_SUB_ROWS,
                   HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, CAUSAL: tl.constexpr,
                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -123,7 +110,7 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
         m_i, top, w0, w1, w2, w3 = _sweep_tile(
             q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
             stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
-            N_KEY_TILES, CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
+            CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
     tau = histogram_lower_tau(unpack_words(w0, w1, w2, w3), m_i, top / 16.0, (2.0 - alpha) / (alpha - 1.0), 2.0 - alpha,
                               ALPHA_MODE, 16, HIST_ITERS)
     in_rows = offs_m < Nq
@@ -136,8 +123,7 @@ def dense_sweep(q, k, alpha_t, scale, spec):
     x = (alpha - 1) * scale * q k^T under the visibility mask.
 
     q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D) (fp16/bf16/fp32, any strides); alpha_t: (Hq,) float32;
-    scale: python float; spec: the launch.StageSpec shared by the forward stages (the sweep takes its
-    own block shape, spec.sweep_tiles, and launch options, spec.sweep_launch).
+    scale: python float; spec: the launch.StageSpec shared by the forward stages.
     Returns row_max (B, Hq, Nq) float32 (-inf for rows without a visible key),
     tile_max (B, Hq, ceil(Nq/64), ceil(Nk/64)) float32 and tau_hist (B, Hq, Nq) float32, all in tau
     units: tile_max is an upper bound of max over the 64 rows i and 64 keys j of the tile of
@@ -151,12 +137,10 @@ def dense_sweep(q, k, alpha_t, scale, spec):
     row_max = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tau_hist = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tile_max = torch.full((B, H, n_sub, n_kt), float("-inf"), device=q.device, dtype=torch.float32)
-    tiles = dict(spec.tiles, **spec.sweep_tiles)
-    n_mb = triton.cdiv(Nq, tiles["BLOCK_M"])
-    _sweep_kernel[(n_mb, B * H)](
+    _sweep_kernel[spec.grid](
         q, k, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist,
         *q.stride(), *k.stride(), *tile_max.stride()[:3],
         H, Nq, Nk, D, spec.group, float(scale), spec.win_left, spec.win_right,
-        n_mb, n_sub, n_kt, **spec.flags, **tiles,
+        spec.num_m_blocks, n_sub, **spec.flags, **spec.tiles,
         ALPHA_MODE=spec.alpha_mode, HIST_ITERS=HIST_ITERS, **spec.sweep_launch)
     return row_max, tile_max, tau_hist
