@@ -67,20 +67,17 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
             x, offs_n = score_tile(q, k_base, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
                                    qk_scale, len_q, len_k, offset, win_left, win_right,
                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-            above_low = tl.max(x, axis=1) - tau_low  # > 0 where the row may have a non-zero in this tile
-            hit = sub_block_max_rows(above_low, BLOCK_M) > 0
+            hit = sub_block_max_rows(tl.max(x, axis=1) - tau_low, BLOCK_M) > 0
             tl.store(TileMap + tile_off + sub * stride_tm + kb, hit.to(tl.int8), mask=sub < n_sub_valid)
+            p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
             v = load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, len_k, D)
-            # a candidate tile where no row reaches its tau_low (<= tau) is all zeros: skip its two products
-            if tl.max(above_low, axis=0) > 0:
-                p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
-                acc = mma(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
-                if FOLD:
-                    acc2 = mma(s.to(v.dtype), v, acc2, DOT_PREC, UPCAST)
-                f_i += tl.sum(p, axis=1)
-                s_i += tl.sum(s, axis=1)
-                if COUNT_SUPPORT:
-                    n_i += tl.sum((u > 0).to(tl.int32), axis=1)
+            acc = mma(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
+            if FOLD:
+                acc2 = mma(s.to(v.dtype), v, acc2, DOT_PREC, UPCAST)
+            f_i += tl.sum(p, axis=1)
+            s_i += tl.sum(s, axis=1)
+            if COUNT_SUPPORT:
+                n_i += tl.sum((u > 0).to(tl.int32), axis=1)
 
     c = tl.where(s_i > 0, (f_i - 1.0) / tl.where(s_i > 0, s_i, 1.0), 0.0)
     if FOLD:
