@@ -313,6 +313,32 @@ def test_loss_and_gradient_match_oracle(n, eps, chunked, alpha, monkeypatch):
     torch.testing.assert_close(zk.grad.double(), zr.grad, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_loss_reduced_gradient_is_scaled_once(reduction):
+    """The forward writes p - y and the backward only scales it: reduced losses get the oracle's gradient, a
+    second backward through the kept graph gives the same one, and a forward without grad writes none."""
+    z = random_rows(5, 300, seed=41)
+    target = torch.randint(0, 300, (5,), generator=torch.Generator().manual_seed(41)).to(DEVICE)
+    target[3] = -100
+    zk = z.clone().requires_grad_(True)
+    loss = kr.fused_entmax_loss(zk, target, 1.5, label_smoothing=0.05, reduction=reduction)
+    assert loss.shape == ()
+    (3.0 * loss).backward(retain_graph=True)
+    first = zk.grad.clone()
+    zk.grad = None
+    (3.0 * loss).backward()
+    assert torch.equal(zk.grad, first)
+    zr = z.double().requires_grad_(True)
+    rows = oracle_loss(zr, target, 1.5, 0.05)
+    ref = rows.sum() if reduction == "sum" else rows.sum() / (target != -100).sum()
+    (3.0 * ref).backward()
+    torch.testing.assert_close(loss.double(), ref, atol=5e-6, rtol=1e-5)
+    torch.testing.assert_close(first.double(), zr.grad, atol=2e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(kr.fused_entmax_loss(z, target, 1.5, label_smoothing=0.05, reduction=reduction),
+                                   loss.detach())
+
+
 def test_loss_reductions_and_entmax_package():
     from entmax import entmax_bisect_loss, sparsemax_loss
 

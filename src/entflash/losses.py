@@ -7,8 +7,8 @@ For logits z of one sample, its class target and alpha in (1, 2]:
 The loss is non-negative, zero exactly when p = y, and its gradient w.r.t. z is p - y. Since p maximizes
 <q, z> + H(q) over the simplex, the loss's derivative w.r.t. alpha is dH(p)/dalpha - dH(y)/dalpha at fixed p
 (Danskin), so autograd runs through the formula with p held constant: no derivative of entmax is needed.
-Layout and options follow torch.nn.functional.cross_entropy. Row losses are computed by the first entry of
-``_ROW_LOSSES`` that accepts the input (the exact PyTorch path takes every input).
+Layout and options follow torch.nn.functional.cross_entropy. Losses are computed and reduced by the first
+entry of ``_LOSSES`` that accepts the input (the exact PyTorch path takes every input).
 """
 from __future__ import annotations
 
@@ -69,20 +69,35 @@ def _reference_row_losses(rows: torch.Tensor, target: torch.Tensor, alpha, ignor
     return torch.where(kept, losses, torch.zeros_like(losses))
 
 
-def _fused_row_losses(rows: torch.Tensor, target: torch.Tensor, alpha: float, ignore_index: int,
-                      label_smoothing: float) -> torch.Tensor:
-    """Fenchel-Young loss of each row with the fused Triton kernel (p never stored); (R,) float32."""
+def _reduced(losses: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """(R,) row losses -> `reduction` of them ("mean": over the rows whose target is not ignore_index)."""
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (target != ignore_index).sum()
+
+
+def _reference_losses(rows, target, alpha, ignore_index: int, label_smoothing: float, reduction: str):
+    """Exact PyTorch losses, reduced: (R,) or a 0-d tensor in the compute dtype."""
+    return _reduced(_reference_row_losses(rows, target, alpha, ignore_index, label_smoothing), target, ignore_index,
+                    reduction)
+
+
+def _fused_losses(rows: torch.Tensor, target: torch.Tensor, alpha: float, ignore_index: int,
+                  label_smoothing: float, reduction: str) -> torch.Tensor:
+    """Fenchel-Young losses with the fused Triton kernel (p never stored), reduced inside it; float32."""
     from entflash.kernels.rowwise import fused_entmax_loss
-    return fused_entmax_loss(rows, target, alpha, ignore_index, label_smoothing, "none")
+    return fused_entmax_loss(rows, target, alpha, ignore_index, label_smoothing, reduction)
 
 
-# (accepts(rows, alpha) -> bool, row_losses(rows, target, alpha, ignore_index, label_smoothing) -> (R,)):
+# (accepts(rows, alpha) -> bool, losses(rows, target, alpha, ignore_index, label_smoothing, reduction)):
 # the first entry whose predicate accepts the (R, C) logits and alpha (float or (R, 1) tensor) runs.
-_ROW_LOSSES = (
+_LOSSES = (
     # CUDA 16/32-bit logits with a python-float alpha: fused kernel (it has no alpha gradient); else exact
     (lambda rows, alpha: rows.is_cuda and rows.dtype != torch.float64 and not isinstance(alpha, torch.Tensor),
-     _fused_row_losses),
-    (lambda rows, alpha: True, _reference_row_losses),
+     _fused_losses),
+    (lambda rows, alpha: True, _reference_losses),
 )
 
 
@@ -130,13 +145,11 @@ def _entmax_loss(logits, target, alpha, ignore_index, reduction, label_smoothing
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.movedim(class_dim, -1).broadcast_to(target.shape + (1,)).reshape(-1, 1)
     flat_target = target.reshape(-1).to(torch.int64)
-    row_losses = next(impl for accepts, impl in _ROW_LOSSES if accepts(rows, alpha))
-    losses = row_losses(rows, flat_target, alpha, int(ignore_index), float(label_smoothing))
+    impl = next(impl for accepts, impl in _LOSSES if accepts(rows, alpha))
+    losses = impl(rows, flat_target, alpha, int(ignore_index), float(label_smoothing), reduction)
     if reduction == "none":
-        return losses.reshape(target.shape).to(logits.dtype)
-    if reduction == "sum":
-        return losses.sum().to(logits.dtype)
-    return (losses.sum() / (flat_target != ignore_index).sum()).to(logits.dtype)
+        losses = losses.reshape(target.shape)
+    return losses.to(logits.dtype)
 
 
 def entmax_loss(logits: torch.Tensor, target: torch.Tensor, alpha=1.5, *, ignore_index: int = -100,

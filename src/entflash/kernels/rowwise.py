@@ -99,17 +99,18 @@ def _bin_counts(x, m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.const
 @triton.jit
 def _entmax_rows_fwd_kernel(
     X, P, TAU, ALPHA, alpha_value, n_rows, n_cols, stride_x, stride_p,
-    TGT, LOSS, ZMAX, ignore_index, eps, h_target,
+    TGT, LOSS, DX, ignore_index, eps, h_target, stride_dx,
     ALPHA_PER_ROW: tl.constexpr, ALPHA_MODE: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr,
-    HIST_IT: tl.constexpr, N_STEPS: tl.constexpr, IS_LOSS: tl.constexpr,
+    HIST_IT: tl.constexpr, N_STEPS: tl.constexpr, IS_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):
     """One program solves BLOCK_M rows.
 
     IS_LOSS = False: writes p (rows, n_cols) in P's dtype and tau (rows,) fp32 ((alpha-1)*x units).
     IS_LOSS = True: p is never written; writes the entmax (Fenchel-Young) loss per row to LOSS
     (0 where TGT == ignore_index; target distribution (1 - eps) one-hot + eps / n, whose Tsallis
-    entropy is h_target), and, for the backward, the shifted tau to TAU and the row max to ZMAX.
+    entropy is h_target); with WRITE_GRAD also the loss's gradient per row, p - y (zeros on ignored rows),
+    to DX in DX's dtype (the backward only scales it).
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,8 +166,12 @@ def _entmax_rows_fwd_kernel(
 
     # 4. output: p, or the loss terms sum p^alpha = sum p u, sum p x, sum x (for mean z)
     if IS_LOSS:
+        tgt = tl.load(TGT + rows, mask=row_ok, other=ignore_index)
+        keep = row_ok & (tgt != ignore_index)
         if SINGLE:
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
+            if WRITE_GRAD:
+                _store_loss_grad(DX, p, rows, cols, tgt, keep, row_ok, n_cols, stride_dx, eps)
             spu = tl.sum(p * u, axis=1)
             spx = tl.sum(tl.where(p > 0, p * x, 0.0), axis=1)
             sp = tl.sum(p, axis=1)
@@ -180,6 +185,8 @@ def _entmax_rows_fwd_kernel(
                 c = start + cols
                 xc = _load_shifted(X, rows, c, n_rows, n_cols, stride_x, zsafe, am1)
                 p, s, u = entmax_p(xc, tau, rm1, ALPHA_MODE)
+                if WRITE_GRAD:
+                    _store_loss_grad(DX, p, rows, c, tgt, keep, row_ok, n_cols, stride_dx, eps)
                 spu_acc += p * u
                 spx_acc += tl.where(p > 0, p * xc, 0.0)
                 sp_acc += p
@@ -189,8 +196,6 @@ def _entmax_rows_fwd_kernel(
             spx = tl.sum(spx_acc, axis=1)
             sp = tl.sum(sp_acc, axis=1)
             sx = tl.sum(sx_acc, axis=1)
-        tgt = tl.load(TGT + rows, mask=row_ok, other=ignore_index)
-        keep = row_ok & (tgt != ignore_index)
         z_t = tl.load(X + rows * stride_x + tgt, mask=keep & (tgt >= 0) & (tgt < n_cols), other=0.0)
         # <p, z> + H(p) - <y, z> - H(y), H(p) = (1 - sum p^alpha) / (alpha (alpha - 1))
         loss = ((1.0 - spu) / (alpha * am1) + zsafe * sp + spx / am1
@@ -198,8 +203,6 @@ def _entmax_rows_fwd_kernel(
         if eps > 0:
             loss -= eps * (sx / (am1 * n_cols) + zsafe)  # eps * mean(z)
         tl.store(LOSS + rows, tl.where(keep, loss, 0.0), mask=row_ok)
-        tl.store(TAU + rows, tau, mask=row_ok)
-        tl.store(ZMAX + rows, zsafe, mask=row_ok)
     else:
         if SINGLE:
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
@@ -217,31 +220,13 @@ def _entmax_rows_fwd_kernel(
 
 
 @triton.jit
-def _entmax_loss_bwd_kernel(
-    X, TAU, ZMAX, TGT, GL, DX, alpha_value, n_rows, n_cols, stride_x, stride_dx, ignore_index, eps,
-    ALPHA_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dx = gl * (p - y) per row, p recomputed from the logits and the saved (shifted tau, row max);
-    y = (1 - eps) one-hot(target) + eps / n; rows whose target is ignore_index get zeros."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    am1 = alpha_value - 1.0
-    rm1 = (2.0 - alpha_value) / am1
-    row_ok = rows < n_rows
-    tau = tl.load(TAU + rows, mask=row_ok, other=float("inf"))
-    zmax = tl.load(ZMAX + rows, mask=row_ok, other=0.0)
-    tgt = tl.load(TGT + rows, mask=row_ok, other=ignore_index)
-    gl = tl.load(GL + rows, mask=row_ok, other=0.0).to(tl.float32)
-    gl = tl.where(tgt != ignore_index, gl, 0.0)
-    for start in range(0, n_cols, BLOCK_N):
-        c = start + cols
-        xc = _load_shifted(X, rows, c, n_rows, n_cols, stride_x, zmax, am1)
-        p, s, u = entmax_p(xc, tau, rm1, ALPHA_MODE)
-        y = tl.where(c[None, :] == tgt[:, None], 1.0 - eps, 0.0) + eps / n_cols
-        tl.store(DX + rows[:, None] * stride_dx + c[None, :],
-                 (gl[:, None] * (p - y)).to(DX.dtype.element_ty),
-                 mask=row_ok[:, None] & (c[None, :] < n_cols))
+def _store_loss_grad(DX, p, rows, c, tgt, keep, row_ok, n_cols, stride_dx, eps):
+    """Store the entmax loss's gradient p - y for the columns c (BLOCK_N,) of rows (BLOCK_M,):
+    y = (1 - eps) one-hot(tgt) + eps / n_cols, zeros on rows that are not kept (ignore_index)."""
+    y = tl.where(c[None, :] == tgt[:, None], 1.0 - eps, 0.0) + eps / n_cols
+    grad = tl.where(keep[:, None], p - y, 0.0)
+    tl.store(DX + rows[:, None] * stride_dx + c[None, :], grad.to(DX.dtype.element_ty),
+             mask=row_ok[:, None] & (c[None, :] < n_cols))
 
 
 @triton.jit
@@ -375,8 +360,9 @@ def _alpha_args(alpha_rows: AlphaLike, n_rows: int, placeholder: torch.Tensor) -
 
 def _launch_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, block_n: Optional[int],
                     num_warps: Optional[int], loss_args=None):
-    """Runs the forward kernel; loss_args = (target (R,) int64, ignore_index, eps, h_target) switches
-    it to the loss mode. Returns (p, tau) or (loss (R,), shifted tau (R,), row max (R,))."""
+    """Runs the forward kernel. Returns (p, tau); in the loss mode, loss_args = (target (R,) int64,
+    ignore_index, eps, h_target, write_grad), it returns (loss (R,) float32, grad (R, C) like x2d: p - y,
+    or None without write_grad)."""
     n_rows, n_cols = x2d.shape
     per_row, mode, alpha_value = _alpha_mode(alpha_rows)
     single, block_m, bn, warps = _tile_config(n_cols, per_row, block_n, num_warps)
@@ -384,24 +370,24 @@ def _launch_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, block_n: Optional[
     alpha_t, alpha_value = _alpha_args(alpha_rows, n_rows, tau)
     if loss_args is None:
         p = torch.empty((n_rows, n_cols), device=x2d.device, dtype=x2d.dtype)
-        tgt, loss, zmax, ignore_index, eps, h_target = tau, tau, tau, 0, 0.0, 0.0
+        tgt, loss, grad, ignore_index, eps, h_target, write_grad = tau, tau, tau, 0, 0.0, 0.0, False
     else:
-        tgt, ignore_index, eps, h_target = loss_args
+        tgt, ignore_index, eps, h_target, write_grad = loss_args
         p = tau
         loss = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
-        zmax = torch.empty(n_rows, device=x2d.device, dtype=torch.float32)
+        grad = torch.empty_like(x2d) if write_grad else tau
     if n_rows == 0 or n_cols == 0:
         tau.fill_(float("inf"))
-        return (p, tau) if loss_args is None else (loss.zero_(), tau, zmax.zero_())
+        return (p, tau) if loss_args is None else (loss.zero_(), grad.zero_() if write_grad else None)
     grid = (-(-n_rows // block_m),)
     _entmax_rows_fwd_kernel[grid](
         x2d, p, tau, alpha_t, alpha_value, n_rows, n_cols, x2d.stride(0), p.stride(0),
-        tgt, loss, zmax, ignore_index, eps, h_target,
+        tgt, loss, grad, ignore_index, eps, h_target, grad.stride(0),
         ALPHA_PER_ROW=per_row, ALPHA_MODE=mode, SINGLE=single, BLOCK_M=block_m, BLOCK_N=bn,
         NB=NBINS, HIST_IT=HIST_ITERS, N_STEPS=_newton_steps(single, mode),
-        IS_LOSS=loss_args is not None, num_warps=warps,
+        IS_LOSS=loss_args is not None, WRITE_GRAD=bool(write_grad), num_warps=warps,
     )
-    return (p, tau) if loss_args is None else (loss, tau, zmax)
+    return (p, tau) if loss_args is None else (loss, grad if write_grad else None)
 
 
 def entmax_rows_forward(x2d: torch.Tensor, alpha_rows: AlphaLike, *, block_n: Optional[int] = None,
@@ -533,34 +519,41 @@ def _target_tsallis_entropy(alpha: float, eps: float, n: int) -> float:
 
 
 class FusedEntmaxLossRows(torch.autograd.Function):
-    """apply(logits2d (R, C), target (R,) int64, alpha float, ignore_index int, eps float) -> (R,) fp32.
+    """apply(logits2d (R, C), target (R,) int64, alpha float, ignore_index int, eps float, reduction str)
+    -> float32 losses: (R,) for reduction "none", else a 0-d sum or mean over the non-ignored rows.
 
-    Saves the logits, targets and two floats per row (shifted tau, row max); the backward recomputes p
-    and writes grad * (p - y) without ever storing p."""
+    When the logits need a gradient, the forward kernel also writes it unscaled, p - y, in the logits' dtype
+    (the memory cross_entropy keeps for its log-probabilities), so the backward is one multiplication and
+    p itself is never stored. The reduction happens here rather than in autograd ops after it: fewer
+    launches per step, which is what a loss over a small batch waits on."""
 
     @staticmethod
-    def forward(ctx, logits2d, target, alpha, ignore_index, eps):
+    def forward(ctx, logits2d, target, alpha, ignore_index, eps, reduction):
         h = _target_tsallis_entropy(alpha, eps, logits2d.shape[1])
-        loss, tau, zmax = _launch_forward(logits2d, alpha, None, None, (target, ignore_index, eps, h))
-        ctx.save_for_backward(logits2d, target, tau, zmax)
-        ctx.args = (alpha, ignore_index, eps)
-        return loss
+        write_grad = ctx.needs_input_grad[0]
+        loss, grad = _launch_forward(logits2d, alpha, None, None, (target, ignore_index, eps, h, write_grad))
+        if reduction == "none":
+            scale = None
+            out = loss
+        elif reduction == "sum":
+            scale = None
+            out = loss.sum()
+        else:
+            scale = (target != ignore_index).sum()
+            out = loss.sum() / scale
+        if write_grad:
+            ctx.save_for_backward(grad, *(() if scale is None else (scale,)))
+        ctx.reduction = reduction
+        return out
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        logits2d, target, tau, zmax = ctx.saved_tensors
-        alpha, ignore_index, eps = ctx.args
-        n_rows, n_cols = logits2d.shape
-        dx = torch.empty_like(logits2d)
-        if dx.numel():
-            per_row, mode, alpha_value = _alpha_mode(alpha)
-            single, block_m, bn, warps = _tile_config(n_cols, False, None, None)
-            _entmax_loss_bwd_kernel[(-(-n_rows // block_m),)](
-                logits2d, tau, zmax, target, grad_loss.contiguous(), dx, alpha_value, n_rows, n_cols,
-                logits2d.stride(0), dx.stride(0), ignore_index, eps,
-                ALPHA_MODE=mode, BLOCK_M=block_m, BLOCK_N=bn, num_warps=warps,
-            )
-        return dx, None, None, None, None
+    def backward(ctx, grad_out):
+        grad, *scale = ctx.saved_tensors
+        if ctx.reduction == "none":
+            dx = grad * grad_out.to(grad.dtype)[:, None]
+        else:  # a 0-d float32 factor keeps the product in the logits' dtype
+            dx = grad * (grad_out / scale[0] if scale else grad_out)
+        return dx, None, None, None, None, None
 
 
 def fused_entmax_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 1.5,
@@ -590,9 +583,5 @@ def fused_entmax_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float =
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     tgt = target.reshape(-1).to(torch.int64).contiguous()
-    rows = FusedEntmaxLossRows.apply(x2d, tgt, float(alpha), int(ignore_index), float(label_smoothing))
-    if reduction == "none":
-        return rows.reshape(target.shape)
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / (tgt != ignore_index).sum()
+    losses = FusedEntmaxLossRows.apply(x2d, tgt, float(alpha), int(ignore_index), float(label_smoothing), reduction)
+    return losses.reshape(target.shape) if reduction == "none" else losses
