@@ -32,7 +32,9 @@ import triton.language as tl
 from entflash.kernels.common import entmax_p, histogram_lower_tau, newton_tau, pow_row
 from entflash.kernels.launch import ALPHA_2, ALPHA_15, ALPHA_GENERAL
 
-SINGLE_MAX_COLS = 32768  # rows up to this length are solved in registers
+# rows up to this length are solved in registers; longer ones in chunks (at 32768 columns on an H100 the
+# chunked path ran the loss with its gradient faster in bf16 and float32, benchmarks/README.md)
+SINGLE_MAX_COLS = 16384
 CHUNK_COLS = 8192  # column chunk of the multi-sweep path
 CHUNK_WARPS = 16
 NBINS = 32  # histogram bins over the window [-1, 0] of shifted scores
