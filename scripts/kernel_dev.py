@@ -125,9 +125,6 @@ def main():
                 hist_held = (gap >= -1e-3).float().mean().item()
                 hist_gap_bins = (gap * 16).mean().item()
                 ms_sweep = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec), return_mode="median")
-                # the sweep without its running bound of tau (tiles are skipped only below row max - 1)
-                ms_sweep_norun = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec, running_iters=0),
-                                                         return_mode="median")
                 ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, th, ni),
                                                    return_mode="median")
                 ms_out = triton.testing.do_bench(
@@ -159,20 +156,19 @@ def main():
                            rel_err=err, tau_err=tau_err, finite=finite, block_sparsity=sparsity,
                            mean_support=support, ms=ms, ms_fa2=ms_fa, ratio=ms / ms_fa, ms_train=ms_train,
                            ms_normalized=ms_norm, rel_err_normalized=err_norm, ms_sweep=ms_sweep,
-                           ms_sweep_norun=ms_sweep_norun, ms_solve=ms_solve, ms_output=ms_out,
-                           first_call_s=first_call_s,
+                           ms_solve=ms_solve, ms_output=ms_out, first_call_s=first_call_s,
                            hist_bound_held=hist_held, hist_gap_in_bins=hist_gap_bins, ms_bwd=ms_bwd,
                            ms_fa2_bwd=ms_fa_fb - ms_fa, ms_fa2_fwd_bwd=ms_fa_fb,
                            ratio_fwd_bwd=(ms_train + ms_bwd) / ms_fa_fb, **warp_ms)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del res, ref, aux, tau_s, tile_map, o2, s_sum, qf, kf, vf
-    print("\n   N    D local NI  sparsity support  err      ours ms  FA2 ms  ratio  sweep norun  solve output first_s"
+    print("\n   N    D local NI  sparsity support  err      ours ms  FA2 ms  ratio  sweep  solve output first_s"
           "  train  norm  err_norm   bwd  FA2bwd  f+b ratio")
     for r in rows:
         print(f"{r['N']:5d} {r['D']:4d} {r['local']:5.1f} {r['newton_iters']:2d} {r['block_sparsity']:8.3f} "
               f"{r['mean_support']:7.1f} {r['rel_err']:.1e} {r['ms']:8.3f} {r['ms_fa2']:7.3f} {r['ratio']:6.2f} "
-              f"{r['ms_sweep']:6.3f} {r['ms_sweep_norun']:5.3f} {r['ms_solve']:6.3f} {r['ms_output']:6.3f} {r['first_call_s']:6.1f} "
+              f"{r['ms_sweep']:6.3f} {r['ms_solve']:6.3f} {r['ms_output']:6.3f} {r['first_call_s']:6.1f} "
               f"{r['ms_train']:6.3f} {r['ms_normalized']:6.3f} {r['rel_err_normalized']:.1e} "
               f"{r['ms_bwd']:6.3f} {r['ms_fa2_bwd']:6.3f} {r['ratio_fwd_bwd']:6.2f}  "
               + " ".join(f"{key[3:]}={val:.3f}" for key, val in r.items() if key.endswith(tuple(

@@ -534,27 +534,21 @@ class FusedEntmaxLossRows(torch.autograd.Function):
         h = _target_tsallis_entropy(alpha, eps, logits2d.shape[1])
         write_grad = ctx.needs_input_grad[0]
         loss, grad = _launch_forward(logits2d, alpha, None, None, (target, ignore_index, eps, h, write_grad))
-        if reduction == "none":
-            scale = None
-            out = loss
-        elif reduction == "sum":
-            scale = None
-            out = loss.sum()
-        else:
-            scale = (target != ignore_index).sum()
-            out = loss.sum() / scale
+        kept_rows = (target != ignore_index).sum() if reduction == "mean" else None
         if write_grad:
-            ctx.save_for_backward(grad, *(() if scale is None else (scale,)))
+            ctx.save_for_backward(grad, *(() if kept_rows is None else (kept_rows,)))
         ctx.reduction = reduction
-        return out
+        if reduction == "none":
+            return loss
+        return loss.sum() if kept_rows is None else loss.sum() / kept_rows
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad, *scale = ctx.saved_tensors
+        grad, *kept_rows = ctx.saved_tensors
         if ctx.reduction == "none":
             dx = grad * grad_out.to(grad.dtype)[:, None]
         else:  # a 0-d float32 factor keeps the product in the logits' dtype
-            dx = grad * (grad_out / scale[0] if scale else grad_out)
+            dx = grad * (grad_out / kept_rows[0] if kept_rows else grad_out)
         return dx, None, None, None, None, None
 
 
