@@ -203,6 +203,23 @@ def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal)
     assert (gap <= 1 / 16 + 1e-4).all(), gap.max()
 
 
+def test_support_is_counted_only_when_asked():
+    """count_support=False (the library's inference without return_aux) leaves support at -1 and changes
+    nothing else; with it, support is each row's number of non-zeros."""
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = make_inputs(1, 2, 1, 70, 90, 32, torch.float32, gen, local=1.0)
+    counted = entmax_forward(q, k, v, 1.5, True, 32 ** -0.5, save_bwd=False)
+    uncounted = entmax_forward(q, k, v, 1.5, True, 32 ** -0.5, save_bwd=False, count_support=False)
+    assert (uncounted["support"] == -1).all()
+    assert torch.equal(counted["out"], uncounted["out"]) and torch.equal(counted["tau"], uncounted["tau"])
+    _, tau_exact, support_exact = reference(q, k, v, 1.5, True, 32 ** -0.5)
+    x = 0.5 * 32 ** -0.5 * q.double() @ k.double().transpose(-1, -2)
+    x = x.masked_fill(~visibility_mask(0, 70, 70, 90, True, None, None, None, q.device)[:, None], float("-inf"))
+    at_threshold = ((x - tau_exact[..., None]).abs() < 1e-5).sum(-1)  # scores float32 may put either side
+    assert ((counted["support"] - support_exact).abs() <= at_threshold).all()
+    assert (counted["support"] > 0).all()
+
+
 def test_inference_path_without_o2():
     gen = torch.Generator().manual_seed(10)
     q, k, v = make_inputs(1, 2, 1, 90, 130, 32, torch.float32, gen)
