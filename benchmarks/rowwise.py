@@ -12,8 +12,9 @@ A missing package or a failing implementation is recorded as an error; the run g
 
 On a machine without git metadata, set ENTFLASH_COMMIT=<short hash>.
 Writes benchmarks/results/rowwise-<device>-<yyyymmdd>-<commit>.json (device, torch, triton, commit, date,
-records: one per (op, impl, alpha, dtype, rows, cols, mode) with the median ms from
-triton.testing.do_bench) and prints a markdown table. --cpu runs tiny shapes through the Triton
+records: one per (op, impl, alpha, dtype, rows, cols) with the median ms from triton.testing.do_bench,
+fwd_ms and fwd_bwd_ms, and on CUDA fwd_bwd_host_ms, the host time to enqueue one fwd+bwd) and prints a
+markdown table, naming the cases whose fwd+bwd is bound by host time. --cpu runs tiny shapes through the Triton
 interpreter (checks the harness; its times mean nothing). --budget-s stops starting new cases once spent.
 --table JSON prints the table of a saved run.
 """
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -90,6 +92,22 @@ def median_ms(fn, device) -> float:
     return sorted(times)[1]
 
 
+def host_ms(fn, device, calls: int = 20) -> Optional[float]:
+    """Milliseconds of host time per call to enqueue `calls` back-to-back calls (CUDA only, else None).
+    When this reaches the timed median, the case is bound by Python, autograd and launches rather than
+    by the GPU, and its figures move with the machine's CPU."""
+    if device != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
 def entmax_impl(name):
     """(alpha, f(x) -> p) for an implementation name; imports lazily so a missing package is one error."""
     if name.startswith("ours"):
@@ -128,6 +146,7 @@ def time_entmax(name, x, record):
         f(xg).backward(g)
 
     record["fwd_bwd_ms"] = median_ms(fwd_bwd, x.device.type)
+    record["fwd_bwd_host_ms"] = host_ms(fwd_bwd, x.device.type)
 
 
 def time_loss(name, x, target, record):
@@ -146,6 +165,7 @@ def time_loss(name, x, target, record):
         f(xg).backward()
 
     record["fwd_bwd_ms"] = median_ms(fwd_bwd, x.device.type)
+    record["fwd_bwd_host_ms"] = host_ms(fwd_bwd, x.device.type)
 
 
 def sweep_records(x, device):
@@ -204,6 +224,13 @@ def markdown(records) -> str:
                          for other, mine in (("bisect", "ours"), ("entmax15", "ours"), ("adasplash", "ours"),
                                              ("bisect_a1.25", "ours_a1.25"))]
                 lines.append(f"| {k[1]} x {k[2]} | {k[3]} | " + " | ".join(cells) + " |")
+    bound = [r for r in records if r.get("fwd_bwd_host_ms") and r.get("fwd_bwd_ms")
+             and r["fwd_bwd_host_ms"] >= 0.8 * r["fwd_bwd_ms"]]
+    if bound:
+        lines += ["\nfwd+bwd bound by host time (enqueueing a call takes >= 80% of its timed median, so the figure "
+                  "moves with the CPU): " + ", ".join(f"{r['impl']} {r['rows']} x {r['cols']} {r['dtype']} "
+                                                     f"({r['fwd_bwd_host_ms']:.3f} of {r['fwd_bwd_ms']:.3f} ms)"
+                                                     for r in bound)]
     sweeps = [r for r in records if r["op"] == "sweep"]
     if sweeps:
         lines += ["\n### ours forward under tile configs (block_n, num_warps; None = default)\n",
