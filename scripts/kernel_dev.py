@@ -116,7 +116,7 @@ def main():
                 a_t = alpha_tensor(args.alpha, H, q.device)
                 spec = make_spec(q, k, args.alpha, a_t, causal, None, None, None)
                 rm, tm, th = dense_sweep(q, k, a_t, scale, spec)
-                tau, tlo = solve_tau(q, k, a_t, scale, spec, rm, tm, th, ni)
+                tau, tlo, hits = solve_tau(q, k, a_t, scale, spec, rm, tm, th, ni)
                 # histogram bound alone (no Newton pass): does it hold, and how far below the root is it?
                 tau0 = th
                 t0h, tr = tau0[:1, hs], aux["tau"]
@@ -128,7 +128,7 @@ def main():
                 ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, th, ni),
                                                    return_mode="median")
                 ms_out = triton.testing.do_bench(
-                    lambda: sparse_output(q, k, v, a_t, scale, spec, rm, tm, tau, tlo, save_bwd=False),
+                    lambda: sparse_output(q, k, v, a_t, scale, spec, rm, tm, tau, tlo, hits, save_bwd=False),
                     return_mode="median")
                 warp_ms = {}
                 for w in args.warps:
@@ -137,7 +137,7 @@ def main():
                     warp_ms[f"ms_sweep_w{w}"] = triton.testing.do_bench(
                         lambda: dense_sweep(q, k, a_t, scale, spec_w), return_mode="median")
                     warp_ms[f"ms_output_w{w}"] = triton.testing.do_bench(
-                        lambda: sparse_output(q, k, v, a_t, scale, spec_w, rm, tm, tau, tlo, save_bwd=False),
+                        lambda: sparse_output(q, k, v, a_t, scale, spec_w, rm, tm, tau, tlo, hits, save_bwd=False),
                         return_mode="median")
                 # backward: ours from the training forward's saved tensors; FA2's as its fwd+bwd minus fwd
                 grad_out = torch.randn_like(q)

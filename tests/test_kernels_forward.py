@@ -220,6 +220,41 @@ def test_support_is_counted_only_when_asked():
     assert (counted["support"] > 0).all()
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_solve_hits_cover_the_non_zeros_and_drive_the_output(causal):
+    """solve_tau's hit map (solve.py) marks every 64x64 tile holding a non-zero of the exact entmax, and fewer
+    tiles than the sweep's row-relative candidate test on inputs whose rows differ in how local they are (the
+    benchmark's structured inputs at a middle strength); the output sweep visiting only the marked tiles gives
+    the output and tile map it gives from the sweep's candidates."""
+    from benchmarks.inputs import StructuredInputs
+    from entflash.kernels.forward import alpha_tensor
+    from entflash.kernels.launch import make_spec
+    from entflash.kernels.output import sparse_output
+    from entflash.kernels.solve import solve_tau
+    from entflash.kernels.sweep import dense_sweep
+
+    B, Hq, N, D, alpha = 1, 2, 512, 32, 1.5
+    parts = StructuredInputs(B, Hq, N, D, seed=3, device=DEV)
+    q, k = parts.queries_keys(1.2, torch.float32)
+    v = parts.v
+    scale = D ** -0.5
+    alpha_t = alpha_tensor(alpha, Hq, q.device)
+    spec = make_spec(q, k, alpha, alpha_t, causal, None, None, None)
+    row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
+    tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, 1)
+    _, tau_exact, _ = reference(q, k, v, alpha, causal, scale)
+    nonzero = dense_probs(q, k, alpha, causal, scale, tau_exact) > 0
+    nonzero_tiles = nonzero.view(B, Hq, N // 64, 64, N // 64, 64).any(dim=5).any(dim=3)
+    assert (hits.bool() | ~nonzero_tiles).all(), "a tile holding a non-zero is not marked"
+    threshold = torch.where(torch.isfinite(row_max), tau_low - row_max, torch.full_like(row_max, float("inf")))
+    candidates = tile_max > threshold.view(B, Hq, N // 64, 64).amin(dim=3)[..., None]
+    assert (candidates | ~hits.bool()).all() and hits.sum() < candidates.sum()
+    with_hits = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits)
+    without = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low)
+    assert torch.allclose(with_hits["out"], without["out"], atol=1e-6, rtol=1e-5)
+    assert torch.equal(with_hits["tile_map"], without["tile_map"])
+
+
 def test_inference_path_without_o2():
     gen = torch.Generator().manual_seed(10)
     q, k, v = make_inputs(1, 2, 1, 90, 130, 32, torch.float32, gen)

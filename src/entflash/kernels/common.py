@@ -226,7 +226,7 @@ def sub_block_min_rows(t, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def compact_candidates(tmax_row_ptr, stride_tm, thr_sub, n_sub_valid, kb_lo, kb_hi, list_ptr,
-                       BLOCK_M: tl.constexpr, NK_CHUNK: tl.constexpr):
+                       BLOCK_M: tl.constexpr, NK_CHUNK: tl.constexpr, FROM_HITS: tl.constexpr = False):
     """Write the key tiles kb in [kb_lo, kb_hi) (at most NK_CHUNK of them) that may hold a score above
     the rows' thresholds to list_ptr[0 : count], ascending; return count (int32 scalar).
 
@@ -234,16 +234,22 @@ def compact_candidates(tmax_row_ptr, stride_tm, thr_sub, n_sub_valid, kb_lo, kb_
     stride_tm): the sweep's row-relative maxima (sweep.py); thr_sub (BLOCK_M // 64,) is each sub-block's
     lowest row threshold in the same units, threshold_i - row_max_i (+inf for a sub-block without valid
     rows); n_sub_valid = number of this program's sub-blocks inside the tensor. A tile is
-    a candidate when some sub-block's tile value exceeds that sub-block's threshold. The later loop
+    a candidate when some sub-block's tile value exceeds that sub-block's threshold. With FROM_HITS,
+    tmax_row_ptr points at an int8 map of the same layout instead (solve.py's hits) and a tile is a
+    candidate when some sub-block's entry is non-zero (thr_sub is unused). The later loop
     `for i in range(count): kb = tl.load(list_ptr + i)` then touches candidate tiles only, instead of
     testing every tile serially. list_ptr is private to the program (NK_CHUNK int32 entries).
     """
     SUB: tl.constexpr = BLOCK_M // 64
     sub = tl.arange(0, SUB)[:, None]
     kk = kb_lo + tl.arange(0, NK_CHUNK)
-    tmax = tl.load(tmax_row_ptr + sub * stride_tm + kk[None, :],
-                   mask=(sub < n_sub_valid) & (kk[None, :] < kb_hi), other=float("-inf"))
-    cand = tl.max((tmax > thr_sub[:, None]).to(tl.int32), axis=0)
+    in_range = (sub < n_sub_valid) & (kk[None, :] < kb_hi)
+    if FROM_HITS:
+        marked = tl.load(tmax_row_ptr + sub * stride_tm + kk[None, :], mask=in_range, other=0) != 0
+    else:
+        tmax = tl.load(tmax_row_ptr + sub * stride_tm + kk[None, :], mask=in_range, other=float("-inf"))
+        marked = tmax > thr_sub[:, None]
+    cand = tl.max(marked.to(tl.int32), axis=0)
     pos = tl.cumsum(cand, axis=0) - 1
     tl.debug_barrier()  # earlier readers of the list are done
     tl.store(list_ptr + pos, kk, mask=cand > 0)

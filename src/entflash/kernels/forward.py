@@ -56,9 +56,9 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     if newton_iters is None:
         newton_iters = 2 if spec.alpha_mode == ALPHA_2 else 1
     row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
-    tau, tau_low = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters)
-    res = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, out=out, save_bwd=save_bwd,
-                        fold=fold, count_support=count_support)
+    tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters)
+    res = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits, out=out,
+                        save_bwd=save_bwd, fold=fold, count_support=count_support)
     if out_dtype != res["out"].dtype:
         res["out"] = res["out"].to(out_dtype)
     return res

@@ -15,7 +15,7 @@ from entflash.kernels.common import (compact_candidates, entmax_p, key_range, lo
 
 
 @triton.jit
-def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists,
+def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists, Hits,
                    Out, TauOut, Support, TileMap, O2, S2,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -28,7 +28,8 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                    ALPHA_MODE: tl.constexpr, NK_CHUNK: tl.constexpr,
-                   FOLD: tl.constexpr, SAVE_BWD: tl.constexpr, COUNT_SUPPORT: tl.constexpr):
+                   FOLD: tl.constexpr, SAVE_BWD: tl.constexpr, COUNT_SUPPORT: tl.constexpr,
+                   FROM_HITS: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -60,8 +61,12 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
     list_ptr = Lists + (tl.program_id(1) * NUM_M_BLOCKS + tl.program_id(0)) * NK_CHUNK
     kb_hi = (hi + BLOCK_N - 1) // BLOCK_N
     for c0 in range(lo // BLOCK_N, kb_hi, NK_CHUNK):
-        n_cand = compact_candidates(TileMax + tile_off, stride_tm, thr, n_sub_valid, c0, kb_hi, list_ptr,
-                                    BLOCK_M, NK_CHUNK)
+        if FROM_HITS:
+            n_cand = compact_candidates(Hits + tile_off, stride_tm, thr, n_sub_valid, c0, kb_hi, list_ptr,
+                                        BLOCK_M, NK_CHUNK, True)
+        else:
+            n_cand = compact_candidates(TileMax + tile_off, stride_tm, thr, n_sub_valid, c0, kb_hi, list_ptr,
+                                        BLOCK_M, NK_CHUNK)
         for i in range(0, n_cand):
             kb = tl.load(list_ptr + i)
             x, offs_n = score_tile(q, k_base, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
@@ -95,12 +100,13 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
         tl.store(O2 + row_ptr[:, None] * D + offs_d[None, :], acc2, mask=d_mask)
 
 
-def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, *, out=None, save_bwd=True,
-                  fold=True, count_support=True):
+def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits=None, *, out=None,
+                  save_bwd=True, fold=True, count_support=True):
     """Output sweep over candidate tiles.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); alpha_t (Hq,) float32; row_max, tile_max from the sweep; tau,
-    tau_low (B, Hq, Nq) float32 from solve.solve_tau. Returns a dict:
+    tau_low (B, Hq, Nq) float32 and hits (int8 map like tile_max, or None) from solve.solve_tau: with hits,
+    the sweep visits the tiles it marks, else those whose tile_max value exceeds tau_low. Returns a dict:
       out (B, Hq, Nq, D) in q's dtype (strides like q), tau (B, Hq, Nq) float32 (after the closing
       Newton correction), support (B, Hq, Nq) int32 (count of p > 0), tile_map (B, Hq, ceil(Nq/64),
       ceil(Nk/64)) bool, o2 (B, Hq, Nq, D) float32 = sum s v and s (B, Hq, Nq) float32 = sum s, both at
@@ -121,11 +127,13 @@ def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low
     s2 = torch.empty((B, H, Nq) if save_bwd else (1,), device=dev, dtype=torch.float32)
     _output_kernel[spec.grid](
         q, k, v, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau, tau_low, spec.lists,
+        hits if hits is not None else tile_max,
         out, tau_out, support, tile_map, o2, s2,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tile_max.stride()[:3],
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, tile_max.shape[2], **spec.flags, **spec.tiles,
         ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, FOLD=bool(fold or save_bwd),
-        SAVE_BWD=bool(save_bwd), COUNT_SUPPORT=bool(count_support), **spec.sparse_launch)
+        SAVE_BWD=bool(save_bwd), COUNT_SUPPORT=bool(count_support), FROM_HITS=hits is not None,
+        **spec.sparse_launch)
     return dict(out=out, tau=tau_out, support=support, tile_map=tile_map.view(torch.bool),
                 o2=o2 if save_bwd else None, s=s2 if save_bwd else None)

@@ -4,7 +4,8 @@ For each block of query rows (one program), starting from the sweep's guaranteed
 (sweep.py: a 16-bin histogram of the window below the row max, solved in registers, at most about one
 bin width, 1/16, below the root), NEWTON_ITERS passes over the tiles that can exceed the current tau,
 each one Newton step on F^(alpha-1) - 1, which approaches the root from below (common.newton_tau).
-The output sweep (output.py) closes with one more, analytic, Newton correction.
+The output sweep (output.py) closes with one more, analytic, Newton correction. Each pass also marks the
+tiles where some row exceeds its tau: the output sweep visits those instead of the sweep's looser candidates.
 """
 import torch
 import triton
@@ -15,7 +16,7 @@ from entflash.kernels.common import (compact_candidates, entmax_p, key_range, lo
 
 
 @triton.jit
-def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Lists,
+def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Lists, Hits,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_tb, stride_th, stride_tm,
@@ -39,8 +40,11 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
     k_base = K + b * stride_kb + hk * stride_kh
     tmax_ptr = TileMax + b * stride_tb + h * stride_th + (start_m // 64) * stride_tm
+    hits_ptr = Hits + b * stride_tb + h * stride_th + (start_m // 64) * stride_tm
     list_ptr = Lists + (tl.program_id(1) * NUM_M_BLOCKS + tl.program_id(0)) * NK_CHUNK
     n_sub_valid = N_SUB_ROWS - start_m // 64
+    row_sub = tl.arange(0, BLOCK_M) // 64  # each row's 64-row sub-block within the program
+    one_i8 = tl.full((BLOCK_M,), 1, tl.int8)
     lo, hi = key_range(start_m, len_q, len_k, offset, win_left, win_right,
                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     kb_lo = lo // BLOCK_N
@@ -65,8 +69,12 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
                                        qk_scale, len_q, len_k, offset, win_left, win_right,
                                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
                 p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
-                f_i += tl.sum(p, axis=1)
+                tile_f = tl.sum(p, axis=1)
+                f_i += tile_f
                 s_i += tl.sum(s, axis=1)
+                # mark the tile for each row's sub-block when the row exceeds this pass's tau, a lower bound of
+                # the final one: rows of one sub-block store the same 1 to one byte (no cross-row reduction)
+                tl.store(hits_ptr + row_sub * stride_tm + kb, one_i8, mask=tile_f > 0.0)
         # F(tau) >= 1 certifies tau <= root: keep the best certified lower bound.
         tau_low = tl.where(valid & (f_i >= 1.0), tl.maximum(tau_low, tau), tau_low)
         tau = tl.maximum(newton_tau(tau, f_i, s_i, expo, ALPHA_MODE), tau_low)
@@ -78,20 +86,24 @@ def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_it
     """tau estimate and certified lower bound per query row.
 
     q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D); alpha_t: (Hq,) float32; row_max, tile_max, tau_hist: from
-    sweep.dense_sweep. Returns (tau, tau_low), both (B, Hq, Nq) float32 in tau units (+inf for rows
-    without a visible key): tau is <= the root up to rounding, and within ~1e-5 of it after one Newton
+    sweep.dense_sweep. Returns (tau, tau_low, hits): tau and tau_low (B, Hq, Nq) float32 in tau units (+inf for
+    rows without a visible key): tau is <= the root up to rounding, and within ~1e-5 of it after one Newton
     pass (the output sweep's closing correction squares that error); tau_low (<= tau) is a guaranteed
-    lower bound, minus a rounding margin, that decides which tiles may hold non-zeros.
+    lower bound, minus a rounding margin, that decides which tiles may hold non-zeros. hits, like tile_max
+    but int8, marks the 64x64 tiles where some row's score exceeded a Newton pass's tau (minus the margin):
+    a superset of the tiles holding non-zeros at the final tau, which the output sweep then visits instead
+    of the sweep's candidates (None when newton_iters = 0).
     newton_iters: Newton passes after the histogram bound (0 returns the bound itself).
     """
     B, H, Nq, D = q.shape
     tau = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tau_low = torch.empty_like(tau)
+    hits = torch.zeros(tile_max.shape, device=q.device, dtype=torch.int8) if newton_iters > 0 else tile_max
     _solve_kernel[spec.grid](
-        q, k, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist, tau, tau_low, spec.lists,
+        q, k, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist, tau, tau_low, spec.lists, hits,
         *q.stride(), *k.stride(), *tile_max.stride()[:3],
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, tile_max.shape[2], **spec.flags, **spec.tiles,
         ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, NEWTON_ITERS=newton_iters,
         **spec.sparse_launch)
-    return tau, tau_low
+    return tau, tau_low, (hits if newton_iters > 0 else None)
