@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import LN2, entmax_s, mma, tile_interior, valid_lengths, visible_mask
+from entflash.kernels.common import LN2, entmax_s, fast_log2, mma, tile_interior, valid_lengths, visible_mask
 from entflash.kernels.launch import alpha_mode, dot_args, interpreting, mask_args
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
@@ -177,7 +177,7 @@ def _alpha_tile_sums(g, u, s, lcoef, a_gp, a_p, a_gs, a_s, a_gpl, a_pl):
     p = u * s
     # log2(u) is the one entmax_s took for s (same operand: the compiler computes it once); where u = 0
     # it is -inf and the product NaN, which the select drops
-    pl = tl.where(u > 0.0, p * (lcoef * tl.log2(u)), 0.0)
+    pl = tl.where(u > 0.0, p * (lcoef * fast_log2(u)), 0.0)
     return (a_gp + tl.sum(g * p, axis=1), a_p + tl.sum(p, axis=1),
             a_gs + tl.sum(g * s, axis=1), a_s + tl.sum(s, axis=1),
             a_gpl + tl.sum(g * pl, axis=1), a_pl + tl.sum(pl, axis=1))

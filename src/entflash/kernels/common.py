@@ -16,11 +16,31 @@ Conventions used by every kernel of this package:
 import triton
 import triton.language as tl
 
+from entflash.kernels.launch import interpreting
+
 # ln 2 for jit code (log x = LN2 * log2 x); a kernel may only read globals declared tl.constexpr
 LN2 = tl.constexpr(0.6931471805599453)
 # 1.5 * 2^23: a float32 in [2^23, 2^24) has unit spacing, so v + MAGIC_ROUND rounds v (|v| < 2^22) to an
 # integer that the low mantissa bits of the sum hold (histogram_words)
 MAGIC_ROUND = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _log2_exact(x):
+    return tl.log2(x)
+
+
+@triton.jit
+def _log2_unit(x):
+    return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+# log2 of float32 values for the per-score power code. Compiled, tl.log2 becomes libdevice's exact log2f, about 20
+# instructions per score; lg2.approx.f32 is one instruction of the GPU's special-function unit (absolute error about
+# 2^-22) plus a rescale of subnormal inputs. Not the .ftz form: it reads a subnormal p or u as 0 and returns -inf,
+# which turns p log p into -inf and u^0 (alpha = 2 as a tensor) into NaN. The interpreter runs no inline assembly,
+# so it runs tl.log2; chosen once, at import (TRITON_INTERPRET must be set before entflash is imported).
+fast_log2 = _log2_exact if interpreting() else _log2_unit
 
 
 @triton.jit
@@ -173,7 +193,7 @@ def entmax_s(u, rm1, ALPHA_MODE: tl.constexpr):
     elif ALPHA_MODE == 1:
         s = u
     else:
-        s = tl.where(u > 0, tl.exp2(tl.log2(u) * rm1), 0.0)
+        s = tl.where(u > 0, tl.exp2(fast_log2(u) * rm1), 0.0)
     return s
 
 
@@ -194,7 +214,7 @@ def pow_row(f, expo, ALPHA_MODE: tl.constexpr):
     elif ALPHA_MODE == 1:
         y = tl.sqrt(f)
     else:
-        y = tl.where(f > 0, tl.exp2(tl.log2(f) * expo), 0.0)
+        y = tl.where(f > 0, tl.exp2(fast_log2(f) * expo), 0.0)
     return y
 
 
