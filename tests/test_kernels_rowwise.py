@@ -357,6 +357,26 @@ def test_loss_reductions_and_entmax_package():
                                atol=5e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cols", [50, 40000])  # one program per row, and the chunked kernel
+def test_loss_out_of_range_target_gives_nan_in_its_row_only(cols):
+    """The fused loss checks targets inside the kernel (no host sync): a target outside [0, C) that is not
+    ignore_index makes that row's loss and gradient NaN and leaves the other rows as they are."""
+    z = random_rows(4, cols, seed=37)
+    good = torch.tensor([3, 7, -100, 12], device=DEVICE)
+    bad = good.clone()
+    bad[1] = cols  # one past the last class
+    bad[3] = -5
+    z_good, z_bad = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    loss_good = kr.fused_entmax_loss(z_good, good, 1.5, reduction="none")
+    loss_bad = kr.fused_entmax_loss(z_bad, bad, 1.5, reduction="none")
+    loss_good.sum().backward()
+    loss_bad.nan_to_num().sum().backward()
+    assert torch.isnan(loss_bad[[1, 3]]).all() and torch.isnan(z_bad.grad[[1, 3]]).all()
+    torch.testing.assert_close(loss_bad[[0, 2]], loss_good[[0, 2]])
+    torch.testing.assert_close(z_bad.grad[[0, 2]], z_good.grad[[0, 2]])
+    assert torch.isnan(kr.fused_entmax_loss(z, bad, 1.5))  # and so does the mean
+
+
 @pytest.mark.gpu
 def test_gpu_loss_vocabulary_scale():
     z = torch.randn(512, 131072, device="cuda", dtype=torch.bfloat16) * 3

@@ -101,9 +101,9 @@ _LOSSES = (
 )
 
 
-def _check_target(target, logits: torch.Tensor, class_dim: int, ignore_index: int, caller: str) -> None:
-    """target: integer tensor of logits' shape without the class axis, on logits' device, with values in
-    [0, C) or equal to ignore_index."""
+def _check_target(target, logits: torch.Tensor, class_dim: int, caller: str) -> None:
+    """target: integer tensor of logits' shape without the class axis, on logits' device (its values:
+    _check_target_values)."""
     if not isinstance(target, torch.Tensor):
         fail(TypeError, caller, "target", "be a torch.Tensor of class indices", type(target).__name__)
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -115,7 +115,11 @@ def _check_target(target, logits: torch.Tensor, class_dim: int, ignore_index: in
              f"shape {tuple(target.shape)}")
     if target.device != logits.device:
         fail(ValueError, caller, "target", f"be on the device of `logits` ({logits.device})", str(target.device))
-    num_classes = logits.shape[class_dim]
+
+
+def _check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int, caller: str) -> None:
+    """target's values lie in [0, C) or equal ignore_index. Reading the answer waits for the device, so the
+    fused CUDA path skips this and its kernel turns such rows into NaN losses instead."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         fail(ValueError, caller, "target", f"lie in [0, {num_classes}) or equal ignore_index={ignore_index}",
@@ -138,7 +142,7 @@ def _entmax_loss(logits, target, alpha, ignore_index, reduction, label_smoothing
     class_dim = 0 if isinstance(logits, torch.Tensor) and logits.dim() == 1 else 1
     check_rows_input(logits, class_dim, caller, argument="logits")
     _check_options(ignore_index, reduction, label_smoothing, caller)
-    _check_target(target, logits, class_dim, ignore_index, caller)
+    _check_target(target, logits, class_dim, caller)
     alpha = normalize_alpha(alpha, logits, class_dim, caller, argument="logits")
     num_classes = logits.shape[class_dim]
     rows = logits.movedim(class_dim, -1).reshape(-1, num_classes)
@@ -146,6 +150,8 @@ def _entmax_loss(logits, target, alpha, ignore_index, reduction, label_smoothing
         alpha = alpha.movedim(class_dim, -1).broadcast_to(target.shape + (1,)).reshape(-1, 1)
     flat_target = target.reshape(-1).to(torch.int64)
     impl = next(impl for accepts, impl in _LOSSES if accepts(rows, alpha))
+    if impl is not _fused_losses:
+        _check_target_values(flat_target, num_classes, int(ignore_index), caller)
     losses = impl(rows, flat_target, alpha, int(ignore_index), float(label_smoothing), reduction)
     if reduction == "none":
         losses = losses.reshape(target.shape)
@@ -159,7 +165,9 @@ def entmax_loss(logits: torch.Tensor, target: torch.Tensor, alpha=1.5, *, ignore
     logits: float16 / bfloat16 / float32 / float64, shape (C,), (N, C) or (N, C, d1, ...) (classes on axis 1;
         16-bit inputs are computed in float32). -inf logits are masked classes (a -inf target logit gives +inf,
         as does label_smoothing > 0, which puts target mass on every class).
-    target: integer class indices, shape (), (N,) or (N, d1, ...), values in [0, C) or ``ignore_index``.
+    target: integer class indices, shape (), (N,) or (N, d1, ...), values in [0, C) or ``ignore_index``. Other
+        values raise ValueError, except on the fused CUDA path (16/32-bit logits, float alpha), which checks them
+        inside its kernel rather than wait for the GPU: there such a sample's loss and gradient are NaN.
     alpha: float in (1, 2] (default 1.5), or a floating tensor of values in (1, 2] broadcastable to target's
         shape (one alpha per sample); differentiable.
     ignore_index: target value whose samples give loss 0 and no gradient, and do not count in the mean.

@@ -170,10 +170,13 @@ def _entmax_rows_fwd_kernel(
     if IS_LOSS:
         tgt = tl.load(TGT + rows, mask=row_ok, other=ignore_index)
         keep = row_ok & (tgt != ignore_index)
+        # a target outside [0, n_cols) (and not ignore_index) makes its row's loss and gradient NaN: checked
+        # here, not on the host, where it would wait for the GPU on every call
+        bad_target = keep & ((tgt < 0) | (tgt >= n_cols))
         if SINGLE:
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
             if WRITE_GRAD:
-                _store_loss_grad(DX, p, rows, cols, tgt, keep, row_ok, n_cols, stride_dx, eps)
+                _store_loss_grad(DX, p, rows, cols, tgt, keep, bad_target, row_ok, n_cols, stride_dx, eps)
             spu = tl.sum(p * u, axis=1)
             spx = tl.sum(tl.where(p > 0, p * x, 0.0), axis=1)
             sp = tl.sum(p, axis=1)
@@ -188,7 +191,7 @@ def _entmax_rows_fwd_kernel(
                 xc = _load_shifted(X, rows, c, n_rows, n_cols, stride_x, zsafe, am1)
                 p, s, u = entmax_p(xc, tau, rm1, ALPHA_MODE)
                 if WRITE_GRAD:
-                    _store_loss_grad(DX, p, rows, c, tgt, keep, row_ok, n_cols, stride_dx, eps)
+                    _store_loss_grad(DX, p, rows, c, tgt, keep, bad_target, row_ok, n_cols, stride_dx, eps)
                 spu_acc += p * u
                 spx_acc += tl.where(p > 0, p * xc, 0.0)
                 sp_acc += p
@@ -204,7 +207,7 @@ def _entmax_rows_fwd_kernel(
                 - (1.0 - eps) * z_t.to(tl.float32) - h_target)
         if eps > 0:
             loss -= eps * (sx / (am1 * n_cols) + zsafe)  # eps * mean(z)
-        tl.store(LOSS + rows, tl.where(keep, loss, 0.0), mask=row_ok)
+        tl.store(LOSS + rows, tl.where(keep, tl.where(bad_target, float("nan"), loss), 0.0), mask=row_ok)
     else:
         if SINGLE:
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
@@ -222,11 +225,12 @@ def _entmax_rows_fwd_kernel(
 
 
 @triton.jit
-def _store_loss_grad(DX, p, rows, c, tgt, keep, row_ok, n_cols, stride_dx, eps):
+def _store_loss_grad(DX, p, rows, c, tgt, keep, bad_target, row_ok, n_cols, stride_dx, eps):
     """Store the entmax loss's gradient p - y for the columns c (BLOCK_N,) of rows (BLOCK_M,):
-    y = (1 - eps) one-hot(tgt) + eps / n_cols, zeros on rows that are not kept (ignore_index)."""
+    y = (1 - eps) one-hot(tgt) + eps / n_cols, zeros on rows that are not kept (ignore_index), NaN on rows
+    whose target is out of range (bad_target)."""
     y = tl.where(c[None, :] == tgt[:, None], 1.0 - eps, 0.0) + eps / n_cols
-    grad = tl.where(keep[:, None], p - y, 0.0)
+    grad = tl.where(keep[:, None], tl.where(bad_target[:, None], float("nan"), p - y), 0.0)
     tl.store(DX + rows[:, None] * stride_dx + c[None, :], grad.to(DX.dtype.element_ty),
              mask=row_ok[:, None] & (c[None, :] < n_cols))
 
@@ -561,7 +565,8 @@ def fused_entmax_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float =
     (1 - sum p^alpha) / (alpha (alpha - 1)), y_i = (1 - label_smoothing) one-hot(target_i) +
     label_smoothing / C. Its gradient w.r.t. z_i is p_i - y_i (recomputed in the backward, p never stored).
     logits: (..., C) float16 / bfloat16 / float32 (classes LAST), CUDA or interpreter; target: (...) int
-    class indices in [0, C) or ignore_index (those rows give loss 0 and zero gradient).
+    class indices in [0, C) or ignore_index (those rows give loss 0 and zero gradient). The kernel checks the
+    range (no host sync): a row whose target is neither gives a NaN loss and a NaN gradient.
     alpha: python float in (1, 2] (2 = sparsemax loss). reduction: "none" -> (...) float32 losses,
     "sum", or "mean" (over non-ignored rows, as torch.nn.functional.cross_entropy).
     """
