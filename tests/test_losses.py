@@ -161,3 +161,26 @@ def test_rejects_bad_arguments(kwargs, error, argument):
     if "alpha" not in kwargs:
         with pytest.raises(error, match=argument):
             sparsemax_loss(**kwargs)
+
+
+@pytest.mark.gpu
+def test_gpu_loss_paths_tensor_alpha_warns_once_and_bad_targets():
+    """On CUDA a tensor alpha runs the PyTorch loss and says so once; the fused path (float alpha) turns an
+    out-of-range target into a NaN loss instead of waiting for the GPU to raise."""
+    import warnings
+
+    import entflash.losses as losses_module
+    losses_module._warned_reference_loss = False
+    logits = torch.randn(8, 100, device="cuda")
+    target = torch.randint(0, 100, (8,), device="cuda")
+    alpha = torch.full((8,), 1.5, device="cuda")
+    with pytest.warns(UserWarning, match="tensor alpha"):
+        by_tensor = entmax_loss(logits, target, alpha)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        entmax_loss(logits, target, alpha)
+        torch.testing.assert_close(entmax_loss(logits, target, 1.5), by_tensor)
+    target[2] = 100
+    assert torch.isnan(entmax_loss(logits, target, 1.5, reduction="none")[2])
+    with pytest.raises(ValueError, match="`target`"):
+        entmax_loss(logits, target, alpha)

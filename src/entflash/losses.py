@@ -12,6 +12,8 @@ entry of ``_LOSSES`` that accepts the input (the exact PyTorch path takes every 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from entflash.checks import check_rows_input, describe, fail, is_integer, is_real_number
@@ -126,6 +128,19 @@ def _check_target_values(target: torch.Tensor, num_classes: int, ignore_index: i
              f"values such as {target[bad].reshape(-1)[:4].tolist()}")
 
 
+_warned_reference_loss = False
+
+
+def _warn_reference_loss_once() -> None:
+    """The fused loss kernel takes a python-float alpha; a tensor alpha on CUDA runs the PyTorch loss (the fused
+    entmax for p, then elementwise ops that keep p in memory). Says so once per process."""
+    global _warned_reference_loss
+    if not _warned_reference_loss and not torch.compiler.is_compiling():
+        _warned_reference_loss = True
+        warnings.warn("entflash.entmax_loss: a tensor alpha runs the PyTorch loss (p kept in memory for the "
+                      "backward), not the fused loss kernel, which takes a python-float alpha", stacklevel=4)
+
+
 def _check_options(ignore_index, reduction, label_smoothing, caller: str) -> None:
     if not is_integer(ignore_index):
         fail(TypeError, caller, "ignore_index", "be an int", describe(ignore_index))
@@ -152,6 +167,8 @@ def _entmax_loss(logits, target, alpha, ignore_index, reduction, label_smoothing
     impl = next(impl for accepts, impl in _LOSSES if accepts(rows, alpha))
     if impl is not _fused_losses:
         _check_target_values(flat_target, num_classes, int(ignore_index), caller)
+        if rows.is_cuda and rows.dtype != torch.float64:
+            _warn_reference_loss_once()
     losses = impl(rows, flat_target, alpha, int(ignore_index), float(label_smoothing), reduction)
     if reduction == "none":
         losses = losses.reshape(target.shape)
