@@ -347,9 +347,12 @@ def _tile_config(n_cols: int, per_row: bool, block_n: Optional[int], num_warps: 
     else:
         block_n = _next_pow2(max(block_n, 16))
         single = n_cols <= block_n
-    block_m = 1 if (per_row or not single) else max(1, min(16, 2048 // block_n))
+    # Rows held in registers: from 1024 columns on, one row per program and one warp per 1024 columns, so the
+    # row reductions (max, histogram, Newton sums) stay inside warps; shorter rows share a 4-warp program.
+    # (32768 x 1024 bf16 on an H100: the loss forward ran 0.217 ms with 2 rows / 4 warps, 0.155 ms with 1 / 1.)
+    block_m = 1 if (per_row or not single or block_n >= 1024) else min(16, 2048 // block_n)
     if num_warps is None:
-        num_warps = CHUNK_WARPS if not single else min(32, max(4, block_m * block_n // 1024))
+        num_warps = CHUNK_WARPS if not single else min(32, max(4 if block_n < 1024 else 1, block_m * block_n // 1024))
     return single, block_m, block_n, num_warps
 
 
