@@ -7,7 +7,8 @@ For each case (rows x cols, dtype) it times, on the same tensors, forward and fo
   adasplash     adasplash.triton_entmax (alpha = 1.5, histogram start, 2 iterations, its defaults;
                 autotuned over 2 of its 15 configs, ADASPLASH_CONFIGS, to keep compile time in budget)
   softmax       torch.softmax (the speed of light for a row-wise normalizer)
-and the losses: ours_loss (fused_entmax_loss, alpha = 1.5) against F.cross_entropy.
+and the losses: ours_loss (fused_entmax_loss, alpha = 1.5) and ours_loss_api (the public entflash.entmax_loss,
+its argument checks and reshapes included; on CPU tensors it runs the exact PyTorch loss) against F.cross_entropy.
 A missing package or a failing implementation is recorded as an error; the run goes on.
 
 On a machine without git metadata, set ENTFLASH_COMMIT=<short hash>.
@@ -36,7 +37,7 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 GPU_CASES = [(32768, 1024), (2048, 32768), (512, 131072)]
 CPU_CASES = [(4, 64), (2, 3000)]
 ENTMAX_IMPLS = ["ours", "bisect", "entmax15", "adasplash", "softmax", "ours_a1.25", "bisect_a1.25"]
-LOSS_IMPLS = ["ours_loss", "cross_entropy"]
+LOSS_IMPLS = ["ours_loss", "ours_loss_api", "cross_entropy"]
 ADASPLASH_CONFIGS = {(256, 4), (512, 8)}  # (BLOCK_N, num_warps) kept from adasplash's autotune list
 
 
@@ -61,6 +62,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+import entflash  # noqa: E402
 from entflash.kernels import rowwise as kr  # noqa: E402
 
 
@@ -153,6 +155,9 @@ def time_loss(name, x, target, record):
     if name == "ours_loss":
         record["alpha"] = 1.5
         f = lambda z: kr.fused_entmax_loss(z, target, 1.5)  # noqa: E731
+    elif name == "ours_loss_api":
+        record["alpha"] = 1.5
+        f = lambda z: entflash.entmax_loss(z, target, 1.5)  # noqa: E731
     else:
         record["alpha"] = None
         f = lambda z: F.cross_entropy(z, target)  # noqa: E731
