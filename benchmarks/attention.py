@@ -3,7 +3,7 @@
 For each case (N, D, causal, sparsity level) it builds structured inputs (benchmarks.inputs), measures their
 exact block sparsity (benchmarks.sparsity), then runs every selected implementation (benchmarks.impls) on the
 same tensors, forward and forward+backward, recording median times, the ratio to FA2, peak memory and
-first-call time. A failing implementation records its error and the run goes on. The JSON is rewritten after
+first-call time; for `ours` also how its tau solver did on the inputs (benchmarks.solver). A failing implementation records its error and the run goes on. The JSON is rewritten after
 every case, so an interrupted run keeps what it measured. Plots and a markdown table come at the end.
 
 Presets (shapes as FlashAttention's benchmark: B = tokens // N, H = hidden // D):
@@ -30,6 +30,7 @@ from benchmarks import report
 from benchmarks.impls import Case, Implementation, all_implementations
 from benchmarks.inputs import AttentionInputs, StructuredInputs, calibrate_strength
 from benchmarks.measure import BenchSettings, first_call, median_ms, peak_memory_gib
+from benchmarks.solver import solver_stats
 from benchmarks.sparsity import DEFAULT_TILES, block_sparsity, tile_name
 
 GPU_IMPLS = ("fa2", "cudnn", "ours", "ours_learned_alpha", "entmax_bisect")
@@ -152,6 +153,15 @@ def run_implementation(impl: Implementation, case: Case, inputs: AttentionInputs
     return record
 
 
+def _solver_record(inputs: AttentionInputs, case: Case) -> Optional[dict]:
+    """benchmarks.solver's statistics of the fused forward on this case (None where Triton cannot run); a
+    failure is recorded as {"error": ...}, the run goes on."""
+    try:
+        return solver_stats(inputs.q, inputs.k, inputs.v, case.alpha, case.causal, case.scale)
+    except Exception as error:  # noqa: BLE001 - any failure is recorded, the run goes on
+        return {"error": _describe(error)}
+
+
 def run_case(seq_len: int, head_dim: int, causal: bool, level: float, preset: Preset, impls: Sequence[str],
              alpha: float, tiles, sinks: int, seed: int) -> List[dict]:
     """Calibrate, build and measure the inputs of one case, then run every implementation on them."""
@@ -167,10 +177,13 @@ def run_case(seq_len: int, head_dim: int, causal: bool, level: float, preset: Pr
     case = Case(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, causal=causal, alpha=alpha,
                 target_sparsity=level, strength=strength, device=preset.device, dtype=preset.dtype,
                 backend=preset.backend)
+    solver = _solver_record(inputs, case) if "ours" in impls else None
     catalog = all_implementations()
     records = [run_implementation(catalog[name], case, inputs, sparsity, preset) for name in impls]
     for record in records:
         record["case_setup_s"] = setup_s
+        if record["impl"] == "ours":
+            record["solver"] = solver
     del inputs
     gc.collect()
     return records

@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.inputs import StructuredInputs, calibrate_strength, make_inputs  # noqa: E402
 from benchmarks.sparsity import block_sparsity, valid_tiles  # noqa: E402
+from benchmarks.summary import summarize  # noqa: E402
 
 TOP_LEVEL = {"device", "torch", "triton", "commit", "date", "records"}
 RECORD_FIELDS = {"impl", "N", "D", "H", "B", "causal", "alpha", "block_sparsity", "block_sparsity_tiles",
@@ -121,6 +122,12 @@ def test_cpu_mode_end_to_end(tmp_path):
     assert all(r["ratio_fwd_to_fa2"] == pytest.approx(1.0) for r in baseline)
     dense_entmax = [r for r in records if r["impl"] == "entmax_bisect"]
     assert dense_entmax and all(r["fwd_bwd_ms"] is not None for r in dense_entmax)
+    # the fused forward's solver on each case's inputs (benchmarks/solver.py), run here by the interpreter
+    solver = [r["solver"] for r in records if r["impl"] == "ours"]
+    assert solver and all(s is not None and "error" not in s for s in solver), solver
+    assert all(s["hist_bound_held"] == 1.0 and 0.0 <= s["hist_gap_bins"] <= 1.5 for s in solver), solver
+    assert all(s["tau_err_max"] < 1e-4 for s in solver), solver
+    assert "tau solver (ours" in summarize(document)
 
     for causal in (True, False):
         case = [r for r in baseline if r["causal"] == causal]
