@@ -9,8 +9,8 @@ Conventions used by every kernel of this package:
   max of the sweep and the tile map are kept at 64 x 64 granularity, so a BLOCK_M = 128 program owns SUB = BLOCK_M // 64
   rows of them ("sub-blocks").
 * ALPHA_MODE (tl.constexpr) selects the power code: 1 -> alpha = 1.5 (p = u^2, s = u),
-  2 -> alpha = 2 (p = u, s = 1[u > 0]), 0 -> any alpha in (1, 2] through exp2/log2
-  (libdevice pow does not run in the Triton interpreter).
+  2 -> alpha = 2 (p = u, s = 1[u > 0]), 0 -> any alpha in (1, 2] through exp2 and fast_log2 (the GPU's
+  special-function unit when compiled; libdevice pow does not run in the Triton interpreter).
 * A masked (invisible) score is -inf; a row with no visible key has row max -inf and tau = +inf.
 """
 import triton
