@@ -11,6 +11,7 @@ with it.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -105,9 +106,9 @@ def markdown(rows: Sequence[dict]) -> str:
 
 
 def main(argv=None) -> List[dict]:
-    paths = argv if argv is not None else sys.argv[1:]
-    if not paths:
-        raise SystemExit("usage: python -m benchmarks.targets RESULTS.json [MORE.json ...]")
+    parser = argparse.ArgumentParser(description="Check harness results against the issues' speed targets.")
+    parser.add_argument("paths", nargs="+", metavar="RESULTS.json", help="harness JSON files (their records pooled)")
+    paths = parser.parse_args(argv if argv is not None else sys.argv[1:]).paths
     records = [record for path in paths for record in json.loads(Path(path).read_text())["records"]]
     rows = check_targets(records)
     print(markdown(rows))
