@@ -3,8 +3,9 @@
 For each case (N, D, causal, sparsity level) it builds structured inputs (benchmarks.inputs), measures their
 exact block sparsity (benchmarks.sparsity), then runs every selected implementation (benchmarks.impls) on the
 same tensors, forward and forward+backward, recording median times, the ratio to FA2, peak memory and
-first-call time; for `ours` also how its tau solver did on the inputs (benchmarks.solver). A failing implementation records its error and the run goes on. The JSON is rewritten after
-every case, so an interrupted run keeps what it measured. Plots and a markdown table come at the end.
+first-call time; for `ours` also how its tau solver did on the inputs (benchmarks.solver). A failing
+implementation records its error and the run goes on. The JSON is rewritten after every case, so an interrupted
+run keeps what it measured. Plots and a markdown table come at the end.
 
 Presets (shapes as FlashAttention's benchmark: B = tokens // N, H = hidden // D):
   --quick  N = 4096, D in {64, 128}, causal, dense and ~90% block sparsity (well under a minute on an H100)

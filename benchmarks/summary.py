@@ -22,21 +22,26 @@ def summarize(document: dict) -> str:
         lines.append(f"  error x{count} {impl}: {error[:240]}")
     if not errors:
         lines.append("  no implementation raised an error")
-    solver = [r["solver"] for r in document["records"] if r.get("solver") and "error" not in r["solver"]]
-    if solver:
-        held = [s["hist_bound_held"] for s in solver]
-        gaps = [s["hist_gap_bins"] for s in solver]
-        lines.append(f"  tau solver (ours, {len(solver)} cases): histogram bound held in "
-                     f"{min(held):.4f}-{max(held):.4f} of rows, mean gap {min(gaps):.2f}-{max(gaps):.2f} bins, "
-                     f"tau error after the training solve <= {max(s['tau_err_max'] for s in solver):.1e}; "
-                     f"Newton passes {solver[0]['newton_passes']}")
-    solver_errors = Counter(r["solver"]["error"] for r in document["records"]
-                            if r.get("solver") and "error" in r["solver"])
-    for error, count in sorted(solver_errors.items()):
-        lines.append(f"  solver statistics error x{count}: {error[:240]}")
+    lines += _solver_lines(document["records"])
     impls = document["settings"]["impls"]
     lines += ["", markdown_table(document, impls)]
     return "\n".join(lines)
+
+
+def _solver_lines(records) -> list:
+    """The ranges of the ours records' `solver` statistics (benchmarks/solver.py), and its errors."""
+    stats = [r["solver"] for r in records if r.get("solver") and "error" not in r["solver"]]
+    lines = []
+    if stats:
+        held = [s["hist_bound_held"] for s in stats]
+        gaps = [s["hist_gap_bins"] for s in stats]
+        lines.append(f"  tau solver (ours, {len(stats)} cases): histogram bound held in "
+                     f"{min(held):.4f}-{max(held):.4f} of rows, mean gap {min(gaps):.2f}-{max(gaps):.2f} bins, "
+                     f"tau error after the training solve <= {max(s['tau_err_max'] for s in stats):.1e}; "
+                     f"Newton passes {stats[0]['newton_passes']}")
+    errors = Counter(r["solver"]["error"] for r in records if r.get("solver") and "error" in r["solver"])
+    lines += [f"  solver statistics error x{count}: {error[:240]}" for error, count in sorted(errors.items())]
+    return lines
 
 
 def main(argv=None) -> None:
