@@ -164,9 +164,9 @@ def test_rejects_bad_arguments(kwargs, error, argument):
 
 
 @pytest.mark.gpu
-def test_gpu_loss_paths_tensor_alpha_warns_once_and_bad_targets():
-    """On CUDA a tensor alpha runs the PyTorch loss and says so once; the fused path (float alpha) turns an
-    out-of-range target into a NaN loss instead of waiting for the GPU to raise."""
+def test_gpu_loss_paths_tensor_alpha_warns_once_and_bad_targets_raise():
+    """On CUDA a tensor alpha runs the PyTorch loss and says so once; an out-of-range target raises on both the
+    fused (float alpha) and the PyTorch path."""
     import warnings
 
     import entflash.losses as losses_module
@@ -181,6 +181,6 @@ def test_gpu_loss_paths_tensor_alpha_warns_once_and_bad_targets():
         entmax_loss(logits, target, alpha)
         torch.testing.assert_close(entmax_loss(logits, target, 1.5), by_tensor)
     target[2] = 100
-    assert torch.isnan(entmax_loss(logits, target, 1.5, reduction="none")[2])
-    with pytest.raises(ValueError, match="`target`"):
-        entmax_loss(logits, target, alpha)
+    for path_alpha in (1.5, alpha):
+        with pytest.raises(ValueError, match="`target`"):
+            entmax_loss(logits, target, path_alpha)

@@ -103,9 +103,9 @@ _LOSSES = (
 )
 
 
-def _check_target(target, logits: torch.Tensor, class_dim: int, caller: str) -> None:
-    """target: integer tensor of logits' shape without the class axis, on logits' device (its values:
-    _check_target_values)."""
+def _check_target(target, logits: torch.Tensor, class_dim: int, ignore_index: int, caller: str) -> None:
+    """target: integer tensor of logits' shape without the class axis, on logits' device, with values in
+    [0, C) or equal to ignore_index."""
     if not isinstance(target, torch.Tensor):
         fail(TypeError, caller, "target", "be a torch.Tensor of class indices", type(target).__name__)
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
@@ -117,11 +117,7 @@ def _check_target(target, logits: torch.Tensor, class_dim: int, caller: str) -> 
              f"shape {tuple(target.shape)}")
     if target.device != logits.device:
         fail(ValueError, caller, "target", f"be on the device of `logits` ({logits.device})", str(target.device))
-
-
-def _check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int, caller: str) -> None:
-    """target's values lie in [0, C) or equal ignore_index. Reading the answer waits for the device, so the
-    fused CUDA path skips this and its kernel turns such rows into NaN losses instead."""
+    num_classes = logits.shape[class_dim]
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         fail(ValueError, caller, "target", f"lie in [0, {num_classes}) or equal ignore_index={ignore_index}",
@@ -157,7 +153,7 @@ def _entmax_loss(logits, target, alpha, ignore_index, reduction, label_smoothing
     class_dim = 0 if isinstance(logits, torch.Tensor) and logits.dim() == 1 else 1
     check_rows_input(logits, class_dim, caller, argument="logits")
     _check_options(ignore_index, reduction, label_smoothing, caller)
-    _check_target(target, logits, class_dim, caller)
+    _check_target(target, logits, class_dim, ignore_index, caller)
     alpha = normalize_alpha(alpha, logits, class_dim, caller, argument="logits")
     num_classes = logits.shape[class_dim]
     rows = logits.movedim(class_dim, -1).reshape(-1, num_classes)
@@ -165,10 +161,8 @@ def _entmax_loss(logits, target, alpha, ignore_index, reduction, label_smoothing
         alpha = alpha.movedim(class_dim, -1).broadcast_to(target.shape + (1,)).reshape(-1, 1)
     flat_target = target.reshape(-1).to(torch.int64)
     impl = next(impl for accepts, impl in _LOSSES if accepts(rows, alpha))
-    if impl is not _fused_losses:
-        _check_target_values(flat_target, num_classes, int(ignore_index), caller)
-        if rows.is_cuda and rows.dtype != torch.float64:
-            _warn_reference_loss_once()
+    if impl is not _fused_losses and rows.is_cuda and rows.dtype != torch.float64:
+        _warn_reference_loss_once()
     losses = impl(rows, flat_target, alpha, int(ignore_index), float(label_smoothing), reduction)
     if reduction == "none":
         losses = losses.reshape(target.shape)
@@ -182,9 +176,8 @@ def entmax_loss(logits: torch.Tensor, target: torch.Tensor, alpha=1.5, *, ignore
     logits: float16 / bfloat16 / float32 / float64, shape (C,), (N, C) or (N, C, d1, ...) (classes on axis 1;
         16-bit inputs are computed in float32). -inf logits are masked classes (a -inf target logit gives +inf,
         as does label_smoothing > 0, which puts target mass on every class).
-    target: integer class indices, shape (), (N,) or (N, d1, ...), values in [0, C) or ``ignore_index``. Other
-        values raise ValueError, except on the fused CUDA path (16/32-bit logits, float alpha), which checks them
-        inside its kernel rather than wait for the GPU: there such a sample's loss and gradient are NaN.
+    target: integer class indices, shape (), (N,) or (N, d1, ...), values in [0, C) or ``ignore_index`` (other
+        values raise ValueError; reading them waits for the device once per call).
     alpha: float in (1, 2] (default 1.5), or a floating tensor of values in (1, 2] broadcastable to target's
         shape (one alpha per sample); differentiable.
     ignore_index: target value whose samples give loss 0 and no gradient, and do not count in the mean.
