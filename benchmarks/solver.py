@@ -51,8 +51,9 @@ def solver_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float
                  heads: int = 2) -> Optional[dict]:
     """The fields of the module docstring for q (B, Hq, N, D), k/v (B, Hkv, N, D); None where the Triton kernels
     cannot run (no CUDA and no interpreter)."""
+    from entflash.autograd import newton_passes
     from entflash.kernels.forward import alpha_tensor, entmax_forward
-    from entflash.kernels.launch import ALPHA_2, alpha_mode, interpreting, make_spec
+    from entflash.kernels.launch import interpreting, make_spec
     from entflash.kernels.sweep import dense_sweep
 
     if not (q.is_cuda or interpreting()):
@@ -63,9 +64,8 @@ def solver_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float
     alpha_t = alpha_tensor(alpha, heads, q.device)
     spec = make_spec(q_part, k_part, alpha, alpha_t, causal, None, None, None)
     _, _, tau_hist = dense_sweep(q_part, k_part, alpha_t, scale, spec)
-    default = 2 if alpha_mode(alpha) == ALPHA_2 else 1  # as entmax_forward and autograd.fused_forward choose
-    training = 2 if q.dtype == torch.float32 else default
-    inference = 0 if q.dtype in (torch.float16, torch.bfloat16) else default
+    training = newton_passes(q.dtype, alpha, True, False)
+    inference = newton_passes(q.dtype, alpha, False, False)
     tau = entmax_forward(q_part, k_part, v_part, alpha, causal, scale, newton_iters=training)["tau"]
     exact = exact_tau(q_part[0], k_part[0], alpha, causal, scale)
     gap = exact - tau_hist[0]

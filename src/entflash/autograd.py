@@ -22,7 +22,7 @@ import torch
 
 from entflash.custom_ops import (alpha_gradient, decode_alpha, decode_window, empty_gradient, encode_alpha,
                                  encode_window, input_gradient, needs_autograd)
-from entflash.kernels.forward import entmax_forward
+from entflash.kernels.forward import default_newton_iters, entmax_forward
 from entflash.reference import attention as reference
 
 MAP_BLOCK = 64  # granularity of the tile map (docs/ARCHITECTURE.md)
@@ -63,6 +63,20 @@ def _reference_backward(grad_out, q, k, v, alpha, causal, scale, window, seqlens
     return _like(dq, q), _like(dk, k), _like(dv, v), dalpha
 
 
+def newton_passes(dtype: torch.dtype, alpha, keep_for_backward: bool, exact_aux: bool) -> int:
+    """Newton passes fused_forward runs after the sweep's histogram bound (arguments as there; dtype q's).
+
+    O2 and S are taken at the solver's tau, before the output pass's closing correction; for float32 training
+    one more Newton pass makes that correction negligible, so the gradients reach float32 accuracy (~1e-6
+    instead of ~5e-4 relative on dense rows). 16-bit inputs keep the single pass: their rounding dominates.
+    16-bit inference without exact_aux runs none (the closing correction is the one step)."""
+    if keep_for_backward and dtype == torch.float32:
+        return 2
+    if not keep_for_backward and not exact_aux and dtype in (torch.float16, torch.bfloat16):
+        return 0
+    return default_newton_iters(alpha)
+
+
 def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, keep_for_backward, exact_aux=True):
     """The fused forward as a plain function (no autograd); arguments as triton_attention.
 
@@ -76,14 +90,9 @@ def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, k
     torch.empty_like(q); tau (B, Hq, Nq) float32; support (B, Hq, Nq) int32; tile_map
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool; o2 (B, Hq, Nq, D) and s (B, Hq, Nq) float32.
     """
-    # O2 and S are taken at the solver's tau, before the output pass's closing correction; for float32 training
-    # one more Newton pass makes that correction negligible, so the gradients reach float32 accuracy (~1e-6
-    # instead of ~5e-4 relative on dense rows). 16-bit inputs keep the single pass: their rounding dominates.
-    newton_iters = 2 if keep_for_backward and q.dtype == torch.float32 else None
-    if not keep_for_backward and not exact_aux and q.dtype in (torch.float16, torch.bfloat16):
-        newton_iters = 0
     res = entmax_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, save_bwd=keep_for_backward,
-                         newton_iters=newton_iters, count_support=exact_aux)
+                         newton_iters=newton_passes(q.dtype, alpha, keep_for_backward, exact_aux),
+                         count_support=exact_aux)
     kept = [res[name] if keep_for_backward else res["tau"].new_empty(0) for name in ("o2", "s")]
     return (res["out"], res["tau"], res["support"], res["tile_map"], *kept)
 

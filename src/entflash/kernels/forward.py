@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from entflash.kernels.launch import ALPHA_2, make_spec
+from entflash.kernels.launch import ALPHA_2, alpha_mode, make_spec
 from entflash.kernels.output import sparse_output
 from entflash.kernels.solve import solve_tau
 from entflash.kernels.sweep import dense_sweep
@@ -22,6 +22,12 @@ def alpha_tensor(alpha, n_heads: int, device) -> torch.Tensor:
     return torch.full((n_heads,), float(alpha), device=device, dtype=torch.float32)
 
 
+def default_newton_iters(alpha) -> int:
+    """Newton passes of the solve stage after the histogram bound when the caller names none: 1, and 2 for
+    alpha = 2, whose piecewise-linear F needs one more after a support change."""
+    return 2 if alpha_mode(alpha) == ALPHA_2 else 1
+
+
 def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlens_q=None, seqlens_k=None,
                    *, newton_iters=None, out=None, save_bwd=True, fold=True, count_support=True):
     """Fused alpha-entmax attention forward.
@@ -36,9 +42,9 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     (alpha-1) * score, +inf for rows without a visible key); support (B, Hq, Nq) int32; tile_map
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool (a superset of the tiles holding non-zeros); o2 (B, Hq, Nq, D)
     and s (B, Hq, Nq) float32 for the backward.
-    newton_iters: Newton passes of the solve stage after the sweep's histogram bound (default 1; 2 for
-    alpha = 2, whose piecewise-linear F needs one more after a support change; 0 leaves the output pass's
-    closing correction as the only step, enough for 16-bit outputs: autograd.fused_forward);
+    newton_iters: Newton passes of the solve stage after the sweep's histogram bound (default:
+    default_newton_iters; 0 leaves the output pass's closing correction as the only step, enough for 16-bit
+    outputs: autograd.newton_passes);
     out: optional preallocated output (q's dtype and shape, not for float64 inputs); save_bwd=False
     (inference) returns o2/s as None; fold=False (with save_bwd=False) skips O2 and normalizes instead
     (output.sparse_output); count_support=False leaves support uncounted (-1).
@@ -54,7 +60,7 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     sk = seqlens_k.to(device=q.device, dtype=torch.int32).contiguous() if seqlens_k is not None else None
     spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
     if newton_iters is None:
-        newton_iters = 2 if spec.alpha_mode == ALPHA_2 else 1
+        newton_iters = default_newton_iters(alpha)
     row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
     tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters)
     res = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits, out=out,

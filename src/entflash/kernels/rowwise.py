@@ -170,8 +170,8 @@ def _entmax_rows_fwd_kernel(
     if IS_LOSS:
         tgt = tl.load(TGT + rows, mask=row_ok, other=ignore_index)
         keep = row_ok & (tgt != ignore_index)
-        # a target outside [0, n_cols) (and not ignore_index) makes its row's loss and gradient NaN: checked
-        # here, not on the host, where it would wait for the GPU on every call
+        # a target outside [0, n_cols) (and not ignore_index) makes its row's loss and gradient NaN rather than
+        # read a wrong logit (the public entmax_loss raises before calling this; fused_entmax_loss does not check)
         bad_target = keep & ((tgt < 0) | (tgt >= n_cols))
         if SINGLE:
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
@@ -201,7 +201,7 @@ def _entmax_rows_fwd_kernel(
             spx = tl.sum(spx_acc, axis=1)
             sp = tl.sum(sp_acc, axis=1)
             sx = tl.sum(sx_acc, axis=1)
-        z_t = tl.load(X + rows * stride_x + tgt, mask=keep & (tgt >= 0) & (tgt < n_cols), other=0.0)
+        z_t = tl.load(X + rows * stride_x + tgt, mask=keep & ~bad_target, other=0.0)
         # <p, z> + H(p) - <y, z> - H(y), H(p) = (1 - sum p^alpha) / (alpha (alpha - 1))
         loss = ((1.0 - spu) / (alpha * am1) + zsafe * sp + spx / am1
                 - (1.0 - eps) * z_t.to(tl.float32) - h_target)
@@ -567,7 +567,8 @@ def fused_entmax_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float =
 
     loss_i = <p_i - y_i, z_i> + H(p_i) - H(y_i), p_i = entmax_alpha(z_i), H the Tsallis alpha-entropy
     (1 - sum p^alpha) / (alpha (alpha - 1)), y_i = (1 - label_smoothing) one-hot(target_i) +
-    label_smoothing / C. Its gradient w.r.t. z_i is p_i - y_i (recomputed in the backward, p never stored).
+    label_smoothing / C. Its gradient w.r.t. z_i is p_i - y_i (written by the forward kernel when the logits need
+    it, in their dtype; p itself is never stored).
     logits: (..., C) float16 / bfloat16 / float32 (classes LAST), CUDA or interpreter; target: (...) int
     class indices in [0, C) or ignore_index (those rows give loss 0 and zero gradient). The kernel checks the
     range (no host sync): a row whose target is neither gives a NaN loss and a NaN gradient.

@@ -90,7 +90,7 @@ def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_it
     rows without a visible key): tau is <= the root up to rounding, and within ~1e-5 of it after one Newton
     pass (the output sweep's closing correction squares that error); tau_low (<= tau) is a guaranteed
     lower bound, minus a rounding margin, that decides which tiles may hold non-zeros. hits, like tile_max
-    but int8, marks the 64x64 tiles where some row's score exceeded a Newton pass's tau (minus the margin):
+    but int8, marks the 64x64 tiles where some row's score exceeded a Newton pass's tau:
     a superset of the tiles holding non-zeros at the final tau, which the output sweep then visits instead
     of the sweep's candidates (None when newton_iters = 0).
     newton_iters: Newton passes after the histogram bound (0 returns the bound itself).
