@@ -114,14 +114,15 @@ def classify_mask_function(mask_function: Callable):
         return "causal", None
     if names == ["sliding_window_bidirectional_overlay", "bidirectional_mask_function"]:
         return "bidirectional", None
-    if names == ["packed_sequence_mask_function", "remap_positions_for_packed_sequence"]:  # newer transformers (5.23)
-        segments = _closure_values(parts[0]).get("packed_sequence_mask")
-        inner = _closure_values(parts[1]).get("mask_function")
-    elif names[1] == "packed_sequence_mask_function":  # earlier versions: and_masks(pattern, packed)
-        segments = _closure_values(parts[1]).get("packed_sequence_mask")
-        inner = parts[0]
-    else:
+    if "packed_sequence_mask_function" not in names:
         return None
+    # packed sequences: and_masks(pattern, packed) up to transformers 5.22; from 5.23 the pattern is wrapped in
+    # remap_positions_for_packed_sequence (it then sees positions, the same within one segment), either order
+    packed = names.index("packed_sequence_mask_function")
+    segments = _closure_values(parts[packed]).get("packed_sequence_mask")
+    inner = parts[1 - packed]
+    if names[1 - packed] == "remap_positions_for_packed_sequence":
+        inner = _closure_values(inner).get("mask_function")
     inner_kind = classify_mask_function(inner) if callable(inner) else None
     if isinstance(segments, torch.Tensor) and inner_kind is not None and inner_kind[1] is None:
         return inner_kind[0], segments
