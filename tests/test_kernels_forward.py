@@ -173,8 +173,9 @@ def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths
 @pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0, (1.01, 1.75)])
 @pytest.mark.parametrize("local, causal", [(0.0, True), (3.0, False), (3.0, True)])
 def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal):
-    """dense_sweep's histogram start (sweep.py): for every row, tau - 1/16 <= tau_hist <= tau (up to rounding),
-    whatever the order in which the row max rose during the sweep; +inf for rows that see no key."""
+    """dense_sweep's histogram start (sweep.py) when every score is binned: for every row,
+    tau - 1/16 <= tau_hist <= tau (up to rounding), whatever the order in which the row max rose during the
+    sweep; +inf for rows that see no key."""
     from entflash.kernels.forward import alpha_tensor
     from entflash.kernels.launch import make_spec
     from entflash.kernels.sweep import dense_sweep
@@ -188,7 +189,7 @@ def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal)
     scale = D ** -0.5
     alpha_t = alpha_tensor(alpha, Hq, q.device)
     spec = make_spec(q, k, alpha, alpha_t, causal, None, sq, sk)
-    _, _, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
+    _, _, tau_hist = dense_sweep(q, k, alpha_t, scale, spec, far_top2=False)
     am1 = (alpha_t.double() - 1)[None, :, None, None]
     x = am1 * scale * q.double() @ k.double().repeat_interleave(Hq // Hkv, dim=1).transpose(-1, -2)
     visible = visibility_mask(0, Nq, Nq, Nk, causal, None, sq, sk, q.device)[:, None]
@@ -201,6 +202,37 @@ def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal)
     gap = tau[live] - tau_hist.double()[live]
     assert (gap >= -1e-4).all(), gap.min()
     assert (gap <= 1 / 16 + 1e-4).all(), gap.max()
+
+
+@pytest.mark.parametrize("alpha", [1.5, (1.25, 2.0)])
+@pytest.mark.parametrize("sink", [False, True])
+def test_sweep_far_tiles_bin_two_scores_per_row(alpha, sink):
+    """With far_top2, key tiles away from the query block's diagonal (and past the first tile) bin each row's
+    two largest scores only: tau_hist stays a lower bound of tau, is never above the all-scores bound, and
+    differs from it on dense inputs whose far tiles hold many of a row's top scores. A sink (key 0 with a
+    large score for every query) sits in the first tile, which is binned in full."""
+    from entflash.kernels.forward import alpha_tensor
+    from entflash.kernels.launch import make_spec
+    from entflash.kernels.sweep import dense_sweep
+
+    gen = torch.Generator().manual_seed(21)
+    B, H, N, D = 1, 2, 320, 32
+    q, k, _ = make_inputs(B, H, H, N, N, D, torch.float32, gen, scale_qk=0.3)
+    if sink:
+        k[:, :, 0] = 4.0 * q.mean(dim=2)
+    alpha = torch.tensor(alpha, device=DEV) if isinstance(alpha, tuple) else alpha
+    scale = D ** -0.5
+    alpha_t = alpha_tensor(alpha, H, q.device)
+    spec = make_spec(q, k, alpha, alpha_t, False, None, None, None)
+    _, _, tau_all = dense_sweep(q, k, alpha_t, scale, spec, far_top2=False)
+    _, _, tau_top2 = dense_sweep(q, k, alpha_t, scale, spec, far_top2=True)
+    _, aux = torch_attention(q.double(), k.double(), q.double(), alpha_t.double(), False, scale, None, None, None,
+                             True)
+    tau = aux["tau"].double()
+    assert torch.isfinite(tau_top2).all()
+    assert (tau_top2.double() <= tau + 1e-4).all(), (tau_top2.double() - tau).max()
+    assert (tau_top2 <= tau_all + 1e-6).all()
+    assert (tau_top2 < tau_all - 1e-6).any(), "the far tiles should have dropped scores that mattered"
 
 
 def test_support_is_counted_only_when_asked():

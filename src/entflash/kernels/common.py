@@ -306,6 +306,21 @@ def histogram_words(x, top):
 
 
 @triton.jit
+def histogram_words_of_rows(v, top):
+    """histogram_words for one score per row: v (BLOCK_M,) float32 and top (BLOCK_M,) as there. Returns four
+    (BLOCK_M,) int64 words holding a count of 1 in v's bin (16-bit lanes, the layout of histogram_words), or
+    nothing where v is at or below the window's floor, -inf, or the row's top is -inf. A row vector costs a
+    few instructions per row, not per score."""
+    shifted = ((top - 0.5) - v * 16.0) + MAGIC_ROUND  # as in histogram_words
+    inwin = shifted <= MAGIC_ROUND + 15.0
+    b = shifted.to(tl.int32, bitcast=True)
+    one = tl.where(inwin, tl.full(v.shape, 1, tl.int64) << ((b & 3) << 4).to(tl.int64), 0)
+    word = b & 12
+    return (tl.where(word == 0, one, 0), tl.where(word == 4, one, 0), tl.where(word == 8, one, 0),
+            tl.where(word == 12, one, 0))
+
+
+@triton.jit
 def _widen_lanes(p):
     """int32 with four 8-bit lanes -> int64 with the same four lanes 16 bits wide."""
     p = p.to(tl.int64)
