@@ -46,6 +46,8 @@ def main():
     ap.add_argument("--noncausal", action="store_true")
     ap.add_argument("--warps", nargs="*", type=int, default=[],
                     help="also time the sweep and the output stage with these num_warps (launch-config experiments)")
+    ap.add_argument("--sweep-configs", nargs="*", default=[],
+                    help="also time the sweep alone with these BLOCK_M:num_warps (e.g. 64:4), launch experiments")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -124,6 +126,10 @@ def main():
                 gap = (tr[fin] - t0h[fin])
                 hist_held = (gap >= -1e-3).float().mean().item()
                 hist_gap_bins = (gap * 16).mean().item()
+                _, _, th_all = dense_sweep(q, k, a_t, scale, spec, far_top2=False)  # every score binned
+                hist_gap_bins_all = ((tr[fin] - th_all[:1, hs][fin]) * 16).mean().item()
+                ms_sweep_all = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec, far_top2=False),
+                                                       return_mode="median")
                 ms_sweep = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec), return_mode="median")
                 ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, th, ni),
                                                    return_mode="median")
@@ -131,6 +137,13 @@ def main():
                     lambda: sparse_output(q, k, v, a_t, scale, spec, rm, tm, tau, tlo, hits, save_bwd=False),
                     return_mode="median")
                 warp_ms = {}
+                for config in args.sweep_configs:
+                    block_m, w = map(int, config.split(":"))
+                    n_mb = triton.cdiv(N, block_m)
+                    spec_c = dataclasses.replace(spec, tiles=dict(spec.tiles, BLOCK_M=block_m), num_m_blocks=n_mb,
+                                                 grid=(n_mb, B * H), sweep_launch=dict(spec.sweep_launch, num_warps=w))
+                    warp_ms[f"ms_sweep_m{block_m}w{w}"] = triton.testing.do_bench(
+                        lambda: dense_sweep(q, k, a_t, scale, spec_c), return_mode="median")
                 for w in args.warps:
                     spec_w = dataclasses.replace(spec, sweep_launch=dict(spec.sweep_launch, num_warps=w),
                                                  sparse_launch=dict(spec.sparse_launch, num_warps=w))
@@ -157,22 +170,25 @@ def main():
                            mean_support=support, ms=ms, ms_fa2=ms_fa, ratio=ms / ms_fa, ms_train=ms_train,
                            ms_normalized=ms_norm, rel_err_normalized=err_norm, ms_sweep=ms_sweep,
                            ms_solve=ms_solve, ms_output=ms_out, first_call_s=first_call_s,
-                           hist_bound_held=hist_held, hist_gap_in_bins=hist_gap_bins, ms_bwd=ms_bwd,
+                           hist_bound_held=hist_held, hist_gap_in_bins=hist_gap_bins,
+                           hist_gap_in_bins_all_scores=hist_gap_bins_all, ms_sweep_all_scores=ms_sweep_all,
+                           ms_bwd=ms_bwd,
                            ms_fa2_bwd=ms_fa_fb - ms_fa, ms_fa2_fwd_bwd=ms_fa_fb,
                            ratio_fwd_bwd=(ms_train + ms_bwd) / ms_fa_fb, **warp_ms)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 del res, ref, aux, tau_s, tile_map, o2, s_sum, qf, kf, vf
     print("\n   N    D local NI  sparsity support  err      ours ms  FA2 ms  ratio  sweep  solve output first_s"
-          "  train  norm  err_norm   bwd  FA2bwd  f+b ratio")
+          "  train  norm  err_norm   bwd  FA2bwd  f+b ratio  sweep_all gap gap_all")
     for r in rows:
         print(f"{r['N']:5d} {r['D']:4d} {r['local']:5.1f} {r['newton_iters']:2d} {r['block_sparsity']:8.3f} "
               f"{r['mean_support']:7.1f} {r['rel_err']:.1e} {r['ms']:8.3f} {r['ms_fa2']:7.3f} {r['ratio']:6.2f} "
               f"{r['ms_sweep']:6.3f} {r['ms_solve']:6.3f} {r['ms_output']:6.3f} {r['first_call_s']:6.1f} "
               f"{r['ms_train']:6.3f} {r['ms_normalized']:6.3f} {r['rel_err_normalized']:.1e} "
-              f"{r['ms_bwd']:6.3f} {r['ms_fa2_bwd']:6.3f} {r['ratio_fwd_bwd']:6.2f}  "
+              f"{r['ms_bwd']:6.3f} {r['ms_fa2_bwd']:6.3f} {r['ratio_fwd_bwd']:6.2f}  {r['ms_sweep_all_scores']:6.3f} "
+              f"{r['hist_gap_in_bins']:5.2f} {r['hist_gap_in_bins_all_scores']:5.2f} "
               + " ".join(f"{key[3:]}={val:.3f}" for key, val in r.items() if key.endswith(tuple(
-                  f"_w{w}" for w in args.warps))))
+                  f"_w{w}" for w in args.warps)) or key.startswith("ms_sweep_m")))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
