@@ -328,6 +328,36 @@ def test_16bit_inference_takes_one_solver_step_and_aux_stays_exact(dtype, alpha,
     assert torch.equal(fast, one_step["out"])
 
 
+@pytest.mark.parametrize("local", [0.0, 3.0])
+def test_tile_map_from_each_solver_path(local):
+    """The tile map covers every non-zero of the exact p whichever stage forms it: the solve's hit map of its last
+    Newton pass (1 or 2 passes) or, without a pass, the output sweep itself; it is skipped (None) when nobody
+    asks for it, and autograd.fused_forward then returns an empty tensor."""
+    from entflash.autograd import fused_forward
+
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = make_inputs(1, 2, 1, 130, 200, 32, torch.float32, gen, scale_qk=1.5, local=local)
+    scale = 32 ** -0.5
+    _, tau_ref, _ = reference(q, k, v, 1.5, True, scale)
+    p = dense_probs(q, k, 1.5, True, scale, tau_ref)
+    pad = torch.zeros(1, 2, 192, 256, dtype=p.dtype, device=p.device)
+    pad[:, :, :130, :200] = p
+    nonzero = pad.view(1, 2, 3, 64, 4, 64).amax(dim=(3, 5)) > 0
+    maps = {}
+    for passes in (0, 1, 2):
+        res = entmax_forward(q, k, v, 1.5, True, scale, newton_iters=passes, save_bwd=False)
+        maps[passes] = res["tile_map"]
+        assert not (nonzero & ~maps[passes]).any(), passes
+    assert not (maps[2] & ~maps[1]).any(), "a later pass starts from a larger tau: its map is no wider"
+    if local > 0:
+        assert (~maps[2]).any(), "local inputs should leave tiles out of the map"
+    assert entmax_forward(q, k, v, 1.5, True, scale, newton_iters=0, save_bwd=False, need_map=False)["tile_map"] is None
+    fast = fused_forward(q.half(), k.half(), v.half(), 1.5, True, scale, None, None, None, False, False)
+    assert fast[3].numel() == 0
+    assert fused_forward(q.half(), k.half(), v.half(), 1.5, True, scale, None, None, None, False, True)[3].shape == \
+        nonzero.shape
+
+
 @pytest.mark.parametrize("kind", ["huge_fp32", "equal_scores", "dominant_key", "fp16_large"])
 def test_extreme_inputs(kind):
     gen = torch.Generator().manual_seed(6)

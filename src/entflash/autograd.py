@@ -85,16 +85,19 @@ def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, k
     inference (no keep_for_backward) skips the Newton pass of the solve stage: the output pass's closing
     correction is then the one solver step after the histogram bound, the output stays at 16-bit accuracy
     (measured ~5e-3 relative for bf16, as with the pass) and tau is that step's (~1e-2 off); support is
-    not counted at all (-1) without exact_aux.
+    not counted at all (-1) without exact_aux, and the tile map is not formed (an empty (0,) tensor) when
+    neither flag is set.
     Returns (out, tau, support, tile_map, o2, s): out (B, Hq, Nq, D) in q's dtype laid out like
     torch.empty_like(q); tau (B, Hq, Nq) float32; support (B, Hq, Nq) int32; tile_map
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool; o2 (B, Hq, Nq, D) and s (B, Hq, Nq) float32.
     """
+    need_map = keep_for_backward or exact_aux
     res = entmax_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, save_bwd=keep_for_backward,
                          newton_iters=newton_passes(q.dtype, alpha, keep_for_backward, exact_aux),
-                         count_support=exact_aux)
+                         count_support=exact_aux, need_map=need_map)
     kept = [res[name] if keep_for_backward else res["tau"].new_empty(0) for name in ("o2", "s")]
-    return (res["out"], res["tau"], res["support"], res["tile_map"], *kept)
+    tile_map = res["tile_map"] if need_map else q.new_empty(0, dtype=torch.bool)
+    return (res["out"], res["tau"], res["support"], tile_map, *kept)
 
 
 def fused_backward(grad_out, q, k, v, tau, tile_map, o2, s, alpha, causal, scale, window, seqlens_q, seqlens_k,
@@ -135,7 +138,7 @@ def _triton_attention_forward_fake(q, k, v, alpha_heads, alpha_value, causal, sc
     tile_rows, tile_columns = (num_queries + MAP_BLOCK - 1) // MAP_BLOCK, (k.shape[2] + MAP_BLOCK - 1) // MAP_BLOCK
     tiles = (batch, heads, tile_rows, tile_columns)
     return (torch.empty_like(q), q.new_empty(rows, dtype=torch.float32), q.new_empty(rows, dtype=torch.int32),
-            q.new_empty(tiles, dtype=torch.bool),
+            q.new_empty(tiles if keep_for_backward or exact_aux else (0,), dtype=torch.bool),
             q.new_empty(q.shape if keep_for_backward else (0,), dtype=torch.float32),
             q.new_empty(rows if keep_for_backward else (0,), dtype=torch.float32))
 

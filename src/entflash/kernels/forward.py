@@ -29,7 +29,7 @@ def default_newton_iters(alpha) -> int:
 
 
 def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlens_q=None, seqlens_k=None,
-                   *, newton_iters=None, out=None, save_bwd=True, fold=True, count_support=True):
+                   *, newton_iters=None, out=None, save_bwd=True, fold=True, count_support=True, need_map=True):
     """Fused alpha-entmax attention forward.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); float16, bfloat16 or float32 (float32 products use
@@ -47,7 +47,8 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     outputs: autograd.newton_passes);
     out: optional preallocated output (q's dtype and shape, not for float64 inputs); save_bwd=False
     (inference) returns o2/s as None; fold=False (with save_bwd=False) skips O2 and normalizes instead
-    (output.sparse_output); count_support=False leaves support uncounted (-1).
+    (output.sparse_output); count_support=False leaves support uncounted (-1); need_map=False lets tile_map
+    come back None when newton_iters = 0 (the map then costs a reduction per visited tile).
     """
     out_dtype = q.dtype
     if q.dtype == torch.float64:
@@ -64,7 +65,7 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
     tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters)
     res = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits, out=out,
-                        save_bwd=save_bwd, fold=fold, count_support=count_support)
+                        save_bwd=save_bwd, fold=fold, count_support=count_support, need_map=need_map)
     if out_dtype != res["out"].dtype:
         res["out"] = res["out"].to(out_dtype)
     return res

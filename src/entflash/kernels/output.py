@@ -1,6 +1,9 @@
 """Sparse output sweep: O = sum p v over the tiles that can hold non-zeros, closed by one analytic
 Newton correction, plus what the backward needs (O2, S) and the 64x64 tile map.
 
+The tile map is the solve stage's hit map when it ran a Newton pass (the tiles where some row exceeded the
+last pass's tau); without one (16-bit inference) it is formed here, per visited tile, only when asked for.
+
 With F = sum p, S = sum s (s = p^(2-alpha)) and O2 = sum s v at the solver's tau, a Newton step
 dtau = (alpha-1) c, c = (F - 1) / S, changes each p by -c s to first order, so the corrected output
 is O - c O2 (its weights sum to exactly 1) and the reported tau is tau + (alpha-1) c: no separate
@@ -29,7 +32,7 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                    ALPHA_MODE: tl.constexpr, NK_CHUNK: tl.constexpr,
                    FOLD: tl.constexpr, SAVE_BWD: tl.constexpr, COUNT_SUPPORT: tl.constexpr,
-                   FROM_HITS: tl.constexpr):
+                   FROM_HITS: tl.constexpr, WRITE_MAP: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -72,8 +75,9 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
             x, offs_n = score_tile(q, k_base, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
                                    qk_scale, len_q, len_k, offset, win_left, win_right,
                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-            hit = sub_block_max_rows(tl.max(x, axis=1) - tau_low, BLOCK_M) > 0
-            tl.store(TileMap + tile_off + sub * stride_tm + kb, hit.to(tl.int8), mask=sub < n_sub_valid)
+            if WRITE_MAP:
+                hit = sub_block_max_rows(tl.max(x, axis=1) - tau_low, BLOCK_M) > 0
+                tl.store(TileMap + tile_off + sub * stride_tm + kb, hit.to(tl.int8), mask=sub < n_sub_valid)
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
             v = load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, len_k, D)
             acc = mma(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
@@ -101,7 +105,7 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
 
 
 def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits=None, *, out=None,
-                  save_bwd=True, fold=True, count_support=True):
+                  save_bwd=True, fold=True, count_support=True, need_map=True):
     """Output sweep over candidate tiles.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); alpha_t (Hq,) float32; row_max, tile_max from the sweep; tau,
@@ -109,7 +113,8 @@ def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low
     the sweep visits the tiles it marks, else those whose tile_max value exceeds tau_low. Returns a dict:
       out (B, Hq, Nq, D) in q's dtype (strides like q), tau (B, Hq, Nq) float32 (after the closing
       Newton correction), support (B, Hq, Nq) int32 (count of p > 0), tile_map (B, Hq, ceil(Nq/64),
-      ceil(Nk/64)) bool, o2 (B, Hq, Nq, D) float32 = sum s v and s (B, Hq, Nq) float32 = sum s, both at
+      ceil(Nk/64)) bool (a superset of the tiles holding non-zeros: hits when given, else formed here; None
+      with need_map=False and no hits), o2 (B, Hq, Nq, D) float32 = sum s v and s (B, Hq, Nq) float32 = sum s, both at
       the solver's tau. `out`, if given, is a preallocated output tensor (like q) to write into.
     save_bwd=False (inference): o2 and s come back None. fold=False (only without save_bwd)
     also skips computing O2 (one matmul of two per tile) and closes the output by exact row
@@ -122,18 +127,20 @@ def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low
     out = torch.empty_like(q) if out is None else out
     tau_out = torch.empty((B, H, Nq), device=dev, dtype=torch.float32)
     support = torch.empty((B, H, Nq), device=dev, dtype=torch.int32)
-    tile_map = torch.zeros(tile_max.shape, device=dev, dtype=torch.int8)
+    write_map = hits is None and need_map
+    tile_map = torch.zeros(tile_max.shape, device=dev, dtype=torch.int8) if write_map else hits
     o2 = torch.empty((B, H, Nq, D) if save_bwd else (1,), device=dev, dtype=torch.float32)
     s2 = torch.empty((B, H, Nq) if save_bwd else (1,), device=dev, dtype=torch.float32)
     _output_kernel[spec.grid](
         q, k, v, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau, tau_low, spec.lists,
         hits if hits is not None else tile_max,
-        out, tau_out, support, tile_map, o2, s2,
+        out, tau_out, support, tile_map if write_map else tile_max, o2, s2,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tile_max.stride()[:3],
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, tile_max.shape[2], **spec.flags, **spec.tiles,
         ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, FOLD=bool(fold or save_bwd),
-        SAVE_BWD=bool(save_bwd), COUNT_SUPPORT=bool(count_support), FROM_HITS=hits is not None,
+        SAVE_BWD=bool(save_bwd), COUNT_SUPPORT=bool(count_support), FROM_HITS=hits is not None, WRITE_MAP=write_map,
         **spec.sparse_launch)
-    return dict(out=out, tau=tau_out, support=support, tile_map=tile_map.view(torch.bool),
+    return dict(out=out, tau=tau_out, support=support,
+                tile_map=tile_map.view(torch.bool) if tile_map is not None else None,
                 o2=o2 if save_bwd else None, s=s2 if save_bwd else None)

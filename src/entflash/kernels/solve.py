@@ -4,8 +4,9 @@ For each block of query rows (one program), starting from the sweep's guaranteed
 (sweep.py: a 16-bin histogram of the window below the row max, solved in registers, at most about one
 bin width, 1/16, below the root), NEWTON_ITERS passes over the tiles that can exceed the current tau,
 each one Newton step on F^(alpha-1) - 1, which approaches the root from below (common.newton_tau).
-The output sweep (output.py) closes with one more, analytic, Newton correction. Each pass also marks the
-tiles where some row exceeds its tau: the output sweep visits those instead of the sweep's looser candidates.
+The output sweep (output.py) closes with one more, analytic, Newton correction. The last pass also marks the
+tiles where some row exceeds its tau: the output sweep visits those instead of the sweep's looser candidates,
+and they are the forward's tile map.
 """
 import torch
 import triton
@@ -56,7 +57,7 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
     tau_low = tau
 
     # Newton passes from below over the tiles that can exceed tau.
-    for _ in tl.static_range(NEWTON_ITERS):
+    for it in tl.static_range(NEWTON_ITERS):
         thr = sub_block_min_rows(tl.where(valid, tau - m_i - margin_m, float("inf")), BLOCK_M)
         f_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -72,9 +73,11 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
                 tile_f = tl.sum(p, axis=1)
                 f_i += tile_f
                 s_i += tl.sum(s, axis=1)
-                # mark the tile for each row's sub-block when the row exceeds this pass's tau, a lower bound of
-                # the final one: rows of one sub-block store the same 1 to one byte (no cross-row reduction)
-                tl.store(hits_ptr + row_sub * stride_tm + kb, one_i8, mask=tile_f > 0.0)
+                # last pass: mark the tile for each row's sub-block when the row exceeds this pass's tau, a lower
+                # bound of the final one: rows of one sub-block store the same 1 to one byte (no cross-row
+                # reduction)
+                if it == NEWTON_ITERS - 1:
+                    tl.store(hits_ptr + row_sub * stride_tm + kb, one_i8, mask=tile_f > 0.0)
         # F(tau) >= 1 certifies tau <= root: keep the best certified lower bound.
         tau_low = tl.where(valid & (f_i >= 1.0), tl.maximum(tau_low, tau), tau_low)
         tau = tl.maximum(newton_tau(tau, f_i, s_i, expo, ALPHA_MODE), tau_low)
@@ -90,9 +93,9 @@ def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_it
     rows without a visible key): tau is <= the root up to rounding, and within ~1e-5 of it after one Newton
     pass (the output sweep's closing correction squares that error); tau_low (<= tau) is a guaranteed
     lower bound, minus a rounding margin, that decides which tiles may hold non-zeros. hits, like tile_max
-    but int8, marks the 64x64 tiles where some row's score exceeded a Newton pass's tau:
+    but int8, marks the 64x64 tiles where some row's score exceeded the last Newton pass's tau:
     a superset of the tiles holding non-zeros at the final tau, which the output sweep then visits instead
-    of the sweep's candidates (None when newton_iters = 0).
+    of the sweep's candidates, and the forward's tile map (None when newton_iters = 0).
     newton_iters: Newton passes after the histogram bound (0 returns the bound itself).
     """
     B, H, Nq, D = q.shape
