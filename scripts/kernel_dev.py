@@ -139,9 +139,8 @@ def main():
                 warp_ms = {}
                 for config in args.sweep_configs:
                     block_m, w = map(int, config.split(":"))
-                    n_mb = triton.cdiv(N, block_m)
-                    spec_c = dataclasses.replace(spec, tiles=dict(spec.tiles, BLOCK_M=block_m), num_m_blocks=n_mb,
-                                                 grid=(n_mb, B * H), sweep_launch=dict(spec.sweep_launch, num_warps=w))
+                    spec_c = dataclasses.replace(spec, sweep_block_m=block_m,
+                                                 sweep_launch=dict(spec.sweep_launch, num_warps=w))
                     warp_ms[f"ms_sweep_m{block_m}w{w}"] = triton.testing.do_bench(
                         lambda: dense_sweep(q, k, a_t, scale, spec_c), return_mode="median")
                 for w in args.warps:

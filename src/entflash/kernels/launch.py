@@ -53,7 +53,8 @@ class StageSpec:
 
     lq/lk: int32 (B,) length tensors or a dummy pointer (flags say which); win_left/win_right: ints
     (0 when that side is unlimited); group = Hq // Hkv; grid = (num query blocks, B * Hq);
-    tiles: BLOCK_M/BLOCK_N/BLOCK_D/DOT_PREC/UPCAST constexprs; *_launch: num_warps/num_stages per stage.
+    tiles: BLOCK_M/BLOCK_N/BLOCK_D/DOT_PREC/UPCAST constexprs of the solve and output stages; the sweep runs
+    sweep_block_m-row query blocks instead (its own grid); *_launch: num_warps/num_stages per stage.
     """
     lq: torch.Tensor
     lk: torch.Tensor
@@ -65,6 +66,7 @@ class StageSpec:
     alpha_mode: int
     lists: torch.Tensor  # int32 scratch, NK_CHUNK entries per program: candidate key tiles
     nk_chunk: int
+    sweep_block_m: int = 64
     flags: dict = field(default_factory=dict)
     tiles: dict = field(default_factory=dict)
     sweep_launch: dict = field(default_factory=dict)
@@ -76,18 +78,23 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
 
     Tile choice: 128-row query blocks for head dims <= 128 on a GPU (64 rows under the interpreter,
     which runs each program in numpy, and for D = 256 to bound registers); key tiles are always 64
-    wide, the granularity of the tile map.
+    wide, the granularity of the tile map. The sweep takes 64-row blocks for 16-bit inputs (its tile maxima
+    are per 64 rows anyway): on the H200 they ran it 5-9% faster than 128-row ones at N = 16k, D 64 and 128,
+    dense and ~90% block sparse (benchmarks/results/kernel_dev-02f55a3-sweep-m64.json, ms_sweep_m64w4).
     """
     B, H, Nq, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
     block_m = 64 if interpreting() or block_d > 128 else 128
-    # 128-row blocks: the sweep is fastest with 4 warps, the later stages need 8 (with 4, the output
-    # kernel spills at D = 64 and runs 5x slower at D = 128; kernel_dev-9b67436.json); float32 tiles
-    # need 8 warps' registers in the sweep too (scripts/compile_kernels.py's spill counts)
-    sweep_warps, warps = (4 if q.element_size() == 2 else 8), 8
+    # 128-row blocks: the later stages need 8 warps (with 4, the output kernel spills at D = 64 and runs 5x
+    # slower at D = 128; kernel_dev-9b67436.json); the sweep takes 64-row blocks and 4 warps for 16-bit inputs
+    # up to D = 128; float32 tiles (exact-float32 products) keep the shared blocks and need 8 warps' registers
+    # (scripts/compile_kernels.py's spill counts)
+    warps = 8
     if block_m == 64:
         warps = 4 if block_d <= 128 else 8
-        sweep_warps = warps
+    half = q.element_size() == 2
+    sweep_block_m = 64 if half else block_m
+    sweep_warps = 4 if block_d <= 128 and half else 8
     flags, win_left, win_right = mask_args(causal, window, seqlens_q, seqlens_k)
     n_mb = triton.cdiv(Nq, block_m)
     nk_chunk = min(512, max(16, triton.next_power_of_2(triton.cdiv(k.shape[2], 64))))
@@ -104,6 +111,7 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
         nk_chunk=nk_chunk,
         flags=flags,
         tiles=dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, **dot_args(q.dtype)),
+        sweep_block_m=sweep_block_m,
         sweep_launch=dict(num_warps=sweep_warps, num_stages=3 if block_d <= 128 else 2),
         sparse_launch=dict(num_warps=warps, num_stages=2),
     )

@@ -157,14 +157,15 @@ def dense_sweep(q, k, alpha_t, scale, spec, far_top2=None):
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     n_sub, n_kt = triton.cdiv(Nq, 64), triton.cdiv(Nk, 64)
+    n_mb = triton.cdiv(Nq, spec.sweep_block_m)
     row_max = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tau_hist = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tile_max = torch.full((B, H, n_sub, n_kt), float("-inf"), device=q.device, dtype=torch.float32)
-    _sweep_kernel[spec.grid](
+    _sweep_kernel[(n_mb, B * H)](
         q, k, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist,
         *q.stride(), *k.stride(), *tile_max.stride()[:3],
         H, Nq, Nk, D, spec.group, float(scale), spec.win_left, spec.win_right,
-        spec.num_m_blocks, n_sub, **spec.flags, **spec.tiles,
+        n_mb, n_sub, **spec.flags, **dict(spec.tiles, BLOCK_M=spec.sweep_block_m),
         ALPHA_MODE=spec.alpha_mode, HIST_ITERS=HIST_ITERS,
         FAR_TOP2=FAR_TILES_TOP2 if far_top2 is None else bool(far_top2), **spec.sweep_launch)
     return row_max, tile_max, tau_hist
