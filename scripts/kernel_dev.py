@@ -48,6 +48,8 @@ def main():
                     help="also time the sweep and the output stage with these num_warps (launch-config experiments)")
     ap.add_argument("--sweep-configs", nargs="*", default=[],
                     help="also time the sweep alone with these BLOCK_M:num_warps (e.g. 64:4), launch experiments")
+    ap.add_argument("--sparse-configs", nargs="*", default=[],
+                    help="also time the solve and output stages with these BLOCK_M:num_warps (e.g. 64:4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -143,6 +145,29 @@ def main():
                                                  sweep_launch=dict(spec.sweep_launch, num_warps=w))
                     warp_ms[f"ms_sweep_m{block_m}w{w}"] = triton.testing.do_bench(
                         lambda: dense_sweep(q, k, a_t, scale, spec_c), return_mode="median")
+                for config in args.sparse_configs:
+                    block_m, w = map(int, config.split(":"))
+                    n_mb = triton.cdiv(N, block_m)
+                    spec_c = dataclasses.replace(
+                        spec, tiles=dict(spec.tiles, BLOCK_M=block_m), num_m_blocks=n_mb, grid=(n_mb, B * H),
+                        lists=torch.empty(n_mb * B * H * spec.nk_chunk, device="cuda", dtype=torch.int32),
+                        sparse_launch=dict(spec.sparse_launch, num_warps=w))
+                    tau_c, tlo_c, hits_c = solve_tau(q, k, a_t, scale, spec_c, rm, tm, th, ni)
+                    res_c = sparse_output(q, k, v, a_t, scale, spec_c, rm, tm, tau_c, tlo_c, hits_c, save_bwd=False)
+                    warp_ms[f"rel_err_m{block_m}w{w}"] = (
+                        (res_c["out"][:1, hs].float() - ref).norm() / ref.norm()).item()
+                    warp_ms[f"ms_solve_m{block_m}w{w}"] = triton.testing.do_bench(
+                        lambda: solve_tau(q, k, a_t, scale, spec_c, rm, tm, th, ni), return_mode="median")
+                    warp_ms[f"ms_output_m{block_m}w{w}"] = triton.testing.do_bench(
+                        lambda: sparse_output(q, k, v, a_t, scale, spec_c, rm, tm, tau_c, tlo_c, hits_c,
+                                              save_bwd=False), return_mode="median")
+                    warp_ms[f"ms_output0_m{block_m}w{w}"] = triton.testing.do_bench(
+                        lambda: sparse_output(q, k, v, a_t, scale, spec_c, rm, tm, th, th, None, save_bwd=False,
+                                              need_map=False), return_mode="median")
+                if args.sparse_configs:
+                    warp_ms["ms_output0"] = triton.testing.do_bench(
+                        lambda: sparse_output(q, k, v, a_t, scale, spec, rm, tm, th, th, None, save_bwd=False,
+                                              need_map=False), return_mode="median")
                 for w in args.warps:
                     spec_w = dataclasses.replace(spec, sweep_launch=dict(spec.sweep_launch, num_warps=w),
                                                  sparse_launch=dict(spec.sparse_launch, num_warps=w))
@@ -187,7 +212,8 @@ def main():
               f"{r['ms_bwd']:6.3f} {r['ms_fa2_bwd']:6.3f} {r['ratio_fwd_bwd']:6.2f}  {r['ms_sweep_all_scores']:6.3f} "
               f"{r['hist_gap_in_bins']:5.2f} {r['hist_gap_in_bins_all_scores']:5.2f} "
               + " ".join(f"{key[3:]}={val:.3f}" for key, val in r.items() if key.endswith(tuple(
-                  f"_w{w}" for w in args.warps)) or key.startswith("ms_sweep_m")))
+                  f"_w{w}" for w in args.warps)) or key.startswith(("ms_sweep_m", "ms_solve_m", "ms_output"))
+                  and key != "ms_output"))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
