@@ -76,23 +76,26 @@ class StageSpec:
 def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> StageSpec:
     """Build the launch plan for q (B, Hq, Nq, D), k (B, Hkv, Nk, D) and the normalized arguments.
 
-    Tile choice: 128-row query blocks for head dims <= 128 on a GPU (64 rows under the interpreter,
-    which runs each program in numpy, and for D = 256 to bound registers); key tiles are always 64
-    wide, the granularity of the tile map. The sweep takes 64-row blocks for 16-bit inputs (its tile maxima
-    are per 64 rows anyway): on the H200 they ran it 5-9% faster than 128-row ones at N = 16k, D 64 and 128,
+    Tile choice: 128-row query blocks on a GPU up to D = 128, except 64 rows for 16-bit inputs with D <= 64
+    (float32 tiles spill there with 64 rows and 4 warps: scripts/compile_kernels.py) (on the H100 at
+    N = 16k, D = 64 they ran the solve 7-15% and the output pass 8-39% faster than 128 rows, dense and ~60%
+    block sparse: benchmarks/results/kernel_dev-e5b7144-sparse-m64.json), under the interpreter (which runs
+    each program in numpy) and for D = 256 (registers); key tiles are always 64 wide, the granularity of the
+    tile map. The sweep takes 64-row blocks for 16-bit inputs (its tile maxima are per 64 rows anyway): on the
+    H200 they ran it 5-9% faster than 128-row ones at N = 16k, D 64 and 128,
     dense and ~90% block sparse (benchmarks/results/kernel_dev-02f55a3-sweep-m64.json, ms_sweep_m64w4).
     """
     B, H, Nq, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
-    block_m = 64 if interpreting() or block_d > 128 else 128
-    # 128-row blocks: the later stages need 8 warps (with 4, the output kernel spills at D = 64 and runs 5x
-    # slower at D = 128; kernel_dev-9b67436.json); the sweep takes 64-row blocks and 4 warps for 16-bit inputs
-    # up to D = 128; float32 tiles (exact-float32 products) keep the shared blocks and need 8 warps' registers
-    # (scripts/compile_kernels.py's spill counts)
+    half = q.element_size() == 2
+    block_m = 64 if interpreting() or block_d > 128 or (block_d <= 64 and half) else 128
+    # 128-row blocks: the later stages need 8 warps (with 4, the output kernel spilled at D = 64 and ran 5x
+    # slower at D = 128; kernel_dev-9b67436.json); 64-row blocks take 4 warps. The sweep takes 64-row blocks
+    # and 4 warps for 16-bit inputs up to D = 128; float32 tiles (exact-float32 products) keep the shared
+    # blocks and need 8 warps' registers (scripts/compile_kernels.py's spill counts)
     warps = 8
     if block_m == 64:
         warps = 4 if block_d <= 128 else 8
-    half = q.element_size() == 2
     sweep_block_m = 64 if half else block_m
     sweep_warps = 4 if block_d <= 128 and half else 8
     flags, win_left, win_right = mask_args(causal, window, seqlens_q, seqlens_k)
