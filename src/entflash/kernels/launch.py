@@ -76,14 +76,14 @@ class StageSpec:
 def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> StageSpec:
     """Build the launch plan for q (B, Hq, Nq, D), k (B, Hkv, Nk, D) and the normalized arguments.
 
-    Tile choice: 128-row query blocks on a GPU up to D = 128, except 64 rows for 16-bit inputs with D <= 64
-    (float32 tiles spill there with 64 rows and 4 warps: scripts/compile_kernels.py) (on the H100 at
-    N = 16k, D = 64 they ran the solve 7-15% and the output pass 8-39% faster than 128 rows, dense and ~60%
-    block sparse: benchmarks/results/kernel_dev-e5b7144-sparse-m64.json), under the interpreter (which runs
-    each program in numpy) and for D = 256 (registers); key tiles are always 64 wide, the granularity of the
-    tile map. The sweep takes 64-row blocks for 16-bit inputs (its tile maxima are per 64 rows anyway): on the
-    H200 they ran it 5-9% faster than 128-row ones at N = 16k, D 64 and 128,
-    dense and ~90% block sparse (benchmarks/results/kernel_dev-02f55a3-sweep-m64.json, ms_sweep_m64w4).
+    Tile choice: key tiles are always 64 wide, the granularity of the tile map. The Newton and output passes
+    take 128-row query blocks on a GPU up to D = 128, except for 16-bit inputs with D <= 64, which take 64 rows
+    (on the H100 at N = 16k, D = 64 they ran the solve 7-15% and the output pass 8-39% faster, dense and ~60%
+    block sparse: benchmarks/results/kernel_dev-e5b7144-sparse-m64.json; float32 tiles spill there with 64
+    rows and 4 warps); 64 rows also under the interpreter (which runs each program in numpy) and for D = 256
+    (registers). The sweep takes 64-row blocks for 16-bit inputs (its tile maxima are per 64 rows anyway): on
+    the H200 they ran it 5-9% faster than 128-row ones at N = 16k, D 64 and 128, dense and ~90% block sparse
+    (benchmarks/results/kernel_dev-02f55a3-sweep-m64.json, ms_sweep_m64w4).
     """
     B, H, Nq, D = q.shape
     block_d = max(16, triton.next_power_of_2(D))
