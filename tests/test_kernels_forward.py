@@ -209,8 +209,8 @@ def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal)
 def test_sweep_far_tiles_bin_two_scores_per_row(alpha, sink):
     """With far_top2, key tiles away from the query block's diagonal (and past the first tile) bin each row's
     two largest scores only: tau_hist stays a lower bound of tau, is never above the all-scores bound, and
-    differs from it on dense inputs whose far tiles hold many of a row's top scores. A sink (key 0 with a
-    large score for every query) sits in the first tile, which is binned in full."""
+    differs from it on dense inputs whose far tiles hold many of a row's top scores. The same holds with an
+    attention sink (key 0 scoring high for every query; the first key tile is always binned in full)."""
     from entflash.kernels.forward import alpha_tensor
     from entflash.kernels.launch import make_spec
     from entflash.kernels.sweep import dense_sweep
