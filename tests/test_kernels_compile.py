@@ -53,8 +53,11 @@ def test_representative_kernels_compile_for_sm90(tmp_path):
         assert compiled("_solve_kernel", f"ALPHA_MODE={mode}")
         assert compiled("_output_kernel", f"ALPHA_MODE={mode}")
     assert compiled("_sweep_kernel", "CAUSAL=1")
-    # GPU tile configuration, not the interpreter's
-    assert compiled("_output_kernel", "BLOCK_M=128")
+    # GPU configuration, not the interpreter's (which upcasts bf16 operands): bf16 at D = 64 takes 64-row blocks
+    # with 4 warps in every forward pass (kernels/launch.py)
+    for kernel in ("_sweep_kernel", "_solve_kernel", "_output_kernel"):
+        assert compiled(kernel, "bf16", "BLOCK_D=64", "BLOCK_M=64", "UPCAST=0", "w4s3" if kernel == "_sweep_kernel"
+                        else "w4s2"), kernel
     # row-wise forward, backward with alpha gradient, loss forward and backward
     assert compiled("_entmax_rows_fwd_kernel", "IS_LOSS=0", "ALPHA_PER_ROW=1")
     assert compiled("_entmax_rows_bwd_kernel", "NEED_DALPHA=1")
