@@ -10,8 +10,9 @@ run keeps what it measured. Plots and a markdown table come at the end.
 Presets (shapes as FlashAttention's benchmark: B = tokens // N, H = hidden // D):
   --quick  N = 4096, D in {64, 128}, causal, dense and ~90% block sparsity (well under a minute on an H100)
   --paper  N in {1k..32k}, D in {64, 128}, causal and not, 4 levels (0, 0.6, 0.9, 0.97 targets)
-Neither preset runs `adasplash` unless named in --impls: its AdaSplash-2 kernels autotune 60 configurations
-per (N, D), ~90 s each time on an H100 (see README.md for the companion runs).
+Neither preset runs `adasplash` unless named in --impls. Its AdaSplash-2 kernels autotune 60 configurations
+per (N, D), ~90 s each time on an H100; the harness keeps 14 of them unless --adasplash-autotune full
+(benchmarks.impls; README.md has the companion runs).
   --cpu    tiny shapes through ours' torch backend, float32, on the CPU (checks the harness, times mean little)
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks import report
+from benchmarks import impls as impls_module, report
 from benchmarks.impls import Case, Implementation, all_implementations
 from benchmarks.inputs import AttentionInputs, StructuredInputs, calibrate_strength
 from benchmarks.measure import BenchSettings, first_call, median_ms, peak_memory_gib
@@ -215,6 +216,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float,
                         help="start no new case after this many seconds (default: the preset's; 0 = no limit)")
     parser.add_argument("--tag", default="", help="suffix of the file names (to keep split runs apart)")
+    parser.add_argument("--adasplash-autotune", choices=("short", "full"), default=impls_module.ADASPLASH_AUTOTUNE,
+                        help="adasplash v2's autotune list: a short one (benchmarks.impls) or its own full one")
     parser.set_defaults(preset="quick")
     return parser.parse_args(argv)
 
@@ -249,6 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the selected preset, write JSON and PNGs, print the table; returns the JSON document."""
     args = parse_args(argv)
     preset = _configured_preset(args)
+    impls_module.ADASPLASH_AUTOTUNE = args.adasplash_autotune
     if preset.device == "cpu":
         torch.set_num_threads(1)  # tiny shapes: threads only contend with whatever else runs (CI's workers)
     tiles = tuple(tuple(int(x) for x in t.lower().split("x")) for t in args.tiles)
@@ -259,7 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 "hidden": preset.hidden, "tiles": [tile_name(t) for t in tiles], "sinks": args.sinks,
                 "backend": preset.backend, "warmup_ms": preset.settings.warmup_ms,
                 "rep_ms": preset.settings.rep_ms, "max_len": preset.max_len,
-                "dense_level_only": preset.dense_level_only, "budget_s": preset.budget_s, "seed": args.seed}
+                "dense_level_only": preset.dense_level_only, "budget_s": preset.budget_s, "seed": args.seed,
+                "adasplash_autotune": args.adasplash_autotune}
     document = report.new_document(preset.device, args.preset, baseline, settings)
     if args.tag:
         document["commit"] = f"{document['commit']}-{args.tag}"

@@ -11,7 +11,8 @@ the same tensors and the same scale 1/sqrt(D).
   cudnn                torch SDPA restricted to the cuDNN backend
   sdpa_math            torch SDPA math backend (the CPU-mode baseline)
   adasplash            the `adasplash` package's dispatcher: AdaSplash-2 (`adasplash_v2`) for causal
-                       alpha = 1.5, its v1 block-mask kernel (`adasplash_v1`) otherwise
+                       alpha = 1.5, its v1 block-mask kernel (`adasplash_v1`) otherwise; v2 autotunes over a
+                       shortened list of its configurations unless ADASPLASH_AUTOTUNE = "full"
   entmax_bisect        the `entmax` package on materialized float32 scores (skipped where it cannot fit)
 """
 from __future__ import annotations
@@ -133,17 +134,58 @@ class Sdpa(Implementation):
             return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, scale=case.scale)
 
 
+# AdaSplash-2's autotuned kernels (module adasplash.adasplash_v2) and the launch configurations the harness keeps
+# of theirs with ADASPLASH_AUTOTUNE = "short": 4 warps, 2 or 3 stages, and for its tau kernel the (BLOCK_M, BLOCK_N)
+# pairs (128, 64) and (64, 64). Its full lists (30 configurations for the tau kernel, 6 for each other) compile for
+# about 90 s per (N, D) on an H100, a large part of a device session.
+ADASPLASH_V2_KERNELS = ("_get_tau", "_get_tau_v2", "_get_tau_v3", "_get_output", "_bwd_q_kernel", "_bwd_kv_kernel")
+ADASPLASH_SHORT_BLOCKS = {(128, 64), (64, 64)}
+ADASPLASH_AUTOTUNE = "short"  # or "full": adasplash's own lists (benchmarks.attention --adasplash-autotune)
+
+
+def _kept_by_short_autotune(config) -> bool:
+    blocks = (config.kwargs.get("BLOCK_M"), config.kwargs.get("BLOCK_N"))
+    return (config.num_warps == 4 and config.num_stages in (2, 3)
+            and (blocks == (None, None) or blocks in ADASPLASH_SHORT_BLOCKS))
+
+
+def shorten_adasplash_autotune() -> Dict[str, int]:
+    """Restrict adasplash v2's autotuned kernels to the configurations _kept_by_short_autotune accepts (a kernel
+    none of whose configurations pass keeps its list). Returns {kernel name: configurations left}."""
+    import adasplash.adasplash_v2 as v2
+
+    left = {}
+    for name in ADASPLASH_V2_KERNELS:
+        kernel = getattr(v2, name, None)
+        if kernel is None or not hasattr(kernel, "configs"):
+            continue
+        kernel.configs = [c for c in kernel.configs if _kept_by_short_autotune(c)] or kernel.configs
+        left[name] = len(kernel.configs)
+    return left
+
+
 class AdaSplash(Implementation):
-    """The `adasplash` package's public dispatcher (AdaSplash-2 where it applies, v1 otherwise)."""
+    """The `adasplash` package's public dispatcher (AdaSplash-2 where it applies, v1 otherwise). With
+    ADASPLASH_AUTOTUNE = "short", its v2 kernels autotune over a shortened list (shorten_adasplash_autotune);
+    v1 does not autotune."""
 
     name = "adasplash"
+
+    def __init__(self):
+        self.shortened = False
 
     def skip_reason(self, case, mode):
         return super().skip_reason(case, mode) or _needs_cuda(case)
 
     def variant(self, case: Case) -> str:
-        """Which kernel family the dispatcher picks: 'v2' for causal alpha = 1.5, else 'v1'."""
-        return "v2" if case.causal and case.alpha == 1.5 else "v1"
+        """Which kernel family the dispatcher picks: 'v1', or for causal alpha = 1.5 'v2 (short autotune)' or
+        'v2 (full autotune)' (ADASPLASH_AUTOTUNE)."""
+        return f"v2 ({ADASPLASH_AUTOTUNE} autotune)" if case.causal and case.alpha == 1.5 else "v1"
+
+    def setup(self, case):
+        if ADASPLASH_AUTOTUNE == "short" and not self.shortened:
+            shorten_adasplash_autotune()
+            self.shortened = True
 
     def attend(self, q, k, v, case):
         import adasplash

@@ -173,3 +173,20 @@ def test_targets_check_counts_cases_in_band():
     learned = rows["learnable alpha fwd+bwd within 10% of fixed alpha"]
     assert learned["cases"] == 1 and learned["met"] == 1 and abs(learned["worst"] - 1.05) < 1e-9
     assert rows["forward faster than adasplash"]["cases"] == 0
+
+
+def test_short_adasplash_autotune_keeps_four_warp_two_or_three_stage_configs():
+    """The harness's short list for adasplash v2 (its package is not installed here: the filter runs on configs
+    built like its own lists): 4 warps, 2-3 stages, and for the tau kernel the 128x64 and 64x64 blocks only."""
+    import triton
+
+    from benchmarks.impls import _kept_by_short_autotune
+
+    tau_configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+                   for bm, bn in [(128, 128), (128, 64), (128, 32), (64, 64), (64, 32)]
+                   for nw in (2, 4) for ns in (2, 3, 4)]
+    kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in tau_configs if _kept_by_short_autotune(c)]
+    assert sorted(kept) == [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3)]
+    other_configs = [triton.Config({}, num_warps=nw, num_stages=ns) for nw in (2, 4) for ns in (2, 3, 4)]
+    assert [(c.num_warps, c.num_stages) for c in other_configs if _kept_by_short_autotune(c)] == [(4, 2), (4, 3)]
