@@ -50,6 +50,9 @@ def main():
                     help="also time the sweep alone with these BLOCK_M:num_warps (e.g. 64:4), launch experiments")
     ap.add_argument("--sparse-configs", nargs="*", default=[],
                     help="also time the solve and output stages with these BLOCK_M:num_warps (e.g. 64:4)")
+    ap.add_argument("--far-scores", nargs="*", type=int, default=[],
+                    help="also time the sweep, and measure its bound's gap and the inference output's error, with "
+                         "far key tiles binning this many scores per row (sweep.FAR_TILE_SCORES: 0, 1 or 2)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -61,6 +64,7 @@ def main():
     from entflash.kernels.launch import make_spec
     from entflash.kernels.output import sparse_output
     from entflash.kernels.solve import solve_tau
+    from entflash.kernels import sweep as sweep_module
     from entflash.kernels.sweep import dense_sweep
     from entflash.reference.attention import torch_attention
 
@@ -128,9 +132,9 @@ def main():
                 gap = (tr[fin] - t0h[fin])
                 hist_held = (gap >= -1e-3).float().mean().item()
                 hist_gap_bins = (gap * 16).mean().item()
-                _, _, th_all = dense_sweep(q, k, a_t, scale, spec, far_top2=False)  # every score binned
+                _, _, th_all = dense_sweep(q, k, a_t, scale, spec, far_scores=0)  # every score binned
                 hist_gap_bins_all = ((tr[fin] - th_all[:1, hs][fin]) * 16).mean().item()
-                ms_sweep_all = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec, far_top2=False),
+                ms_sweep_all = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec, far_scores=0),
                                                        return_mode="median")
                 ms_sweep = triton.testing.do_bench(lambda: dense_sweep(q, k, a_t, scale, spec), return_mode="median")
                 ms_solve = triton.testing.do_bench(lambda: solve_tau(q, k, a_t, scale, spec, rm, tm, th, ni),
@@ -139,6 +143,23 @@ def main():
                     lambda: sparse_output(q, k, v, a_t, scale, spec, rm, tm, tau, tlo, hits, save_bwd=False),
                     return_mode="median")
                 warp_ms = {}
+
+                def inference_error():  # the library's inference forward (16-bit: no Newton pass) against ref
+                    out = fused_forward(q, k, v, args.alpha, causal, scale, None, None, None, False, False)[0]
+                    return ((out[:1, hs].float() - ref).norm() / ref.norm()).item()
+                warp_ms["rel_err_inference"] = inference_error()
+                for far in args.far_scores:
+                    _, _, th_far = dense_sweep(q, k, a_t, scale, spec, far_scores=far)
+                    warp_ms[f"hist_gap_in_bins_far{far}"] = ((tr[fin] - th_far[:1, hs][fin]) * 16).mean().item()
+                    warp_ms[f"hist_bound_held_far{far}"] = (
+                        (tr[fin] - th_far[:1, hs][fin] >= -1e-3).float().mean().item())
+                    warp_ms[f"ms_sweep_far{far}"] = triton.testing.do_bench(
+                        lambda: dense_sweep(q, k, a_t, scale, spec, far_scores=far), return_mode="median")
+                    default_far, sweep_module.FAR_TILE_SCORES = sweep_module.FAR_TILE_SCORES, far
+                    try:
+                        warp_ms[f"rel_err_inference_far{far}"] = inference_error()
+                    finally:
+                        sweep_module.FAR_TILE_SCORES = default_far
                 for config in args.sweep_configs:
                     block_m, w = map(int, config.split(":"))
                     spec_c = dataclasses.replace(spec, sweep_block_m=block_m,
@@ -213,7 +234,7 @@ def main():
               f"{r['hist_gap_in_bins']:5.2f} {r['hist_gap_in_bins_all_scores']:5.2f} "
               + " ".join(f"{key[3:]}={val:.3f}" for key, val in r.items() if key.endswith(tuple(
                   f"_w{w}" for w in args.warps)) or key.startswith(("ms_sweep_m", "ms_solve_m", "ms_output"))
-                  and key != "ms_output"))
+                  and key != "ms_output" or key.startswith(("rel_err_inference", "hist_gap_in_bins_far"))))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -189,7 +189,7 @@ def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal)
     scale = D ** -0.5
     alpha_t = alpha_tensor(alpha, Hq, q.device)
     spec = make_spec(q, k, alpha, alpha_t, causal, None, sq, sk)
-    _, _, tau_hist = dense_sweep(q, k, alpha_t, scale, spec, far_top2=False)
+    _, _, tau_hist = dense_sweep(q, k, alpha_t, scale, spec, far_scores=0)
     am1 = (alpha_t.double() - 1)[None, :, None, None]
     x = am1 * scale * q.double() @ k.double().repeat_interleave(Hq // Hkv, dim=1).transpose(-1, -2)
     visible = visibility_mask(0, Nq, Nq, Nk, causal, None, sq, sk, q.device)[:, None]
@@ -207,10 +207,11 @@ def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal)
 @pytest.mark.parametrize("alpha", [1.5, (1.25, 2.0)])
 @pytest.mark.parametrize("sink", [False, True])
 def test_sweep_far_tiles_bin_two_scores_per_row(alpha, sink):
-    """With far_top2, key tiles away from the query block's diagonal (and past the first tile) bin each row's
-    two largest scores only: tau_hist stays a lower bound of tau, is never above the all-scores bound, and
-    differs from it on dense inputs whose far tiles hold many of a row's top scores. The same holds with an
-    attention sink (key 0 scoring high for every query; the first key tile is always binned in full)."""
+    """With far_scores = 2 (1), key tiles away from the query block's diagonal (and past the first tile) bin
+    each row's two largest scores (its largest) only: tau_hist stays a lower bound of tau, is never above the
+    bound that bins more scores, and differs from the all-scores bound on dense inputs whose far tiles hold
+    many of a row's top scores. The same holds with an attention sink (key 0 scoring high for every query;
+    the first key tile is always binned in full)."""
     from entflash.kernels.forward import alpha_tensor
     from entflash.kernels.launch import make_spec
     from entflash.kernels.sweep import dense_sweep
@@ -224,8 +225,9 @@ def test_sweep_far_tiles_bin_two_scores_per_row(alpha, sink):
     scale = D ** -0.5
     alpha_t = alpha_tensor(alpha, H, q.device)
     spec = make_spec(q, k, alpha, alpha_t, False, None, None, None)
-    _, _, tau_all = dense_sweep(q, k, alpha_t, scale, spec, far_top2=False)
-    _, _, tau_top2 = dense_sweep(q, k, alpha_t, scale, spec, far_top2=True)
+    _, _, tau_all = dense_sweep(q, k, alpha_t, scale, spec, far_scores=0)
+    _, _, tau_top2 = dense_sweep(q, k, alpha_t, scale, spec, far_scores=2)
+    _, _, tau_top1 = dense_sweep(q, k, alpha_t, scale, spec, far_scores=1)
     _, aux = torch_attention(q.double(), k.double(), q.double(), alpha_t.double(), False, scale, None, None, None,
                              True)
     tau = aux["tau"].double()
@@ -233,6 +235,9 @@ def test_sweep_far_tiles_bin_two_scores_per_row(alpha, sink):
     assert (tau_top2.double() <= tau + 1e-4).all(), (tau_top2.double() - tau).max()
     assert (tau_top2 <= tau_all + 1e-6).all()
     assert (tau_top2 < tau_all - 1e-6).any(), "the far tiles should have dropped scores that mattered"
+    assert torch.isfinite(tau_top1).all()
+    assert (tau_top1 <= tau_top2 + 1e-6).all()
+    assert (tau_top1 < tau_top2 - 1e-6).any(), "the second largest scores should have mattered somewhere"
 
 
 def test_support_is_counted_only_when_asked():

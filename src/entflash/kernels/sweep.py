@@ -16,10 +16,10 @@ guaranteed lower bound of tau, within about one bin of it. Scores at or below to
 (tau >= m - 1 >= top - 1 - 1/16 makes them zero or nearly so; dropping scores only lowers the bound), and
 a tile with no score above that floor is not binned at all, so under local attention the histogram
 costs little beyond the tiles near the diagonal. Under dense attention most tiles do reach the floor;
-there (FAR_TOP2) only the key tiles within one tile of the query block's diagonal, and the first tile
-(where attention sinks sit), bin every score: the others bin each row's two largest scores, a few
+there (FAR_TILE_SCORES = 2) only the key tiles within one tile of the query block's diagonal, and the first
+tile (where attention sinks sit), bin every score: the others bin each row's two largest scores, a few
 instructions per row instead of about twenty per score. That too only drops scores, so the bound stays
-valid; it loosens where a far tile holds more than two of a row's top scores.
+valid; it loosens where a far tile holds more than two of a row's top scores (FAR_TILE_SCORES = 1 bins one).
 The counts live in 16-bit lanes of four int64 words per row (common.histogram_words); a bin holding more
 than 65535 scores wraps, which loses counts (and may add one to the next lower bin of the same word): the
 bound stays valid, only looser.
@@ -36,25 +36,32 @@ from entflash.kernels.common import (histogram_lower_tau, histogram_words, histo
                                      unpack_words)
 
 HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts
-# far key tiles bin each row's two largest scores only (module docstring); dense_sweep's FAR_TOP2 default
-FAR_TILES_TOP2 = True
+# how many of each row's largest scores a far key tile bins (module docstring): 2 or 1, or 0 to bin every score
+# of every tile; dense_sweep's default
+FAR_TILE_SCORES = 2
 
 
 @triton.jit
 def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
                 stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right,
                 N_SUB_ROWS, all_scores, CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                FAR_SCORES: tl.constexpr):
     """Score the key tile at start_n and fold it into the running state: row max m_i (BLOCK_M,), bin top
     (BLOCK_M,) float32 (16 * top is an integer; -inf before the row's first visible key) and the bin
     counts as four (BLOCK_M,) int64 words (common.histogram_words). Stores the tile's relative max for
     each 64-row sub-block: the max over its rows of (the row's max in this tile minus the updated running
     max), -inf for rows without a visible key yet. all_scores (scalar bool): bin every score of the tile,
-    else each row's two largest. Returns the updated (m_i, top, w0, w1, w2, w3)."""
-    x, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
-                           qk_scale, len_q, len_k, offset, win_left, win_right,
-                           CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-    tile_row_max = tl.max(x, axis=1)
+    else each row's FAR_SCORES (1 or 2) largest. Returns the updated (m_i, top, w0, w1, w2, w3).
+
+    The products q.k stay unscaled per score: qk_scale > 0 preserves their order, so the row maxima are
+    scaled after the reduction (the same float32 values as max(qk_scale * q.k), rounding being monotonic),
+    and binning scales a score in the same multiply-add that bins it."""
+    raw, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
+                             1.0, len_q, len_k, offset, win_left, win_right,
+                             CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
+    raw_row_max = tl.max(raw, axis=1)
+    tile_row_max = raw_row_max * qk_scale
     m_i = tl.maximum(m_i, tile_row_max)
     seen = m_i > float("-inf")
     relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
@@ -74,16 +81,17 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     # tile max is at most its max plus the largest relative value, and top/16 >= max
     if largest_value > -1.0:
         if all_scores:
-            h0, h1, h2, h3 = histogram_words(x, new_top)
+            h0, h1, h2, h3 = histogram_words(raw, new_top, qk_scale * 16.0)
         else:
-            # the second largest: a tie with the max is dropped, which only lowers the bound
-            second = tl.max(tl.where(x < tile_row_max[:, None], x, float("-inf")), axis=1)
             h0, h1, h2, h3 = histogram_words_of_rows(tile_row_max, new_top)
-            g0, g1, g2, g3 = histogram_words_of_rows(second, new_top)
-            h0 += g0
-            h1 += g1
-            h2 += g2
-            h3 += g3
+            if FAR_SCORES == 2:
+                # the second largest: a tie with the max is dropped, which only lowers the bound
+                second = tl.max(tl.where(raw < raw_row_max[:, None], raw, float("-inf")), axis=1) * qk_scale
+                g0, g1, g2, g3 = histogram_words_of_rows(second, new_top)
+                h0 += g0
+                h1 += g1
+                h2 += g2
+                h3 += g3
         w0 += h0
         w1 += h1
         w2 += h2
@@ -101,7 +109,7 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                  ALPHA_MODE: tl.constexpr, HIST_ITERS: tl.constexpr, FAR_TOP2: tl.constexpr):
+                  ALPHA_MODE: tl.constexpr, HIST_ITERS: tl.constexpr, FAR_SCORES: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -125,13 +133,14 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
     n_tiles = (hi - lo + BLOCK_N - 1) // BLOCK_N
     diag = (tl.minimum(tl.maximum(start_m + offset, lo), tl.maximum(hi - 1, lo)) - lo) // BLOCK_N
     for t in range(0, n_tiles):
-        start_n = lo + ((diag + t) % n_tiles) * BLOCK_N
+        tile = diag + t
+        start_n = lo + tl.where(tile < n_tiles, tile, tile - n_tiles) * BLOCK_N
         near = (start_n + 2 * BLOCK_N > start_m + offset) & (start_n < start_m + offset + BLOCK_M + BLOCK_N)
-        all_scores = near | (start_n == 0) | (not FAR_TOP2)
+        all_scores = near | (start_n == 0) | (FAR_SCORES == 0)
         m_i, top, w0, w1, w2, w3 = _sweep_tile(
             q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
             stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
-            all_scores, CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST)
+            all_scores, CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST, FAR_SCORES)
     tau = histogram_lower_tau(unpack_words(w0, w1, w2, w3), m_i, top / 16.0, (2.0 - alpha) / (alpha - 1.0), 2.0 - alpha,
                               ALPHA_MODE, 16, HIST_ITERS)
     in_rows = offs_m < Nq
@@ -139,7 +148,7 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
     tl.store(TauHist + (b * H + h) * Nq + offs_m, tau, mask=in_rows)
 
 
-def dense_sweep(q, k, alpha_t, scale, spec, far_top2=None):
+def dense_sweep(q, k, alpha_t, scale, spec, far_scores=None):
     """Row max, per-tile relative max and histogram lower bound of tau, for
     x = (alpha - 1) * scale * q k^T under the visibility mask.
 
@@ -150,9 +159,9 @@ def dense_sweep(q, k, alpha_t, scale, spec, far_top2=None):
     units: tile_max is an upper bound of max over the 64 rows i and 64 keys j of the tile of
     (x_ij - row_max_i), <= 0 up to rounding (-inf for tiles never visited or without a visible score);
     tau_hist is a guaranteed lower bound of each row's tau up to rounding (+inf for rows without a
-    visible key), at most about one bin (1/16) below it when every score is binned (far_top2=False),
-    looser where a far key tile holds more than two of a row's top scores (far_top2: default
-    FAR_TILES_TOP2; module docstring).
+    visible key), at most about one bin (1/16) below it when every score is binned (far_scores=0),
+    looser where a far key tile holds more than far_scores (1 or 2) of a row's top scores (default
+    FAR_TILE_SCORES; module docstring).
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -167,5 +176,13 @@ def dense_sweep(q, k, alpha_t, scale, spec, far_top2=None):
         H, Nq, Nk, D, spec.group, float(scale), spec.win_left, spec.win_right,
         n_mb, n_sub, **spec.flags, **dict(spec.tiles, BLOCK_M=spec.sweep_block_m),
         ALPHA_MODE=spec.alpha_mode, HIST_ITERS=HIST_ITERS,
-        FAR_TOP2=FAR_TILES_TOP2 if far_top2 is None else bool(far_top2), **spec.sweep_launch)
+        FAR_SCORES=_far_scores(far_scores), **spec.sweep_launch)
     return row_max, tile_max, tau_hist
+
+
+def _far_scores(far_scores):
+    """The FAR_SCORES constexpr for dense_sweep's far_scores argument (None: FAR_TILE_SCORES)."""
+    value = FAR_TILE_SCORES if far_scores is None else far_scores
+    if value not in (0, 1, 2):
+        raise ValueError(f"far_scores: expected 0, 1 or 2 (scores binned per row of a far key tile), got {value!r}")
+    return int(value)
