@@ -58,6 +58,9 @@ def test_representative_kernels_compile_for_sm90(tmp_path):
     for kernel in ("_sweep_kernel", "_solve_kernel", "_output_kernel"):
         assert compiled(kernel, "bf16", "BLOCK_D=64", "BLOCK_M=64", "UPCAST=0", "w4s3" if kernel == "_sweep_kernel"
                         else "w4s2"), kernel
+    # far key tiles bin one score per row when a Newton pass follows (16-bit training), two for inference
+    assert compiled("_sweep_kernel", "bf16", "ALPHA_MODE=0", "FAR_SCORES=1")
+    assert compiled("_sweep_kernel", "bf16", "ALPHA_MODE=1", "FAR_SCORES=2")
     # row-wise forward, backward with alpha gradient, loss forward and backward
     assert compiled("_entmax_rows_fwd_kernel", "IS_LOSS=0", "ALPHA_PER_ROW=1")
     assert compiled("_entmax_rows_bwd_kernel", "NEED_DALPHA=1")

@@ -7,7 +7,7 @@ import torch
 from entflash.kernels.launch import ALPHA_2, alpha_mode, make_spec
 from entflash.kernels.output import sparse_output
 from entflash.kernels.solve import solve_tau
-from entflash.kernels.sweep import dense_sweep
+from entflash.kernels.sweep import FAR_TILE_SCORES_BEFORE_NEWTON, dense_sweep
 
 
 def alpha_tensor(alpha, n_heads: int, device) -> torch.Tensor:
@@ -62,7 +62,9 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
     if newton_iters is None:
         newton_iters = default_newton_iters(alpha)
-    row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
+    # a Newton pass on 16-bit inputs tolerates a looser histogram start from a cheaper sweep (sweep.py)
+    far_scores = FAR_TILE_SCORES_BEFORE_NEWTON if newton_iters > 0 and q.element_size() == 2 else None
+    row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec, far_scores)
     tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters)
     res = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits, out=out,
                         save_bwd=save_bwd, fold=fold, count_support=count_support, need_map=need_map)

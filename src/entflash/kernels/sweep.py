@@ -39,6 +39,11 @@ HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts
 # how many of each row's largest scores a far key tile bins (module docstring): 2 or 1, or 0 to bin every score
 # of every tile; dense_sweep's default
 FAR_TILE_SCORES = 2
+# the same when a Newton pass follows the sweep on 16-bit inputs (kernels/forward.py): the pass absorbs the looser
+# start. On the H100 at N = 16k, D = 64, bf16, one score per far tile ran the sweep 26-29% faster than two, dense
+# and ~60% block sparse, with the bound's mean gap 0.50 and 0.29 bins instead of 0.41 and 0.27; without a Newton
+# pass (inference) the output error rose from 0.008 to 0.014 at dense (benchmarks/results/kernel_dev-0c91a5c.json)
+FAR_TILE_SCORES_BEFORE_NEWTON = 1
 
 
 @triton.jit
@@ -64,7 +69,11 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     tile_row_max = raw_row_max * qk_scale
     m_i = tl.maximum(m_i, tile_row_max)
     seen = m_i > float("-inf")
-    relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
+    # 0 exactly where this tile holds the row's running max: compiled, the subtraction may fuse with the
+    # scaling multiply into one multiply-add, whose unrounded product minus the rounded max is not 0, and the
+    # shift below must see that the max rose
+    relative = tl.where(seen, tl.where(tile_row_max >= m_i, 0.0, tile_row_max - tl.where(seen, m_i, 0.0)),
+                        float("-inf"))
     tile_vals = sub_block_max_rows(relative, BLOCK_M)
     tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N, tile_vals, mask=sub_rows < N_SUB_ROWS)
     # The top follows the max up the bin grid and the counts move down by as many bins. A row's max can
