@@ -220,3 +220,33 @@ def test_fused_backend_agrees_with_the_torch_backend_through_the_api():
     torch.testing.assert_close(entmax_attention_varlen(*arguments, window=(4, 2), backend="triton"),
                                entmax_attention_varlen(*arguments, window=(4, 2), backend="torch"),
                                atol=2e-5, rtol=2e-5)
+
+
+def test_deterministic_must_be_a_bool():
+    q, k, v = _inputs(11, 1, 2, 2, 4, 4, 8)
+    with pytest.raises(TypeError, match="deterministic"):
+        entmax_attention(q, k, v, deterministic=1, backend="torch")
+    with pytest.raises(TypeError, match="deterministic"):
+        entmax_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), _cu([4]), _cu([4]),
+                                4, 4, deterministic="yes", backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_deterministic_gradients_are_bit_identical_across_runs(backend):
+    """deterministic=True (FlashAttention's keyword): two backward passes give the same bits for q, k, v and a
+    learnable per-head alpha, with GQA (dK/dV summed over the group), and deterministic=False matches them (the
+    same kernels run). The fused path runs under the interpreter on CPU, compiled on a GPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.detach().to(device) for t in _inputs(12, 1, 4, 2, 40, 40, 16))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(13)).to(device)
+
+    def gradients(deterministic):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        alpha = torch.tensor([1.25, 1.5, 1.75, 2.0], device=device, requires_grad=True)
+        out = entmax_attention(*leaves, alpha=alpha, causal=True, backend=backend, deterministic=deterministic)
+        return torch.autograd.grad(out, leaves + [alpha], grad_out)
+
+    first, second, default = gradients(True), gradients(True), gradients(False)
+    for a, b, c in zip(first, second, default):
+        assert torch.isfinite(a).all() and a.abs().sum() > 0
+        assert torch.equal(a, b) and torch.equal(a, c)
