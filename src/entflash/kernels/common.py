@@ -278,36 +278,32 @@ def compact_candidates(tmax_row_ptr, stride_tm, thr_sub, n_sub_valid, kb_lo, kb_
 
 
 @triton.jit
-def _bin_of(x, top, bins_per_unit):
+def _bin_of(x, top):
     """The histogram bin of scores x under bin tops top (same shape, or broadcast by the caller): returns
     (inwin, b), inwin true where x lies in the 16 bins below top / 16 (false for -inf scores and for rows
-    with top = -inf, whose value is NaN), b an int32 whose low 4 bits are the bin there. bins_per_unit
-    (scalar) is 16 for x in tau units, or 16 * qk_scale for unscaled products q.k (one multiply-add then
-    scales and bins a score).
+    with top = -inf, whose value is NaN), b an int32 whose low 4 bits are the bin there.
 
     The bin is floor(t), t = top - 16 x >= 0 (exact in real numbers since 16 x <= 16 m <= top). Adding
     1.5 * 2^23 to t - 1/2 rounds it to an integer held in the low mantissa bits: floor(t) except at ties,
     where an exact bin edge may land in the bin above, whose lower edge then equals the score (still a
-    valid lower edge, up to the rounding of the scaling). This replaces a float-to-int conversion per score,
-    a quarter-rate instruction."""
-    shifted = ((top - 0.5) - x * bins_per_unit) + MAGIC_ROUND
+    valid lower edge). This replaces a float-to-int conversion per score, a quarter-rate instruction."""
+    shifted = ((top - 0.5) - x * 16.0) + MAGIC_ROUND
     return shifted <= MAGIC_ROUND + 15.0, shifted.to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def histogram_words(x, top, bins_per_unit):
+def histogram_words(x, top):
     """Per-row counts of the scores x (BLOCK_M, BLOCK_N <= 255) in 16 bins of width 1/16 below top / 16,
     where top (BLOCK_M,) float32 is an integer in bin units at or above 16 * (row max): bin b holds
     top/16 - (b+1)/16 < x <= top/16 - b/16 (bin 0 also takes rounding above top/16). Scores at or below
-    top/16 - 1 and rows with top = -inf (nothing visible yet) are not counted. x is in tau units times
-    16 / bins_per_unit (scalar; _bin_of): 16 for scores in tau units.
+    top/16 - 1 and rows with top = -inf (nothing visible yet) are not counted.
 
     Returns four (BLOCK_M,) int64 words, word w holding bins 4w..4w+3 in 16-bit lanes (bin b at bits
     16 * (b & 3) of word b >> 2), to be summed over tiles. Four bins share one int32 during the row sums
     (8-bit lanes), so a score costs 4 selects and 4 row sums rather than 16. Everything stays in the
     scores' row layout: no per-tile data movement between threads beyond the row sums.
     """
-    inwin, b = _bin_of(x, top[:, None], bins_per_unit)
+    inwin, b = _bin_of(x, top[:, None])
     val = tl.where(inwin, 1 << ((b & 3) << 3), 0)
     word = b & 12  # 4 * (bin >> 2)
     w0 = _widen_lanes(tl.sum(tl.where(word == 0, val, 0), axis=1))
@@ -323,7 +319,7 @@ def histogram_words_of_rows(v, top):
     (BLOCK_M,) int64 words holding a count of 1 in v's bin (16-bit lanes, the layout of histogram_words), or
     nothing where v is at or below the window's floor, -inf, or the row's top is -inf. A row vector costs a
     few instructions per row, not per score."""
-    inwin, b = _bin_of(v, top, 16.0)
+    inwin, b = _bin_of(v, top)
     one = tl.where(inwin, tl.full(v.shape, 1, tl.int64) << ((b & 3) << 4).to(tl.int64), 0)
     word = b & 12
     return (tl.where(word == 0, one, 0), tl.where(word == 4, one, 0), tl.where(word == 8, one, 0),

@@ -42,7 +42,8 @@ FAR_TILE_SCORES = 2
 # the same when a Newton pass follows the sweep on 16-bit inputs (kernels/forward.py): the pass absorbs the looser
 # start. On the H100 at N = 16k, D = 64, bf16, one score per far tile ran the sweep 26-29% faster than two, dense
 # and ~60% block sparse, with the bound's mean gap 0.50 and 0.29 bins instead of 0.41 and 0.27; without a Newton
-# pass (inference) the output error rose from 0.008 to 0.014 at dense (benchmarks/results/kernel_dev-0c91a5c.json)
+# pass (inference) the output error rose from 0.008 to 0.014 at dense (benchmarks/results/kernel_dev-0c91a5c.json,
+# whose sweep also scaled the row maxima after the reductions, _sweep_tile's docstring)
 FAR_TILE_SCORES_BEFORE_NEWTON = 1
 
 
@@ -59,21 +60,18 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     max), -inf for rows without a visible key yet. all_scores (scalar bool): bin every score of the tile,
     else each row's FAR_SCORES (1 or 2) largest. Returns the updated (m_i, top, w0, w1, w2, w3).
 
-    The products q.k stay unscaled per score: qk_scale > 0 preserves their order, so the row maxima are
-    scaled after the reduction (the same float32 values as max(qk_scale * q.k), rounding being monotonic),
-    and binning scales a score in the same multiply-add that bins it."""
-    raw, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
-                             1.0, len_q, len_k, offset, win_left, win_right,
-                             CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-    raw_row_max = tl.max(raw, axis=1)
-    tile_row_max = raw_row_max * qk_scale
+    The scores are scaled to tau units before any reduction, so the tile holding a row's running max has
+    relative value exactly 0, which the shift below relies on. (Scaling the row maxima after the reductions
+    instead saves a multiply per score, but compiled, the scaled max minus the running max then fuses into one
+    multiply-add whose result is not 0: at 0c91a5c that skipped shifts and broke the bound wherever
+    qk_scale * 16 != 1.)"""
+    x, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
+                           qk_scale, len_q, len_k, offset, win_left, win_right,
+                           CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
+    tile_row_max = tl.max(x, axis=1)
     m_i = tl.maximum(m_i, tile_row_max)
     seen = m_i > float("-inf")
-    # 0 exactly where this tile holds the row's running max: compiled, the subtraction may fuse with the
-    # scaling multiply into one multiply-add, whose unrounded product minus the rounded max is not 0, and the
-    # shift below must see that the max rose
-    relative = tl.where(seen, tl.where(tile_row_max >= m_i, 0.0, tile_row_max - tl.where(seen, m_i, 0.0)),
-                        float("-inf"))
+    relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
     tile_vals = sub_block_max_rows(relative, BLOCK_M)
     tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N, tile_vals, mask=sub_rows < N_SUB_ROWS)
     # The top follows the max up the bin grid and the counts move down by as many bins. A row's max can
@@ -90,12 +88,12 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     # tile max is at most its max plus the largest relative value, and top/16 >= max
     if largest_value > -1.0:
         if all_scores:
-            h0, h1, h2, h3 = histogram_words(raw, new_top, qk_scale * 16.0)
+            h0, h1, h2, h3 = histogram_words(x, new_top)
         else:
             h0, h1, h2, h3 = histogram_words_of_rows(tile_row_max, new_top)
             if FAR_SCORES == 2:
                 # the second largest: a tie with the max is dropped, which only lowers the bound
-                second = tl.max(tl.where(raw < raw_row_max[:, None], raw, float("-inf")), axis=1) * qk_scale
+                second = tl.max(tl.where(x < tile_row_max[:, None], x, float("-inf")), axis=1)
                 g0, g1, g2, g3 = histogram_words_of_rows(second, new_top)
                 h0 += g0
                 h1 += g1
