@@ -11,6 +11,9 @@ and measures, on a slice of heads (batch 0, the first `heads` query heads), row 
                     1e-4 tau units of rounding: the bracket the Newton passes start from
   hist_gap_bins     mean (exact tau - tau_hist) in bins of 1/16 tau unit (at most about 1 when the bound is
                     as tight as its bins allow)
+                    (both for the start inference uses, sweep.FAR_TILE_SCORES; 16-bit training starts from a
+                    looser one, sweep.FAR_TILE_SCORES_BEFORE_NEWTON:)
+  hist_bound_held_training, hist_gap_bins_training   the same for the start the training solve uses
   tau_err_max       max |tau - exact tau| (tau units) after the training solve: Newton passes and the
                     closing correction, as entflash.autograd.fused_forward runs them for training
   newton_passes     {"training": n, "inference": n} Newton passes after the histogram start for this dtype and
@@ -54,7 +57,7 @@ def solver_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float
     from entflash.autograd import newton_passes
     from entflash.kernels.forward import alpha_tensor, entmax_forward
     from entflash.kernels.launch import interpreting, make_spec
-    from entflash.kernels.sweep import dense_sweep
+    from entflash.kernels.sweep import FAR_TILE_SCORES_BEFORE_NEWTON, dense_sweep
 
     if not (q.is_cuda or interpreting()):
         return None
@@ -66,13 +69,19 @@ def solver_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float
     _, _, tau_hist = dense_sweep(q_part, k_part, alpha_t, scale, spec)
     training = newton_passes(q.dtype, alpha, True, False)
     inference = newton_passes(q.dtype, alpha, False, False)
+    # the start the training forward takes (kernels/forward.py): one score per far tile before a Newton pass
+    training_far = FAR_TILE_SCORES_BEFORE_NEWTON if training > 0 and q.element_size() == 2 else None
+    _, _, tau_hist_training = dense_sweep(q_part, k_part, alpha_t, scale, spec, training_far)
     tau = entmax_forward(q_part, k_part, v_part, alpha, causal, scale, newton_iters=training)["tau"]
     exact = exact_tau(q_part[0], k_part[0], alpha, causal, scale)
     gap = exact - tau_hist[0]
+    gap_training = exact - tau_hist_training[0]
     return {
         "heads_checked": heads,
         "hist_bound_held": (gap >= -HELD_TOLERANCE).float().mean().item(),
         "hist_gap_bins": (gap * 16).mean().item(),
+        "hist_bound_held_training": (gap_training >= -HELD_TOLERANCE).float().mean().item(),
+        "hist_gap_bins_training": (gap_training * 16).mean().item(),
         "tau_err_max": (tau[0] - exact).abs().max().item(),
         "newton_passes": {"training": training, "inference": inference},
     }

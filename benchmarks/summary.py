@@ -39,6 +39,12 @@ def _solver_lines(records) -> list:
                      f"{min(held):.4f}-{max(held):.4f} of rows, mean gap {min(gaps):.2f}-{max(gaps):.2f} bins, "
                      f"tau error after the training solve <= {max(s['tau_err_max'] for s in stats):.1e}; "
                      f"Newton passes {stats[0]['newton_passes']}")
+        training = [s for s in stats if "hist_gap_bins_training" in s]  # records of runs after 1d7fbb0
+        if training:
+            held = [s["hist_bound_held_training"] for s in training]
+            gaps = [s["hist_gap_bins_training"] for s in training]
+            lines.append(f"  training's histogram start: held in {min(held):.4f}-{max(held):.4f} of rows, mean gap "
+                         f"{min(gaps):.2f}-{max(gaps):.2f} bins")
     errors = Counter(r["solver"]["error"] for r in records if r.get("solver") and "error" in r["solver"])
     lines += [f"  solver statistics error x{count}: {error[:240]}" for error, count in sorted(errors.items())]
     return lines

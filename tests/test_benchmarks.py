@@ -126,6 +126,7 @@ def test_cpu_mode_end_to_end(tmp_path):
     solver = [r["solver"] for r in records if r["impl"] == "ours"]
     assert solver and all(s is not None and "error" not in s for s in solver), solver
     assert all(s["hist_bound_held"] == 1.0 and 0.0 <= s["hist_gap_bins"] <= 1.5 for s in solver), solver
+    assert all(s["hist_bound_held_training"] == 1.0 and s["hist_gap_bins_training"] >= 0.0 for s in solver), solver
     assert all(s["tau_err_max"] < 1e-4 for s in solver), solver
     assert "tau solver (ours" in summarize(document)
 

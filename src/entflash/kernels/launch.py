@@ -81,8 +81,8 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
     (on the H100 at N = 16k, D = 64 they ran the solve 7-15% and the output pass 8-39% faster, dense and ~60%
     block sparse: benchmarks/results/kernel_dev-e5b7144-sparse-m64.json; float32 tiles spill there with 64
     rows and 4 warps); 64 rows also under the interpreter (which runs each program in numpy) and for D = 256
-    (registers). 64 rows at D = 128 (16-bit) compile with a few bytes of spills and are unmeasured with a
-    correct forward (the only profile of them, kernel_dev-0c91a5c.json, ran a sweep with a bug). The sweep
+    (registers). 64-row blocks at D = 128 (16-bit; not taken) compile with a few bytes of spills and have no
+    profile with a correct forward (the only one, kernel_dev-0c91a5c.json, ran a sweep with a bug). The sweep
     takes 64-row blocks for 16-bit inputs (its tile maxima are per 64 rows anyway): on
     the H200 they ran it 5-9% faster than 128-row ones at N = 16k, D 64 and 128, dense and ~90% block sparse
     (benchmarks/results/kernel_dev-02f55a3-sweep-m64.json, ms_sweep_m64w4).
