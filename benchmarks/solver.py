@@ -55,9 +55,9 @@ def solver_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float
     """The fields of the module docstring for q (B, Hq, N, D), k/v (B, Hkv, N, D); None where the Triton kernels
     cannot run (no CUDA and no interpreter)."""
     from entflash.autograd import newton_passes
-    from entflash.kernels.forward import alpha_tensor, entmax_forward
+    from entflash.kernels.forward import alpha_tensor, entmax_forward, sweep_far_scores
     from entflash.kernels.launch import interpreting, make_spec
-    from entflash.kernels.sweep import FAR_TILE_SCORES_BEFORE_NEWTON, dense_sweep
+    from entflash.kernels.sweep import dense_sweep
 
     if not (q.is_cuda or interpreting()):
         return None
@@ -69,9 +69,10 @@ def solver_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float
     _, _, tau_hist = dense_sweep(q_part, k_part, alpha_t, scale, spec)
     training = newton_passes(q.dtype, alpha, True, False)
     inference = newton_passes(q.dtype, alpha, False, False)
-    # the start the training forward takes (kernels/forward.py): one score per far tile before a Newton pass
-    training_far = FAR_TILE_SCORES_BEFORE_NEWTON if training > 0 and q.element_size() == 2 else None
-    _, _, tau_hist_training = dense_sweep(q_part, k_part, alpha_t, scale, spec, training_far)
+    # the start the training forward takes (kernels/forward.py), the inference one where they agree
+    training_far = sweep_far_scores(training, q)
+    tau_hist_training = (tau_hist if training_far is None
+                         else dense_sweep(q_part, k_part, alpha_t, scale, spec, training_far)[2])
     tau = entmax_forward(q_part, k_part, v_part, alpha, causal, scale, newton_iters=training)["tau"]
     exact = exact_tau(q_part[0], k_part[0], alpha, causal, scale)
     gap = exact - tau_hist[0]

@@ -28,6 +28,13 @@ def default_newton_iters(alpha) -> int:
     return 2 if alpha_mode(alpha) == ALPHA_2 else 1
 
 
+def sweep_far_scores(newton_iters: int, q: torch.Tensor):
+    """dense_sweep's far_scores for a forward with newton_iters Newton passes on q's dtype: on 16-bit inputs a
+    Newton pass tolerates the looser histogram start of a cheaper sweep (sweep.FAR_TILE_SCORES_BEFORE_NEWTON);
+    otherwise None (the sweep's default)."""
+    return FAR_TILE_SCORES_BEFORE_NEWTON if newton_iters > 0 and q.element_size() == 2 else None
+
+
 def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlens_q=None, seqlens_k=None,
                    *, newton_iters=None, out=None, save_bwd=True, fold=True, count_support=True, need_map=True):
     """Fused alpha-entmax attention forward.
@@ -62,9 +69,7 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
     if newton_iters is None:
         newton_iters = default_newton_iters(alpha)
-    # a Newton pass on 16-bit inputs tolerates a looser histogram start from a cheaper sweep (sweep.py)
-    far_scores = FAR_TILE_SCORES_BEFORE_NEWTON if newton_iters > 0 and q.element_size() == 2 else None
-    row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec, far_scores)
+    row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec, sweep_far_scores(newton_iters, q))
     tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters)
     res = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits, out=out,
                         save_bwd=save_bwd, fold=fold, count_support=count_support, need_map=need_map)
