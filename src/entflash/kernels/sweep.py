@@ -60,11 +60,11 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     max), -inf for rows without a visible key yet. all_scores (scalar bool): bin every score of the tile,
     else each row's FAR_SCORES (1 or 2) largest. Returns the updated (m_i, top, w0, w1, w2, w3).
 
-    The scores are scaled to tau units before any reduction, so the tile holding a row's running max has
-    relative value exactly 0, which the shift below relies on. (Scaling the row maxima after the reductions
-    instead saves a multiply per score, but compiled, the scaled max minus the running max then fuses into one
-    multiply-add whose result is not 0: at 0c91a5c that skipped shifts and broke the bound wherever
-    qk_scale * 16 != 1.)"""
+    Whether the counts shift depends on the rows' tops alone, never on a relative value being exactly 0.
+    The scores are scaled to tau units before any reduction (1d7fbb0's GPU-tested form). Scaling the row maxima
+    after the reductions instead saves a multiply per score, but compiled, the scaled max minus the running max
+    fuses into one multiply-add whose result is not exactly 0; at 0c91a5c, when the shift was taken only for a
+    relative value of 0, that skipped shifts and broke the bound wherever qk_scale * 16 != 1."""
     x, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
                            qk_scale, len_q, len_k, offset, win_left, win_right,
                            CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
@@ -72,21 +72,24 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     m_i = tl.maximum(m_i, tile_row_max)
     seen = m_i > float("-inf")
     relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
-    tile_vals = sub_block_max_rows(relative, BLOCK_M)
-    tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N, tile_vals, mask=sub_rows < N_SUB_ROWS)
-    # The top follows the max up the bin grid and the counts move down by as many bins. A row's max can
-    # only have risen if its tile max equals it (relative value 0), so the shift is skipped for tiles
-    # where no sub-block reaches 0: after the first tiles (the diagonal ones, visited first) that is
-    # most of them under local attention.
+    # The top follows the max up the bin grid and the counts move down by as many bins (`rise`, 0..16).
     new_top = tl.where(seen, tl.ceil(tl.where(seen, m_i, 0.0) * 16.0), float("-inf"))
-    largest_value = tl.max(tile_vals, axis=0)
-    if largest_value >= 0.0:
-        had = top > float("-inf")
-        rise = tl.where(had, tl.minimum(new_top - tl.where(had, top, 0.0), 16.0), 0.0).to(tl.int32)
-        w0, w1, w2, w3 = shift_words(w0, w1, w2, w3, rise)
+    had = top > float("-inf")
+    rise = tl.where(had, tl.minimum(new_top - tl.where(had, top, 0.0), 16.0), 0.0)
+    # One cross-row reduction serves the store and both branches below: a row whose top rose has its max in
+    # this tile (relative value 0), so flagging it with 1 leaves the stored maximum, clipped at 0, unchanged,
+    # and lifts the block's largest flag above 0 exactly when some row must shift.
+    tile_flags = sub_block_max_rows(tl.where(rise > 0.0, 1.0, relative), BLOCK_M)
+    tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N, tl.minimum(tile_flags, 0.0),
+             mask=sub_rows < N_SUB_ROWS)
+    largest_flag = tl.max(tile_flags, axis=0)
+    # Most tiles raise no row's top (a rise needs a new max that crosses a bin edge): they skip the shift,
+    # which would move every count by 0 bins.
+    if largest_flag > 0.0:
+        w0, w1, w2, w3 = shift_words(w0, w1, w2, w3, rise.to(tl.int32))
     # bin the tile only if some row may have a score above its window's floor top/16 - 1: every row's
-    # tile max is at most its max plus the largest relative value, and top/16 >= max
-    if largest_value > -1.0:
+    # tile max is at most its max plus the largest relative value (at most the largest flag), and top/16 >= max
+    if largest_flag > -1.0:
         if all_scores:
             h0, h1, h2, h3 = histogram_words(x, new_top)
         else:
