@@ -1,4 +1,4 @@
-"""Benchmark entmax attention against FlashAttention-2, cuDNN, adasplash and dense entmax: `python -m benchmarks.attention`.
+"""Benchmark entmax attention against FlashAttention-2, cuDNN, adasplash, dense entmax: python -m benchmarks.attention
 
 For each case (N, D, causal, sparsity level) it builds structured inputs (benchmarks.inputs), measures their
 exact block sparsity (benchmarks.sparsity), then runs every selected implementation (benchmarks.impls) on the

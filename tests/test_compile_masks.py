@@ -380,7 +380,8 @@ def test_compiled_sliding_window_model_with_padding_matches_eager_at_real_tokens
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(17))
     holes = torch.tensor([[1] * 9, [1, 1, 0, 1, 1, 0, 1, 1, 1]])
     with torch.no_grad():
-        for mask in (padding_attention_mask([9, 5], 9, left=True), padding_attention_mask([9, 5], 9, left=False), holes):
+        padded = [padding_attention_mask([9, 5], 9, left=left) for left in (True, False)]
+        for mask in (*padded, holes):
             got = compiled(input_ids=ids, attention_mask=mask).logits
             expected = model(input_ids=ids, attention_mask=mask).logits
             real = mask.bool()
@@ -458,7 +459,8 @@ def test_compiled_static_cache_chunked_prefill_matches_eager(transformers, dense
     compiled, counter = _compiled_model_call(chunk, "eager")
     holes = torch.tensor([[1] * 10, [1, 0, 1, 1, 0, 1, 1, 0, 1, 1], [0, 1, 1, 0, 1, 1, 1, 1, 0, 1]])
     with torch.no_grad():
-        for mask in (padding_attention_mask([10, 7, 4], 10, left=True), padding_attention_mask([10, 7, 4], 10, left=False), holes):
+        padded = [padding_attention_mask([10, 7, 4], 10, left=left) for left in (True, False)]
+        for mask in (*padded, holes):
             cache = _static_cache(transformers, model, 16)
             model(input_ids=ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache)
             eager_cache = copy.deepcopy(cache)

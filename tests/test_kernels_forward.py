@@ -133,8 +133,8 @@ def test_local_inputs_are_block_sparse_and_rows_sum_to_one():
     assert torch.allclose(out1, torch.ones_like(out1), atol=1e-5)
 
 
-@pytest.mark.parametrize("causal, window, lengths", [(True, None, None), (False, None, None),
-                                                      (False, (20, 9), None), (True, None, ((70, 0, 40), (50, 33, 90)))])
+@pytest.mark.parametrize("causal, window, lengths", [(True, None, None), (False, None, None), (False, (20, 9), None),
+                                                      (True, None, ((70, 0, 40), (50, 33, 90)))])
 def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths):
     """dense_sweep's contract (sweep.py): row_max is each row's max of x = (alpha-1) * scale * q k^T and each
     64x64 tile value lies between max_ij (x_ij - row_max_i) and 0 (-inf exactly where the tile has no visible

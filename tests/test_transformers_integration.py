@@ -138,8 +138,8 @@ def test_standard_patterns_never_take_the_dense_path(factory, monkeypatch):
         _output(model, input_ids=ids[:1], position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None],
                 use_cache=False)
         with torch.no_grad():
-            model.generate(ids, attention_mask=padding_attention_mask([12, 7], 12, left=True), max_new_tokens=3, do_sample=False,
-                           pad_token_id=0)
+            model.generate(ids, attention_mask=padding_attention_mask([12, 7], 12, left=True), max_new_tokens=3,
+                           do_sample=False, pad_token_id=0)
 
 
 def test_bert_is_bidirectional():
