@@ -77,6 +77,12 @@ def newton_passes(dtype: torch.dtype, alpha, keep_for_backward: bool, exact_aux:
     return default_newton_iters(alpha)
 
 
+def forms_tile_map(keep_for_backward: bool, exact_aux: bool) -> bool:
+    """Does fused_forward return the tile map (else an empty (0,) tensor)? The backward reads it, and exact
+    aux outputs hand it to the user; the fake op of torch.compile follows the same rule."""
+    return keep_for_backward or exact_aux
+
+
 def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, keep_for_backward, exact_aux=True):
     """The fused forward as a plain function (no autograd); arguments as triton_attention.
 
@@ -91,7 +97,7 @@ def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, k
     torch.empty_like(q); tau (B, Hq, Nq) float32; support (B, Hq, Nq) int32; tile_map
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool; o2 (B, Hq, Nq, D) and s (B, Hq, Nq) float32.
     """
-    need_map = keep_for_backward or exact_aux
+    need_map = forms_tile_map(keep_for_backward, exact_aux)
     res = entmax_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, save_bwd=keep_for_backward,
                          newton_iters=newton_passes(q.dtype, alpha, keep_for_backward, exact_aux),
                          count_support=exact_aux, need_map=need_map)
@@ -138,7 +144,7 @@ def _triton_attention_forward_fake(q, k, v, alpha_heads, alpha_value, causal, sc
     tile_rows, tile_columns = (num_queries + MAP_BLOCK - 1) // MAP_BLOCK, (k.shape[2] + MAP_BLOCK - 1) // MAP_BLOCK
     tiles = (batch, heads, tile_rows, tile_columns)
     return (torch.empty_like(q), q.new_empty(rows, dtype=torch.float32), q.new_empty(rows, dtype=torch.int32),
-            q.new_empty(tiles if keep_for_backward or exact_aux else (0,), dtype=torch.bool),
+            q.new_empty(tiles if forms_tile_map(keep_for_backward, exact_aux) else (0,), dtype=torch.bool),
             q.new_empty(q.shape if keep_for_backward else (0,), dtype=torch.float32),
             q.new_empty(rows if keep_for_backward else (0,), dtype=torch.float32))
 
