@@ -35,6 +35,15 @@ def local_inputs(B, H, N, D, local, seed, dtype=torch.bfloat16):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+def launch_config(config: str):
+    """"BLOCK_M:num_warps[:maxnreg]" -> (block_m, num_warps, extra launch options, result-key tag "m64w4[r128]")."""
+    fields = [int(f) for f in config.split(":")]
+    if len(fields) not in (2, 3):
+        raise ValueError(f"launch config {config!r}: expected BLOCK_M:num_warps or BLOCK_M:num_warps:maxnreg")
+    tag = f"m{fields[0]}w{fields[1]}" + (f"r{fields[2]}" if len(fields) == 3 else "")
+    return fields[0], fields[1], ({"maxnreg": fields[2]} if len(fields) == 3 else {}), tag
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["4096:128", "16384:128", "4096:64", "16384:64"])
@@ -47,9 +56,12 @@ def main():
     ap.add_argument("--warps", nargs="*", type=int, default=[],
                     help="also time the sweep and the output stage with these num_warps (launch-config experiments)")
     ap.add_argument("--sweep-configs", nargs="*", default=[],
-                    help="also time the sweep alone with these BLOCK_M:num_warps (e.g. 64:4), launch experiments")
+                    help="also time the sweep alone with these BLOCK_M:num_warps[:maxnreg] (e.g. 64:4 or 64:4:128: "
+                         "at most 128 registers per thread), launch experiments")
     ap.add_argument("--sparse-configs", nargs="*", default=[],
-                    help="also time the solve and output stages with these BLOCK_M:num_warps (e.g. 64:4)")
+                    help="also time the solve and output stages with these BLOCK_M:num_warps[:maxnreg] (e.g. 64:4)")
+    ap.add_argument("--bwd-configs", nargs="*", default=[],
+                    help="also time the backward with these num_warps:num_stages[:maxnreg] (e.g. 4:2:168)")
     ap.add_argument("--far-scores", nargs="*", type=int, default=[],
                     help="also time the sweep, and measure its bound's gap and the inference output's error, with "
                          "far key tiles binning this many scores per row (sweep.FAR_TILE_SCORES: 0, 1 or 2)")
@@ -60,6 +72,7 @@ def main():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from entflash.autograd import fused_backward, fused_forward
+    from entflash.kernels.backward import _pick_blocks, attention_backward
     from entflash.kernels.forward import alpha_tensor, entmax_forward
     from entflash.kernels.launch import make_spec
     from entflash.kernels.output import sparse_output
@@ -161,28 +174,28 @@ def main():
                     finally:
                         sweep_module.FAR_TILE_SCORES = default_far
                 for config in args.sweep_configs:
-                    block_m, w = map(int, config.split(":"))
+                    block_m, w, extra, tag = launch_config(config)
                     spec_c = dataclasses.replace(spec, sweep_block_m=block_m,
-                                                 sweep_launch=dict(spec.sweep_launch, num_warps=w))
-                    warp_ms[f"ms_sweep_m{block_m}w{w}"] = triton.testing.do_bench(
+                                                 sweep_launch=dict(spec.sweep_launch, num_warps=w, **extra))
+                    warp_ms[f"ms_sweep_{tag}"] = triton.testing.do_bench(
                         lambda: dense_sweep(q, k, a_t, scale, spec_c), return_mode="median")
                 for config in args.sparse_configs:
-                    block_m, w = map(int, config.split(":"))
+                    block_m, w, extra, tag = launch_config(config)
                     n_mb = triton.cdiv(N, block_m)
                     spec_c = dataclasses.replace(
                         spec, tiles=dict(spec.tiles, BLOCK_M=block_m), num_m_blocks=n_mb, grid=(n_mb, B * H),
                         lists=torch.empty(n_mb * B * H * spec.nk_chunk, device="cuda", dtype=torch.int32),
-                        sparse_launch=dict(spec.sparse_launch, num_warps=w))
+                        sparse_launch=dict(spec.sparse_launch, num_warps=w, **extra))
                     tau_c, tlo_c, hits_c = solve_tau(q, k, a_t, scale, spec_c, rm, tm, th, ni)
                     res_c = sparse_output(q, k, v, a_t, scale, spec_c, rm, tm, tau_c, tlo_c, hits_c, save_bwd=False)
-                    warp_ms[f"rel_err_m{block_m}w{w}"] = (
+                    warp_ms[f"rel_err_{tag}"] = (
                         (res_c["out"][:1, hs].float() - ref).norm() / ref.norm()).item()
-                    warp_ms[f"ms_solve_m{block_m}w{w}"] = triton.testing.do_bench(
+                    warp_ms[f"ms_solve_{tag}"] = triton.testing.do_bench(
                         lambda: solve_tau(q, k, a_t, scale, spec_c, rm, tm, th, ni), return_mode="median")
-                    warp_ms[f"ms_output_m{block_m}w{w}"] = triton.testing.do_bench(
+                    warp_ms[f"ms_output_{tag}"] = triton.testing.do_bench(
                         lambda: sparse_output(q, k, v, a_t, scale, spec_c, rm, tm, tau_c, tlo_c, hits_c,
                                               save_bwd=False), return_mode="median")
-                    warp_ms[f"ms_output0_m{block_m}w{w}"] = triton.testing.do_bench(
+                    warp_ms[f"ms_output0_{tag}"] = triton.testing.do_bench(
                         lambda: sparse_output(q, k, v, a_t, scale, spec_c, rm, tm, th, th, None, save_bwd=False,
                                               need_map=False), return_mode="median")
                 if args.sparse_configs:
@@ -205,6 +218,15 @@ def main():
                 ms_bwd = triton.testing.do_bench(lambda: fused_backward(
                     grad_out, q, k, v, tau_s, tile_map, o2, s_sum, args.alpha, causal, scale, None, None, None,
                     needs), return_mode="median")
+                for config in args.bwd_configs:
+                    fields = [int(f) for f in config.split(":")]
+                    blocks = dict(_pick_blocks(D, q.dtype), warps=fields[0], stages=fields[1])
+                    if len(fields) == 3:
+                        blocks["maxnreg"] = fields[2]
+                    tag = "w{}s{}".format(*fields[:2]) + (f"r{fields[2]}" if len(fields) == 3 else "")
+                    warp_ms[f"ms_bwd_{tag}"] = triton.testing.do_bench(lambda: attention_backward(
+                        q, k, v, grad_out, tau_s, tile_map, o2, s_sum, args.alpha, causal, scale, None, None, None,
+                        blocks=blocks), return_mode="median")
                 qf, kf, vf = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     ms_fa_fb = triton.testing.do_bench(lambda: torch.autograd.grad(
@@ -233,7 +255,7 @@ def main():
               f"{r['ms_bwd']:6.3f} {r['ms_fa2_bwd']:6.3f} {r['ratio_fwd_bwd']:6.2f}  {r['ms_sweep_all_scores']:6.3f} "
               f"{r['hist_gap_in_bins']:5.2f} {r['hist_gap_in_bins_all_scores']:5.2f} "
               + " ".join(f"{key[3:]}={val:.3f}" for key, val in r.items() if key.endswith(tuple(
-                  f"_w{w}" for w in args.warps)) or key.startswith(("ms_sweep_m", "ms_solve_m", "ms_output"))
+                  f"_w{w}" for w in args.warps)) or key.startswith(("ms_sweep_m", "ms_solve_m", "ms_output", "ms_bwd_"))
                   and key != "ms_output" or key.startswith(("rel_err_inference", "hist_gap_in_bins_far"))))
     if args.out:
         with open(args.out, "w") as f:

@@ -328,7 +328,9 @@ def _pick_blocks(D: int, dtype: torch.dtype):
     interpreter).
 
     bm_dq: query rows per dQ program (multiple of 64); bn_dq: keys per dQ inner step (32, 64, 128...);
-    bn_kv: keys per dK/dV program (multiple of 64); bm_kv: query rows per dK/dV inner step.
+    bn_kv: keys per dK/dV program (multiple of 64); bm_kv: query rows per dK/dV inner step; warps, stages: the
+    launch's num_warps and num_stages. A `blocks=` dict given to attention_backward replaces this one and may add
+    maxnreg (a cap on registers per thread, for launch experiments: scripts/kernel_dev.py --bwd-configs).
     """
     if interpreting():
         return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=4, stages=1)
@@ -401,7 +403,8 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     sq, sk = (delta if lens is None else lens.to(device=dev, dtype=torch.int32).contiguous()
               for lens in (seqlens_q, seqlens_k))
     flags, wl_i, wr_i = mask_args(causal, window, seqlens_q, seqlens_k)
-    common = dict(**flags, ALPHA_MODE=mode, **dot_args(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
+    common = dict(**flags, ALPHA_MODE=mode, **dot_args(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"],
+                  **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     tile_map = tile_map.to(dev)
 
     # dK, dV: transposed map, one program per (batch, kv head, key block)
