@@ -204,6 +204,43 @@ def test_sweep_histogram_bound_is_within_one_bin_below_tau(alpha, local, causal)
     assert (gap <= 1 / 16 + 1e-4).all(), gap.max()
 
 
+@pytest.mark.parametrize("alpha", [1.25, 1.5])
+def test_sweep_histogram_bound_when_the_max_rises_inside_and_across_bins(alpha):
+    """The sweep shifts the histogram's counts only in key tiles where some row's bin top rises. Query row 0
+    sees six key tiles, visited in order, whose maxima rise first inside one bin of 1/16 (no shift), then by one
+    bin, then by several, then inside a bin again; the first four tiles hold scores within 0.1 below their max
+    (the mass near tau), the last two little above their maxima minus one. A shift skipped where it was needed would leave the early counts in bins above their scores, and the
+    bound above tau (without any shift, this test fails); the bound must also stay within one bin of tau."""
+    from entflash.kernels.forward import alpha_tensor
+    from entflash.kernels.launch import make_spec
+    from entflash.kernels.sweep import dense_sweep
+    from entflash.reference.rowwise import entmax_threshold
+
+    gen = torch.Generator().manual_seed(5)
+    tile_maxima = [0.01, 0.03, 0.06, 0.07, 0.40, 0.41]  # tau units; bin tops ceil(16 m): 1, 1, 1, 2, 7, 7
+    spreads = [0.1, 0.1, 0.1, 0.1, 3.0, 3.0]  # the early tiles hold most of the mass near tau
+    scores = []
+    for top_score, spread in zip(tile_maxima, spreads):
+        tile = top_score - spread * torch.rand(64, generator=gen, dtype=torch.float64)
+        tile[int(torch.randint(64, (1,), generator=gen))] = top_score
+        scores.append(tile)
+    x = torch.cat(scores)  # (384,) scores in tau units
+    D, scale = 16, 0.25
+    coef = (alpha - 1.0) * scale
+    q = torch.zeros(1, 1, x.numel(), D, dtype=torch.float64)  # Nq = Nk: row 0's sweep starts at key tile 0
+    q[0, 0, 0, 0] = 1.0  # the other rows score 0 everywhere
+    k = torch.zeros(1, 1, x.numel(), D, dtype=torch.float64)
+    k[0, 0, :, 0] = x / coef  # exact in float32 for these values up to rounding of x itself
+    q, k = q.float().to(DEV), k.float().to(DEV)
+    x = (coef * k[0, 0, :, 0].double().cpu())  # the scores the kernel sees (float32 inputs)
+    alpha_t = alpha_tensor(alpha, 1, q.device)
+    spec = make_spec(q, k, alpha, alpha_t, False, None, None, None)
+    _, _, tau_hist = dense_sweep(q, k, alpha_t, scale, spec, far_scores=0)
+    tau = entmax_threshold((x / (alpha - 1.0))[None], torch.tensor(alpha, dtype=torch.float64), dim=-1).item()
+    gap = tau - tau_hist[0, 0, 0].double().item()
+    assert -1e-5 <= gap <= 1 / 16 + 1e-5, gap
+
+
 @pytest.mark.parametrize("alpha", [1.5, (1.25, 2.0)])
 @pytest.mark.parametrize("sink", [False, True])
 def test_sweep_far_tiles_bin_two_scores_per_row(alpha, sink):
