@@ -209,8 +209,9 @@ def test_sweep_histogram_bound_when_the_max_rises_inside_and_across_bins(alpha):
     """The sweep shifts the histogram's counts only in key tiles where some row's bin top rises. Query row 0
     sees six key tiles, visited in order, whose maxima rise first inside one bin of 1/16 (no shift), then by one
     bin, then by several, then inside a bin again; the first four tiles hold scores within 0.1 below their max
-    (the mass near tau), the last two little above their maxima minus one. A shift skipped where it was needed would leave the early counts in bins above their scores, and the
-    bound above tau (without any shift, this test fails); the bound must also stay within one bin of tau."""
+    (the mass near tau), the last two little above their maxima minus one. A shift skipped where it was needed
+    would leave the early counts in bins above their scores, and the bound above tau (without any shift, this
+    test fails); the bound must also stay within one bin of tau."""
     from entflash.kernels.forward import alpha_tensor
     from entflash.kernels.launch import make_spec
     from entflash.kernels.sweep import dense_sweep
