@@ -312,6 +312,20 @@ def test_gpu_matches_dense_oracle(i):
         assert torch.equal(x, y)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", [0, 2])
+def test_gpu_atomic_dq_matches_dense_oracle(i):
+    """The experimental dq_atomic backward at real shapes (per-head alpha with its gradient; float32 window)."""
+    B, Hq, Hkv, N, D, dtype, alpha, causal, window, local = GPU_CASES[i]
+    q, k, v, do = make_inputs(B, Hq, Hkv, N, N, D, dtype, seed=400 + i)
+    a = torch.tensor(alpha, dtype=torch.float32) if isinstance(alpha, tuple) else alpha
+    saved, grads = oracle(q, k, v, do, a, causal, D ** -0.5, window=window)
+    got = attention_backward(q, k, v, do, saved["tau"], saved["tile_map"], saved["o2"], saved["s"], a, causal,
+                             D ** -0.5, window, None, None, alpha_requires_grad=isinstance(alpha, tuple),
+                             dq_atomic=True)
+    check(got, grads, *_tols(dtype, alpha))
+
+
 def positional_inputs(B, Hq, Hkv, Nq, Nk, D, dtype, local=14.0, seed=0):
     """Random q, k, v, dO plus a sinusoidal positional code of strength `local` in q and k, whose
     product decays with |i - j|: attention becomes highly local (high block sparsity)."""
