@@ -54,7 +54,7 @@ def solver_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float
                  heads: int = 2) -> Optional[dict]:
     """The fields of the module docstring for q (B, Hq, N, D), k/v (B, Hkv, N, D); None where the Triton kernels
     cannot run (no CUDA and no interpreter)."""
-    from entflash.autograd import newton_passes
+    from entflash.autograd import newton_plan
     from entflash.kernels.forward import alpha_tensor, entmax_forward, sweep_far_scores
     from entflash.kernels.launch import interpreting, make_spec
     from entflash.kernels.sweep import dense_sweep
@@ -67,13 +67,14 @@ def solver_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alpha: float
     alpha_t = alpha_tensor(alpha, heads, q.device)
     spec = make_spec(q_part, k_part, alpha, alpha_t, causal, None, None, None)
     _, _, tau_hist = dense_sweep(q_part, k_part, alpha_t, scale, spec)
-    training = newton_passes(q.dtype, alpha, True, False)
-    inference = newton_passes(q.dtype, alpha, False, False)
+    training, training_from_alpha = newton_plan(q.dtype, alpha, True, False)
+    inference = newton_plan(q.dtype, alpha, False, False)[0]
     # the start the training forward takes (kernels/forward.py), the inference one where they agree
     training_far = sweep_far_scores(training, q)
     tau_hist_training = (tau_hist if training_far is None
                          else dense_sweep(q_part, k_part, alpha_t, scale, spec, training_far)[2])
-    tau = entmax_forward(q_part, k_part, v_part, alpha, causal, scale, newton_iters=training)["tau"]
+    tau = entmax_forward(q_part, k_part, v_part, alpha, causal, scale, newton_iters=training,
+                         all_passes_from_alpha=training_from_alpha)["tau"]
     exact = exact_tau(q_part[0], k_part[0], alpha, causal, scale)
     gap = exact - tau_hist[0]
     gap_training = exact - tau_hist_training[0]

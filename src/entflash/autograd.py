@@ -22,7 +22,7 @@ import torch
 
 from entflash.custom_ops import (alpha_gradient, decode_alpha, decode_window, empty_gradient, encode_alpha,
                                  encode_window, input_gradient, needs_autograd)
-from entflash.kernels.forward import default_newton_iters, entmax_forward
+from entflash.kernels.forward import default_newton_plan, entmax_forward
 from entflash.reference import attention as reference
 
 MAP_BLOCK = 64  # granularity of the tile map (docs/ARCHITECTURE.md)
@@ -63,18 +63,20 @@ def _reference_backward(grad_out, q, k, v, alpha, causal, scale, window, seqlens
     return _like(dq, q), _like(dk, k), _like(dv, v), dalpha
 
 
-def newton_passes(dtype: torch.dtype, alpha, keep_for_backward: bool, exact_aux: bool) -> int:
-    """Newton passes fused_forward runs after the sweep's histogram bound (arguments as there; dtype q's).
+def newton_plan(dtype: torch.dtype, alpha, keep_for_backward: bool, exact_aux: bool) -> Tuple[int, float]:
+    """(newton_iters, all_passes_from_alpha) of fused_forward's solve stage after the sweep's histogram bound
+    (arguments as there; dtype q's; kernels.forward.entmax_forward says what the two mean).
 
     O2 and S are taken at the solver's tau, before the output pass's closing correction; for float32 training
     one more Newton pass makes that correction negligible, so the gradients reach float32 accuracy (~1e-6
     instead of ~5e-4 relative on dense rows). 16-bit inputs keep the single pass: their rounding dominates.
-    16-bit inference without exact_aux runs none (the closing correction is the one step)."""
+    16-bit inference without exact_aux runs none (the closing correction is the one step). Otherwise the default
+    plan: one pass, two for heads with alpha near 2 (kernels.forward.default_newton_plan)."""
     if keep_for_backward and dtype == torch.float32:
-        return 2
+        return 2, 1.0
     if not keep_for_backward and not exact_aux and dtype in (torch.float16, torch.bfloat16):
-        return 0
-    return default_newton_iters(alpha)
+        return 0, 1.0
+    return default_newton_plan(alpha)
 
 
 def forms_tile_map(keep_for_backward: bool, exact_aux: bool) -> bool:
@@ -98,8 +100,9 @@ def fused_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, k
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool; o2 (B, Hq, Nq, D) and s (B, Hq, Nq) float32.
     """
     need_map = forms_tile_map(keep_for_backward, exact_aux)
+    passes, all_passes_from_alpha = newton_plan(q.dtype, alpha, keep_for_backward, exact_aux)
     res = entmax_forward(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, save_bwd=keep_for_backward,
-                         newton_iters=newton_passes(q.dtype, alpha, keep_for_backward, exact_aux),
+                         newton_iters=passes, all_passes_from_alpha=all_passes_from_alpha,
                          count_support=exact_aux, need_map=need_map)
     kept = [res[name] if keep_for_backward else res["tau"].new_empty(0) for name in ("o2", "s")]
     tile_map = res["tile_map"] if need_map else q.new_empty(0, dtype=torch.bool)

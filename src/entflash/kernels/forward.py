@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from entflash.kernels.launch import ALPHA_2, alpha_mode, make_spec
+from entflash.kernels.launch import make_spec
 from entflash.kernels.output import sparse_output
 from entflash.kernels.solve import solve_tau
 from entflash.kernels.sweep import FAR_TILE_SCORES_BEFORE_NEWTON, dense_sweep
@@ -22,10 +22,20 @@ def alpha_tensor(alpha, n_heads: int, device) -> torch.Tensor:
     return torch.full((n_heads,), float(alpha), device=device, dtype=torch.float32)
 
 
-def default_newton_iters(alpha) -> int:
-    """Newton passes of the solve stage after the histogram bound when the caller names none: 1, and 2 for
-    alpha = 2, whose piecewise-linear F needs one more after a support change."""
-    return 2 if alpha_mode(alpha) == ALPHA_2 else 1
+# Heads at or above this alpha get a second Newton pass by default: near alpha = 2, F is close to piecewise linear
+# and one pass after a change of the support can leave tau 1e-4 to 1e-3 short (bf16 dq errors of 3-4e-2 for
+# alpha = 1.95 and 2 as entries of a per-head tensor, under the interpreter at N = 256, causal; 6e-3 for a float
+# alpha = 2, which had two passes).
+SECOND_PASS_ALPHA = 1.8
+
+
+def default_newton_plan(alpha) -> tuple[int, float]:
+    """(newton_iters, all_passes_from_alpha) of the solve stage after the histogram bound when the caller names
+    none: one pass, and a second for the heads at or above SECOND_PASS_ALPHA. A float alpha decides on the host;
+    a per-head tensor gets two passes, which the solve kernel runs per head (alpha is not read on the host)."""
+    if isinstance(alpha, torch.Tensor):
+        return 2, SECOND_PASS_ALPHA
+    return (2, 1.0) if float(alpha) >= SECOND_PASS_ALPHA else (1, 1.0)
 
 
 def sweep_far_scores(newton_iters: int, q: torch.Tensor):
@@ -36,7 +46,8 @@ def sweep_far_scores(newton_iters: int, q: torch.Tensor):
 
 
 def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlens_q=None, seqlens_k=None,
-                   *, newton_iters=None, out=None, save_bwd=True, fold=True, count_support=True, need_map=True):
+                   *, newton_iters=None, all_passes_from_alpha=1.0, out=None, save_bwd=True, fold=True,
+                   count_support=True, need_map=True):
     """Fused alpha-entmax attention forward.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); float16, bfloat16 or float32 (float32 products use
@@ -49,9 +60,10 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     (alpha-1) * score, +inf for rows without a visible key); support (B, Hq, Nq) int32; tile_map
     (B, Hq, ceil(Nq/64), ceil(Nk/64)) bool (a superset of the tiles holding non-zeros); o2 (B, Hq, Nq, D)
     and s (B, Hq, Nq) float32 for the backward.
-    newton_iters: Newton passes of the solve stage after the sweep's histogram bound (default:
-    default_newton_iters; 0 leaves the output pass's closing correction as the only step, enough for 16-bit
-    outputs: autograd.newton_passes);
+    newton_iters: Newton passes of the solve stage after the sweep's histogram bound (default: default_newton_plan,
+    which also sets all_passes_from_alpha; 0 leaves the output pass's closing correction as the only step, enough
+    for 16-bit outputs: autograd.newton_plan); all_passes_from_alpha: heads whose alpha is below it stop after the
+    first pass (1.0: every head runs newton_iters);
     out: optional preallocated output (q's dtype and shape, not for float64 inputs); save_bwd=False
     (inference) returns o2/s as None; fold=False (with save_bwd=False) skips O2 and normalizes instead
     (output.sparse_output); count_support=False leaves support uncounted (-1); need_map=False lets tile_map
@@ -68,9 +80,10 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     sk = seqlens_k.to(device=q.device, dtype=torch.int32).contiguous() if seqlens_k is not None else None
     spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
     if newton_iters is None:
-        newton_iters = default_newton_iters(alpha)
+        newton_iters, all_passes_from_alpha = default_newton_plan(alpha)
     row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec, sweep_far_scores(newton_iters, q))
-    tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters)
+    tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters,
+                                   all_passes_from_alpha)
     res = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits, out=out,
                         save_bwd=save_bwd, fold=fold, count_support=count_support, need_map=need_map)
     if out_dtype != res["out"].dtype:
