@@ -341,7 +341,7 @@ def _pick_blocks(D: int, dtype: torch.dtype):
 
     bm_dq: query rows per dQ program (multiple of 64); bn_dq: keys per dQ inner step (32, 64, 128...);
     bn_kv: keys per dK/dV program (multiple of 64); bm_kv: query rows per dK/dV inner step; warps, stages: the
-    launch's num_warps and num_stages. A `blocks=` dict given to attention_backward replaces this one and may add
+    launch's num_warps and num_stages. A `blocks=` dict given to attention_backward overrides these entries and may add
     maxnreg (a cap on registers per thread, for launch experiments: scripts/kernel_dev.py --bwd-configs).
     """
     if interpreting():
