@@ -209,7 +209,7 @@ def test_sweep_histogram_bound_when_the_max_rises_inside_and_across_bins(alpha):
     """The sweep shifts the histogram's counts only in key tiles where some row's bin top rises. Query row 0
     sees six key tiles, visited in order, whose maxima rise first inside one bin of 1/16 (no shift), then by one
     bin, then by several, then inside a bin again; the first four tiles hold scores within 0.1 below their max
-    (the mass near tau), the last two little above their maxima minus one. A shift skipped where it was needed
+    (the mass near tau), the last two spread theirs over three units. A shift skipped where it was needed
     would leave the early counts in bins above their scores, and the bound above tau (without any shift, this
     test fails); the bound must also stay within one bin of tau."""
     from entflash.kernels.forward import alpha_tensor
@@ -231,9 +231,9 @@ def test_sweep_histogram_bound_when_the_max_rises_inside_and_across_bins(alpha):
     q = torch.zeros(1, 1, x.numel(), D, dtype=torch.float64)  # Nq = Nk: row 0's sweep starts at key tile 0
     q[0, 0, 0, 0] = 1.0  # the other rows score 0 everywhere
     k = torch.zeros(1, 1, x.numel(), D, dtype=torch.float64)
-    k[0, 0, :, 0] = x / coef  # exact in float32 for these values up to rounding of x itself
+    k[0, 0, :, 0] = x / coef
     q, k = q.float().to(DEV), k.float().to(DEV)
-    x = (coef * k[0, 0, :, 0].double().cpu())  # the scores the kernel sees (float32 inputs)
+    x = (coef * k[0, 0, :, 0].double().cpu())  # the scores the kernel sees, from the float32-rounded keys
     alpha_t = alpha_tensor(alpha, 1, q.device)
     spec = make_spec(q, k, alpha, alpha_t, False, None, None, None)
     _, _, tau_hist = dense_sweep(q, k, alpha_t, scale, spec, far_scores=0)
