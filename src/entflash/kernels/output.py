@@ -81,10 +81,14 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
             p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
             v = load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, len_k, D)
             acc = mma(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
+            # S sums the s that O2's product reads, rounded to the input dtype like it: the backward's
+            # delta = dO . O2 / S is then a weighted mean of dO . v with one set of weights (exactly dO . v on a
+            # row with one non-zero, whose gradients are zero; a float32 S left about 2^-9 of dO . v there in bf16)
+            s_operand = s.to(v.dtype)
             if FOLD:
-                acc2 = mma(s.to(v.dtype), v, acc2, DOT_PREC, UPCAST)
+                acc2 = mma(s_operand, v, acc2, DOT_PREC, UPCAST)
             f_i += tl.sum(p, axis=1)
-            s_i += tl.sum(s, axis=1)
+            s_i += tl.sum(s_operand.to(tl.float32), axis=1)
             if COUNT_SUPPORT:
                 n_i += tl.sum((u > 0).to(tl.int32), axis=1)
 
