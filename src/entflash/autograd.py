@@ -71,10 +71,10 @@ def newton_plan(dtype: torch.dtype, alpha, keep_for_backward: bool, exact_aux: b
     three passes make that correction negligible, so the gradients reach float32 accuracy (~1e-6 relative).
     Two were not always enough: for 1.5 < alpha < 2, F'' is unbounded at the support's edge, and on dense,
     near-uniform rows at alpha = 1.75 the second pass's tau was still 2e-4 short, S and O2 2e-4 and 5e-4 off,
-    and dq 2e-4 (test_float32_training_solve_is_exact_enough_for_the_gradients). 16-bit inputs keep the
-    default plan: their rounding dominates.
-    16-bit inference without exact_aux runs none (the closing correction is the one step). Otherwise the default
-    plan: one pass, two for heads with alpha near 2 (kernels.forward.default_newton_plan)."""
+    and dq 2e-4 (test_float32_training_solve_is_exact_enough_for_the_gradients). 16-bit inference without
+    exact_aux runs none (the closing correction is the one step). Otherwise, 16-bit training included (its
+    rounding dominates), the default plan: one pass, two for heads with alpha near 2
+    (kernels.forward.default_newton_plan)."""
     if keep_for_backward and dtype == torch.float32:
         return 3, 1.0
     if not keep_for_backward and not exact_aux and dtype in (torch.float16, torch.bfloat16):

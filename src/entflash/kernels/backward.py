@@ -440,15 +440,15 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
         Hq, Hkv, G, Nq, Nk, D, n_kb, n_qb, wl_i, wr_i, float(scale),
         QB=qb, BM=bm, BN=bn, BD=BD, ATOMIC_DQ=bool(dq_atomic), **common)
 
-    # dQ: one program per (batch, query head, query block)
-    kb, bm, bn = max(cfg["bn_dq"], MAP_BLOCK), cfg["bm_dq"], cfg["bn_dq"]
-    q_map = coarsen_tile_map(tile_map, bm // MAP_BLOCK, kb // MAP_BLOCK)
-    cnt_q, idx_q = block_lists(q_map)
-    n_qb, n_kb = q_map.shape[2], q_map.shape[3]
     dq = _alloc_like(q)
     if dq_atomic:
         dq.copy_(dq_acc[..., :D] * scale)
+    # dQ (or, after atomic dQ, only the alpha row sums): one program per (batch, query head, query block)
     if alpha_requires_grad or not dq_atomic:
+        kb, bm, bn = max(cfg["bn_dq"], MAP_BLOCK), cfg["bm_dq"], cfg["bn_dq"]
+        q_map = coarsen_tile_map(tile_map, bm // MAP_BLOCK, kb // MAP_BLOCK)
+        cnt_q, idx_q = block_lists(q_map)
+        n_qb, n_kb = q_map.shape[2], q_map.shape[3]
         _dq_kernel[(B * Hq, n_qb)](
             q, k, v, grad_out, tau, delta, coef, sexp, am1, darow, dq, cnt_q, idx_q, sq, sk,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(), *dq.stride(),
