@@ -152,27 +152,6 @@ def _tols(dtype, alpha):
     return tol, tol_alpha
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_alpha_gradient_near_alpha_1_with_large_logits(causal):
-    """dL/dalpha divides the difference of two weighted means of g = dO . v (weights p and s / S) by
-    (alpha-1)^2. Formed from two float32 means it lost their common digits: end to end (the fused forward's tau,
-    scores of standard deviation ~9) dalpha at alpha = 1.01 was 5e-3 to 3.3e-2 off; summed as one difference,
-    at most 1.5e-3 in ten runs (the rest is tau's float32 rounding, which p = u^100 amplifies)."""
-    from entflash.autograd import triton_attention
-    from entflash.reference.attention import torch_attention
-
-    q, k, v, do = make_inputs(2, 3, 3, 96, 96, 32, torch.float32, seed=int(torch.randint(0, 2**31 - 1, ())))
-    q, k = q * 3.0, k * 3.0
-    alpha = torch.tensor([1.01, 1.02, 1.05], device=DEV)
-    dalpha = []
-    for dtype, attention in ((torch.float32, triton_attention), (torch.float64, torch_attention)):
-        a = alpha.to(dtype).requires_grad_(True)
-        out = attention(q.to(dtype), k.to(dtype), v.to(dtype), a, causal, 32 ** -0.5, None, None, None, False)
-        dalpha.append(torch.autograd.grad(out, a, do.to(dtype))[0].double())
-    per_head = (dalpha[0] - dalpha[1]).abs() / dalpha[1].abs().clamp_min(1e-30)
-    assert torch.isfinite(dalpha[0]).all() and per_head.max() < 3e-3, per_head.tolist()
-
-
 @pytest.mark.parametrize("i", range(len(CASES)),
                          ids=[f"{c[6]}-a{c[7]}-{'causal' if c[8] else 'full'}-w{c[9]}" for c in CASES])
 def test_matches_dense_oracle(i):
