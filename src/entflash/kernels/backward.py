@@ -180,15 +180,16 @@ def _dq_step(q, do, tau, delta, dq, k_base, v_base, m0, n0, offs_d, dmask,
 
 
 @triton.jit
-def _alpha_tile_sums(g, u, s, lcoef, a_gp, a_p, a_gd, a_d, a_gpl, a_pl):
-    """Add one tile to the row sums of g p, p, g d, d, g p log p, p log p, where d = p - s (lcoef = ln 2 / (alpha-1),
-    so log p = lcoef * log2 u). d is small where the formula amplifies most (alpha near 1, s = p^(2-alpha) ~ p),
-    and summing it directly keeps the difference of the two weighted means exact to float32 (_alpha_row_grad)."""
+def _alpha_tile_sums(g, u, s, a_gp, a_p, a_gd, a_d, a_gpl, a_pl):
+    """Add one tile to the row sums of g p, p, g d, d, g p log2 u, p log2 u, where d = p - s (the caller turns
+    the last two into sums of p log p with the factor ln 2 / (alpha - 1)). d is small where the formula amplifies
+    most (alpha near 1, s = p^(2-alpha) ~ p), and summing it directly keeps the difference of the two weighted
+    means exact to float32 (_alpha_row_grad)."""
     p = u * s
     d = p - s
-    # log2(u) is the one entmax_s took for s (same operand: the compiler computes it once); where u = 0
-    # it is -inf and the product NaN, which the select drops
-    pl = tl.where(u > 0.0, p * (lcoef * fast_log2(u)), 0.0)
+    # log2(u) is the one entmax_s took for s (same operand: the compiler computes it once); at u = 0 it is
+    # LOG2_FLOOR, finite, so the product is 0 there
+    pl = p * fast_log2(u)
     return (a_gp + tl.sum(g * p, axis=1), a_p + tl.sum(p, axis=1),
             a_gd + tl.sum(g * d, axis=1), a_d + tl.sum(d, axis=1),
             a_gpl + tl.sum(g * pl, axis=1), a_pl + tl.sum(pl, axis=1))
@@ -276,15 +277,14 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
                                    wl, wr, BM, BN, CAUSAL, WIN_LEFT, WIN_RIGHT, ALPHA_MODE, DOT_PREC, UPCAST,
                                    WRITE_DQ)
             if ALPHA_GRAD:
-                a_gp, a_p, a_gd, a_d, a_gpl, a_pl = _alpha_tile_sums(g, u, s, lcoef, a_gp, a_p, a_gd,
-                                                                     a_d, a_gpl, a_pl)
+                a_gp, a_p, a_gd, a_d, a_gpl, a_pl = _alpha_tile_sums(g, u, s, a_gp, a_p, a_gd, a_d, a_gpl, a_pl)
     if WRITE_DQ:
         dq = dq * scale
         tl.store(DQ + b64 * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
                  dq.to(DQ.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])  # padded rows get zeros
     if ALPHA_GRAD:
         tl.store(DAROW + (b64 * Hq + h) * Nq + offs_m,
-                 _alpha_row_grad(am1, a_gp, a_p, a_gd, a_d, a_gpl, a_pl), mask=mmask)
+                 _alpha_row_grad(am1, a_gp, a_p, a_gd, a_d, lcoef * a_gpl, lcoef * a_pl), mask=mmask)
 
 
 # ----------------------------------------------------------------------------------------------
