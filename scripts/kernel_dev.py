@@ -68,6 +68,9 @@ def main():
     ap.add_argument("--far-scores", nargs="*", type=int, default=[],
                     help="also time the sweep, and measure its bound's gap and the inference output's error, with "
                          "far key tiles binning this many scores per row (sweep.FAR_TILE_SCORES: 0, 1 or 2)")
+    ap.add_argument("--learned", action="store_true",
+                    help="also time the training forward and the backward with alpha as a learnable (H,) tensor "
+                         "(--alpha on every head, requires_grad: the alpha-gradient path), each --bwd-configs too")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -230,6 +233,25 @@ def main():
                     warp_ms[f"ms_bwd_{tag}"] = triton.testing.do_bench(lambda: attention_backward(
                         q, k, v, grad_out, tau_s, tile_map, o2, s_sum, args.alpha, causal, scale, None, None, None,
                         blocks=blocks), return_mode="median")
+                if args.learned:  # the learnable-alpha path: generic power code, dalpha sums in the dQ kernel
+                    a_h = torch.full((H,), args.alpha, device="cuda", requires_grad=True)
+                    warp_ms["ms_train_learned"] = triton.testing.do_bench(lambda: fused_forward(
+                        q, k, v, a_h, causal, scale, None, None, None, True), return_mode="median")
+                    saved = fused_forward(q, k, v, a_h, causal, scale, None, None, None, True)
+                    _, tau_l, _, map_l, o2_l, s_l = saved
+                    warp_ms["ms_bwd_learned"] = triton.testing.do_bench(lambda: fused_backward(
+                        grad_out, q, k, v, tau_l, map_l, o2_l, s_l, a_h, causal, scale, None, None, None,
+                        (True, True, True, True)), return_mode="median")
+                    for config in args.bwd_configs:
+                        fields = [int(f) for f in config.split(":")]
+                        blocks = dict(_pick_blocks(D, q.dtype), warps=fields[0], stages=fields[1])
+                        if len(fields) == 3:
+                            blocks["maxnreg"] = fields[2]
+                        tag = "w{}s{}".format(*fields[:2]) + (f"r{fields[2]}" if len(fields) == 3 else "")
+                        warp_ms[f"ms_bwd_learned_{tag}"] = triton.testing.do_bench(lambda: attention_backward(
+                            q, k, v, grad_out, tau_l, map_l, o2_l, s_l, a_h, causal, scale, None, None, None,
+                            blocks=blocks, alpha_requires_grad=True), return_mode="median")
+                    del saved, tau_l, map_l, o2_l, s_l
                 if args.bwd_atomic:
                     def backward(**kw):
                         return attention_backward(q, k, v, grad_out, tau_s, tile_map, o2, s_sum, args.alpha, causal,
