@@ -170,22 +170,24 @@ def mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D, qk_scale,
+def score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D, qk_scale, shift,
                len_q, len_k, offset, win_left, win_right,
                CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Scores in tau units for one key tile: (BLOCK_M, BLOCK_N) float32, invisible -> -inf.
+    """Scores in tau units minus each row's shift, for one key tile: (BLOCK_M, BLOCK_N) float32, invisible -> -inf.
 
     q: (BLOCK_M, BLOCK_D) tile already loaded, rows offs_m = start_m + arange(BLOCK_M); keys
     start_n .. start_n + BLOCK_N - 1 are read from
     k_base with strides (stride_kn, stride_kd); keys at or past len_k are not read (padding or unused
-    cache slots may hold anything, NaN included). qk_scale = (alpha - 1) * scale (a scalar).
-    Returns (x, offs_n).
+    cache slots may hold anything, NaN included). qk_scale = (alpha - 1) * scale (a scalar); shift (BLOCK_M,)
+    float32, tau for the shifted scores x - tau of the later stages (one multiply-add per score, where scaling,
+    masking and then subtracting took two instructions), zeros for the scores themselves.
+    Returns (x - shift, offs_n).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=(offs_n[None, :] < len_k) & (offs_d[:, None] < D), other=0.0)
-    x = mma(q, kt, tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32), DOT_PREC, UPCAST) * qk_scale
+    x = mma(q, kt, tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32), DOT_PREC, UPCAST) * qk_scale - shift[:, None]
     if not tile_interior(start_m, start_n, q.shape[0], BLOCK_N, len_q, len_k, offset, win_left, win_right,
                          CAUSAL, WIN_LEFT, WIN_RIGHT):
         vis = visible_mask(offs_m, offs_n, len_q, len_k, offset, win_left, win_right,
@@ -215,7 +217,13 @@ def entmax_s(u, rm1, ALPHA_MODE: tl.constexpr):
 def entmax_p(x, tau, rm1, ALPHA_MODE: tl.constexpr):
     """p = [x - tau]_+^(1/(alpha-1)) and s = p^(2-alpha) for scores x (BLOCK_M, BLOCK_N) and
     tau (BLOCK_M,), both float32 in tau units. Returns (p, s, u) with u = [x - tau]_+."""
-    u = tl.maximum(x - tau[:, None], 0.0)
+    return entmax_p_shifted(x - tau[:, None], rm1, ALPHA_MODE)
+
+
+@triton.jit
+def entmax_p_shifted(xs, rm1, ALPHA_MODE: tl.constexpr):
+    """entmax_p for shifted scores xs = x - tau (any shape, float32): returns (p, s, u), u = [xs]_+."""
+    u = tl.maximum(xs, 0.0)
     s = entmax_s(u, rm1, ALPHA_MODE)
     return u * s, s, u
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (compact_candidates, entmax_p, key_range, load_rows, mma,
+from entflash.kernels.common import (compact_candidates, entmax_p_shifted, key_range, load_rows, mma,
                                      program_coords, score_tile, sub_block_max_rows, sub_block_min_rows)
 
 
@@ -56,9 +56,17 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
     # tile values are relative to each row's max (sweep.py)
     thr = sub_block_min_rows(tl.where(m_i > float("-inf"), tau_low - m_i, float("inf")), BLOCK_M)
 
+    # tau - tau_low >= 0, 0 on rows without a visible key (tau = tau_low = +inf, where x - tau is -inf)
+    low_gap = tl.where(tau_low < float("inf"), tau - tau_low, 0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     f_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # 16-bit inputs sum S on the tensor cores: s times a (BLOCK_N, 16) block of ones, every column of acc_s
+    # holding the row sums (three instructions per score fewer than a float32 row sum of the rounded s). Not for
+    # float32 (its exact products are FMA loops) nor for head dims above 64 (sm_90: the D = 128 kernel, already at
+    # the register cap, spilled 12 words instead of 4)
+    S_BY_MMA: tl.constexpr = (V.dtype.element_ty != tl.float32) & (BLOCK_D <= 64)
+    acc_s = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     n_i = tl.zeros((BLOCK_M,), dtype=tl.int32)
     list_ptr = Lists + (tl.program_id(1) * NUM_M_BLOCKS + tl.program_id(0)) * NK_CHUNK
@@ -72,26 +80,32 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
                                         BLOCK_M, NK_CHUNK)
         for i in range(0, n_cand):
             kb = tl.load(list_ptr + i)
-            x, offs_n = score_tile(q, k_base, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
-                                   qk_scale, len_q, len_k, offset, win_left, win_right,
-                                   CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-            if WRITE_MAP:
-                hit = sub_block_max_rows(tl.max(x, axis=1) - tau_low, BLOCK_M) > 0
+            xs, offs_n = score_tile(q, k_base, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
+                                    qk_scale, tau, len_q, len_k, offset, win_left, win_right,
+                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
+            if WRITE_MAP:  # some score above tau_low: max(x - tau) + (tau - tau_low) > 0
+                hit = sub_block_max_rows(tl.max(xs, axis=1) + low_gap, BLOCK_M) > 0
                 tl.store(TileMap + tile_off + sub * stride_tm + kb, hit.to(tl.int8), mask=sub < n_sub_valid)
-            p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
+            p, s, u = entmax_p_shifted(xs, rm1, ALPHA_MODE)
             v = load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, len_k, D)
             acc = mma(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
             # S sums the s that O2's product reads, rounded to the input dtype like it: the backward's
             # delta = dO . O2 / S is then a weighted mean of dO . v with one set of weights (exactly dO . v on a
-            # row with one non-zero, whose gradients are zero; a float32 S left about 2^-9 of dO . v there in bf16)
+            # row with one non-zero, whose gradients are zero; a float32 S left about 2^-9 of dO . v there in bf16).
+            # On 16-bit inputs the tensor cores form it from the same rounded operand.
             s_operand = s.to(v.dtype)
             if FOLD:
                 acc2 = mma(s_operand, v, acc2, DOT_PREC, UPCAST)
             f_i += tl.sum(p, axis=1)
-            s_i += tl.sum(s_operand.to(tl.float32), axis=1)
+            if S_BY_MMA:
+                acc_s = mma(s_operand, tl.full((BLOCK_N, 16), 1.0, tl.float32).to(v.dtype), acc_s, DOT_PREC, UPCAST)
+            else:
+                s_i += tl.sum(s, axis=1)
             if COUNT_SUPPORT:
                 n_i += tl.sum((u > 0).to(tl.int32), axis=1)
 
+    if S_BY_MMA:
+        s_i = tl.max(acc_s, axis=1)
     c = tl.where(s_i > 0, (f_i - 1.0) / tl.where(s_i > 0, s_i, 1.0), 0.0)
     if FOLD:
         out = acc - c[:, None] * acc2

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (compact_candidates, entmax_p, key_range, load_rows, newton_tau,
+from entflash.kernels.common import (compact_candidates, entmax_p_shifted, key_range, load_rows, newton_tau,
                                      program_coords, score_tile, sub_block_min_rows)
 
 
@@ -36,10 +36,10 @@ def _newton_pass(q, k_base, start_m, offs_m, offs_d, stride_kn, stride_kd, strid
         n_cand = compact_candidates(tmax_ptr, stride_tm, thr, n_sub_valid, c0, kb_hi, list_ptr, BLOCK_M, NK_CHUNK)
         for i in range(0, n_cand):
             kb = tl.load(list_ptr + i)
-            x, offs_n = score_tile(q, k_base, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
-                                   qk_scale, len_q, len_k, offset, win_left, win_right,
-                                   CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-            p, s, u = entmax_p(x, tau, rm1, ALPHA_MODE)
+            xs, offs_n = score_tile(q, k_base, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
+                                    qk_scale, tau, len_q, len_k, offset, win_left, win_right,
+                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
+            p, s, u = entmax_p_shifted(xs, rm1, ALPHA_MODE)
             tile_f = tl.sum(p, axis=1)
             f_i += tile_f
             s_i += tl.sum(s, axis=1)

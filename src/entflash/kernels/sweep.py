@@ -66,7 +66,7 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     fuses into one multiply-add whose result is not exactly 0; at 0c91a5c, when the shift was taken only for a
     relative value of 0, that skipped shifts and broke the bound wherever qk_scale * 16 != 1."""
     x, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
-                           qk_scale, len_q, len_k, offset, win_left, win_right,
+                           qk_scale, tl.zeros_like(m_i), len_q, len_k, offset, win_left, win_right,
                            CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
     tile_row_max = tl.max(x, axis=1)
     m_i = tl.maximum(m_i, tile_row_max)
