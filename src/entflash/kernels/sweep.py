@@ -60,15 +60,19 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     max), -inf for rows without a visible key yet. all_scores (scalar bool): bin every score of the tile,
     else each row's FAR_SCORES (1 or 2) largest. Returns the updated (m_i, top, w0, w1, w2, w3).
 
-    Whether the counts shift depends on the rows' tops alone, never on a relative value being exactly 0.
-    The scores are scaled to tau units before any reduction (1d7fbb0's GPU-tested form). Scaling the row maxima
-    after the reductions instead saves a multiply per score, but compiled, the scaled max minus the running max
-    fuses into one multiply-add whose result is not exactly 0; at 0c91a5c, when the shift was taken only for a
-    relative value of 0, that skipped shifts and broke the bound wherever qk_scale * 16 != 1."""
-    x, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
-                           qk_scale, tl.zeros_like(m_i), len_q, len_k, offset, win_left, win_right,
-                           CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
-    tile_row_max = tl.max(x, axis=1)
+    Whether the counts shift depends on the rows' tops alone, never on a relative value being exactly 0. The row
+    maxima are scaled to tau units after the reduction, which saves a multiply per score in the far tiles. Compiled,
+    the scaled max minus the running max may fuse into one multiply-add whose result is not exactly 0 (about an ulp
+    off in either direction): the stored relative values are bounds up to such rounding, which the later stages'
+    margin covers. (At 0c91a5c the shift was taken only for a relative value of exactly 0, and that rounding
+    skipped shifts and broke the bound wherever qk_scale * 16 != 1; 1d7fbb0 scaled every score first.)"""
+    # unscaled q . k (masked: -inf); qk_scale > 0 and rounding is monotonic, so the scaled row max is the max
+    # of the scaled scores exactly, and only the tiles that bin every score scale every score
+    raw, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
+                             1.0, tl.zeros_like(m_i), len_q, len_k, offset, win_left, win_right,
+                             CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
+    raw_max = tl.max(raw, axis=1)
+    tile_row_max = tl.where(raw_max > float("-inf"), raw_max * qk_scale, float("-inf"))
     m_i = tl.maximum(m_i, tile_row_max)
     seen = m_i > float("-inf")
     relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
@@ -91,12 +95,12 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     # tile max is at most its max plus the largest relative value (at most the largest flag), and top/16 >= max
     if largest_flag > -1.0:
         if all_scores:
-            h0, h1, h2, h3 = histogram_words(x, new_top)
+            h0, h1, h2, h3 = histogram_words(raw * qk_scale, new_top)
         else:
             h0, h1, h2, h3 = histogram_words_of_rows(tile_row_max, new_top)
             if FAR_SCORES == 2:
                 # the second largest: a tie with the max is dropped, which only lowers the bound
-                second = tl.max(tl.where(x < tile_row_max[:, None], x, float("-inf")), axis=1)
+                second = tl.max(tl.where(raw < raw_max[:, None], raw, float("-inf")), axis=1) * qk_scale
                 g0, g1, g2, g3 = histogram_words_of_rows(second, new_top)
                 h0 += g0
                 h1 += g1
