@@ -203,13 +203,12 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def attention_case(dtype, D, alpha="1.5", alpha_grad=False, causal=True, window=None, seqlens=False,
-                   heads=(2, 2), grad=True, fold=True, dq_atomic=False) -> Callable[[], None]:
+                   heads=(2, 2), grad=True, fold=True) -> Callable[[], None]:
     """Forward (+ backward when grad) of entmax attention through entflash.autograd.triton_attention.
 
     alpha: "1.5", "2", "1.3" (python floats) or "heads" (a (Hq,) tensor, with a gradient when
     alpha_grad); heads: (Hq, Hkv); grad=False traces the inference forward (no saved tensors);
-    fold=False (only with grad=False) calls entmax_forward directly with its normalization close; dq_atomic
-    runs the training forward and then attention_backward(dq_atomic=True) (the experimental atomic dQ)."""
+    fold=False (only with grad=False) calls entmax_forward directly with its normalization close."""
     def run():
         from entflash.autograd import triton_attention
         from entflash.kernels.forward import entmax_forward
@@ -223,14 +222,6 @@ def attention_case(dtype, D, alpha="1.5", alpha_grad=False, causal=True, window=
         lens = torch.tensor([N - 5], dtype=torch.int32) if seqlens else None
         if not fold:
             entmax_forward(q, k, v, a, causal, None, window, lens, lens, save_bwd=False, fold=False)
-            return
-        if dq_atomic:
-            from entflash.autograd import fused_forward
-            from entflash.kernels.backward import attention_backward
-
-            _, tau, _, tile_map, o2, s = fused_forward(q, k, v, a, causal, D ** -0.5, window, lens, lens, True)
-            attention_backward(q, k, v, torch.zeros_like(q), tau, tile_map, o2, s, a, causal, D ** -0.5, window,
-                               lens, lens, alpha_requires_grad=alpha_grad, dq_atomic=True)
             return
         with torch.set_grad_enabled(grad):
             out = triton_attention(q, k, v, a, causal, D ** -0.5, window, lens, lens, False)
@@ -288,9 +279,6 @@ def cases(subset: str):
                 (f"{tag} alpha=1.5 causal seqlens", attention_case(dtype, D, seqlens=True)),
                 (f"{tag} alpha=1.5 causal inference", attention_case(dtype, D, grad=False)),
                 (f"{tag} alpha=1.5 inference fold=False", attention_case(dtype, D, grad=False, fold=False)),
-                (f"{tag} alpha=1.5 causal dq_atomic", attention_case(dtype, D, dq_atomic=True)),
-                (f"{tag} alpha=heads+grad causal dq_atomic",
-                 attention_case(dtype, D, "heads", alpha_grad=True, dq_atomic=True)),
                 (f"{tag} GQA 4/2 alpha=heads+grad window=(32,8) seqlens",
                  attention_case(dtype, D, "heads", alpha_grad=True, causal=False, window=(32, 8), seqlens=True,
                                 heads=(4, 2))),

@@ -62,9 +62,6 @@ def main():
                     help="also time the solve and output stages with these BLOCK_M:num_warps[:maxnreg] (e.g. 64:4)")
     ap.add_argument("--bwd-configs", nargs="*", default=[],
                     help="also time the backward with these num_warps:num_stages[:maxnreg] (e.g. 4:2:168)")
-    ap.add_argument("--bwd-atomic", action="store_true",
-                    help="also time the backward with dQ summed by atomics (attention_backward's dq_atomic) and "
-                         "record its dq's relative difference from the default backward's")
     ap.add_argument("--far-scores", nargs="*", type=int, default=[],
                     help="also time the sweep, and measure its bound's gap and the inference output's error, with "
                          "far key tiles binning this many scores per row (sweep.FAR_TILE_SCORES: 0, 1 or 2)")
@@ -252,14 +249,6 @@ def main():
                             q, k, v, grad_out, tau_l, map_l, o2_l, s_l, a_h, causal, scale, None, None, None,
                             blocks=blocks, alpha_requires_grad=True), return_mode="median")
                     del saved, tau_l, map_l, o2_l, s_l
-                if args.bwd_atomic:
-                    def backward(**kw):
-                        return attention_backward(q, k, v, grad_out, tau_s, tile_map, o2, s_sum, args.alpha, causal,
-                                                  scale, None, None, None, **kw)
-                    dq_default, dq_atomic = backward()[0].float(), backward(dq_atomic=True)[0].float()
-                    warp_ms["dq_atomic_rel_diff"] = ((dq_atomic - dq_default).norm() / dq_default.norm()).item()
-                    warp_ms["ms_bwd_atomic"] = triton.testing.do_bench(lambda: backward(dq_atomic=True),
-                                                                       return_mode="median")
                 qf, kf, vf = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     ms_fa_fb = triton.testing.do_bench(lambda: torch.autograd.grad(

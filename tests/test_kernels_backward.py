@@ -237,36 +237,6 @@ def test_coarse_blocks_and_determinism():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("i", [0, 3, 5, 7])
-def test_atomic_dq_matches_dense_oracle(i):
-    """attention_backward(dq_atomic=True): dQ summed by atomic adds in the dK/dV kernel (the dQ kernel then runs
-    only for the alpha row sums) matches the oracle as the default path does, on GQA, windows, per-head alpha
-    and bf16 cases; padded query rows and an empty batch get zero gradients."""
-    B, Hq, Hkv, Nq, Nk, D, dtype, alpha, causal, window = CASES[i]
-    q, k, v, do = make_inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed=300 + i)
-    a = torch.tensor(alpha, dtype=torch.float32) if isinstance(alpha, tuple) else alpha
-    scale = D ** -0.5
-    saved, grads = oracle(q, k, v, do, a, causal, scale, window=window)
-    got = attention_backward(q, k, v, do, saved["tau"], saved["tile_map"], saved["o2"], saved["s"], a, causal,
-                             scale, window, None, None, alpha_requires_grad=isinstance(alpha, tuple),
-                             dq_atomic=True)
-    assert (got[3] is None) != isinstance(alpha, tuple)
-    check(got, grads, *_tols(dtype, alpha))
-
-
-def test_atomic_dq_with_seqlens_gives_zero_gradients_on_empty_rows():
-    B, Hq, Hkv, N, D = 3, 2, 1, 96, 32
-    q, k, v, do = make_inputs(B, Hq, Hkv, N, N, D, torch.float32, seed=31)
-    sq = torch.tensor([70, 0, 50], dtype=torch.int32, device=DEV)
-    sk = torch.tensor([90, 40, 0], dtype=torch.int32, device=DEV)
-    saved, grads = oracle(q, k, v, do, 1.5, True, 0.25, seqlens_q=sq, seqlens_k=sk)
-    got = attention_backward(q, k, v, do, saved["tau"], saved["tile_map"], saved["o2"], saved["s"], 1.5, True,
-                             0.25, None, sq, sk, dq_atomic=True)
-    check(got, grads, 1e-4)
-    dq = got[0]
-    assert (dq[1:] == 0).all() and (dq[0, :, 70:] == 0).all()
-
-
 def test_block_lists_and_coarsening():
     g = torch.Generator().manual_seed(0)
     m = torch.rand(2, 3, 5, 7, generator=g) < 0.3
@@ -310,20 +280,6 @@ def test_gpu_matches_dense_oracle(i):
     again = run_backward(q, k, v, do, saved, a, causal, D ** -0.5, window=window)
     for x, y in zip(got, again):
         assert torch.equal(x, y)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("i", [0, 2])
-def test_gpu_atomic_dq_matches_dense_oracle(i):
-    """The experimental dq_atomic backward at real shapes (per-head alpha with its gradient; float32 window)."""
-    B, Hq, Hkv, N, D, dtype, alpha, causal, window, local = GPU_CASES[i]
-    q, k, v, do = make_inputs(B, Hq, Hkv, N, N, D, dtype, seed=400 + i)
-    a = torch.tensor(alpha, dtype=torch.float32) if isinstance(alpha, tuple) else alpha
-    saved, grads = oracle(q, k, v, do, a, causal, D ** -0.5, window=window)
-    got = attention_backward(q, k, v, do, saved["tau"], saved["tile_map"], saved["o2"], saved["s"], a, causal,
-                             D ** -0.5, window, None, None, alpha_requires_grad=isinstance(alpha, tuple),
-                             dq_atomic=True)
-    check(got, grads, *_tols(dtype, alpha))
 
 
 def positional_inputs(B, Hq, Hkv, Nq, Nk, D, dtype, local=14.0, seed=0):

@@ -12,8 +12,6 @@ Three launches, each with one job:
 
 Each program walks a compact list of marked blocks built from the tile map with torch ops before launch,
 so unmarked tiles cost nothing. Every reduction has a fixed order: results are bit-identical run to run.
-An experimental variant (attention_backward's dq_atomic, not used by the library yet: no GPU timing) sums dQ in
-the dK/dV kernel with atomic adds instead, the way FlashAttention-2 does, and drops the dQ kernel's products.
 """
 from __future__ import annotations
 
@@ -57,14 +55,13 @@ def _delta_kernel(DO, O2, S, DELTA,
 
 
 @triton.jit
-def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, dq_base, m0, n0, offs_d, dmask,
+def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m0, n0, offs_d, dmask,
                s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp, Lq, Lk, off, wl, wr,
-               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr,
                CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-               ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+               ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Add the tile of queries [m0, m0+BM) x keys [n0, n0+BN) to dK (unscaled) and dV; the tile is kept
-    transposed (keys are rows). Interior tiles skip the visibility mask. With ATOMIC_DQ, also add the tile's
-    (unscaled) dQ rows into the float32 rows at dq_base (row stride BD) with atomic adds."""
+    transposed (keys are rows). Interior tiles skip the visibility mask."""
     offs_m = m0 + tl.arange(0, BM)
     offs_n = n0 + tl.arange(0, BN)
     mmask = offs_m < Lq
@@ -84,14 +81,11 @@ def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, dq_base, m0, n0, o
     g = mma(v, tl.trans(do), zero, DOT_PREC, UPCAST)
     dz = s * (g - delta[None, :])
     dk = mma(dz.to(q.dtype), q, dk, DOT_PREC, UPCAST)
-    if ATOMIC_DQ:
-        dq_rows = mma(tl.trans(dz).to(k.dtype), k, tl.zeros([BM, BD], dtype=tl.float32), DOT_PREC, UPCAST)
-        tl.atomic_add(dq_base + offs_m[:, None] * BD + offs_d[None, :], dq_rows, mask=qmask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, DQACC, CNT, IDX, SEQQ, SEQK,
+def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SEQK,
                  s_qb, s_qh, s_qm, s_qd,
                  s_kb, s_kh, s_kn, s_kd,
                  s_vb, s_vh, s_vn, s_vd,
@@ -103,11 +97,10 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, DQACC, CNT, IDX, S
                  QB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                  CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                  HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-                 UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                 UPCAST: tl.constexpr):
     """dK, dV of one (batch, kv head, key block of BN), summed over the query heads of its group.
 
-    The list IDX holds marked query blocks of QB rows; each is visited in QB // BM steps of BM rows. With
-    ATOMIC_DQ, each visited tile also adds its unscaled dQ rows into DQACC, float32 (B, Hq, Nq, BD) contiguous.
+    The list IDX holds marked query blocks of QB rows; each is visited in QB // BM steps of BM rows.
     """
     bkv = tl.program_id(0)
     n = tl.program_id(1)
@@ -136,14 +129,13 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, DQACC, CNT, IDX, S
         do_base = DO + b64 * s_dob + h * s_doh
         t_base = TAU + b64 * s_tb + h * s_th
         d_base = DELTA + (b64 * Hq + h) * Nq
-        dq_base = DQACC + (b64 * Hq + h) * Nq * BD
         for t in range(0, cnt):
             m = tl.load(IDX + row * n_qblocks + t)
             for sub in tl.static_range(QB // BM):
-                dk, dv = _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, dq_base, m * QB + sub * BM,
+                dk, dv = _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m * QB + sub * BM,
                                     n * BN, offs_d, dmask, s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp,
-                                    Lq, Lk, off, wl, wr, BM, BN, BD, CAUSAL, WIN_LEFT, WIN_RIGHT,
-                                    ALPHA_MODE, DOT_PREC, UPCAST, ATOMIC_DQ)
+                                    Lq, Lk, off, wl, wr, BM, BN, CAUSAL, WIN_LEFT, WIN_RIGHT,
+                                    ALPHA_MODE, DOT_PREC, UPCAST)
     dk = dk * scale
     tl.store(DK + b64 * s_dkb + kvh * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
              dk.to(DK.dtype.element_ty), mask=store_mask)
@@ -156,10 +148,10 @@ def _dq_step(q, do, tau, delta, dq, k_base, v_base, m0, n0, offs_d, dmask,
              s_kn, s_kd, s_vn, s_vd, coef, sexp, Lq, Lk, off, wl, wr,
              BM: tl.constexpr, BN: tl.constexpr,
              CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-             ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, WRITE_DQ: tl.constexpr):
-    """Add the tile of queries [m0, m0+BM) x keys [n0, n0+BN) to dQ (unscaled; not with WRITE_DQ off, when
-    the dK/dV kernel sums dQ); interior tiles skip the visibility mask. Returns (dq, g, u, s): g = dO v^T,
-    u = [x - tau]_+ and s = p^(2-alpha) of the tile, for the alpha row sums."""
+             ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Add the tile of queries [m0, m0+BM) x keys [n0, n0+BN) to dQ (unscaled); interior tiles skip
+    the visibility mask. Returns (dq, g, u, s): g = dO v^T, u = [x - tau]_+ and s = p^(2-alpha) of the
+    tile, for the alpha row sums."""
     offs_m = m0 + tl.arange(0, BM)
     offs_n = n0 + tl.arange(0, BN)
     kmask = (offs_n < Lk)[:, None] & dmask[None, :]
@@ -173,9 +165,8 @@ def _dq_step(q, do, tau, delta, dq, k_base, v_base, m0, n0, offs_d, dmask,
         u = tl.where(vis, u, 0.0)
     s = entmax_s(u, sexp, ALPHA_MODE)
     g = mma(do, tl.trans(v), zero, DOT_PREC, UPCAST)
-    if WRITE_DQ:
-        dz = s * (g - delta[:, None])
-        dq = mma(dz.to(k.dtype), k, dq, DOT_PREC, UPCAST)
+    dz = s * (g - delta[:, None])
+    dq = mma(dz.to(k.dtype), k, dq, DOT_PREC, UPCAST)
     return dq, g, u, s
 
 
@@ -228,12 +219,11 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
                KB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-               UPCAST: tl.constexpr, REVERSE: tl.constexpr, ALPHA_GRAD: tl.constexpr, WRITE_DQ: tl.constexpr):
+               UPCAST: tl.constexpr, REVERSE: tl.constexpr, ALPHA_GRAD: tl.constexpr):
     """dQ of one (batch, query head, query block of BM) over its marked key blocks of KB keys, each
     visited in KB // BN steps. With ALPHA_GRAD it also writes the rows' dL/dalpha into DAROW, from six
     row sums formed here from the tiles it visits anyway (no extra sweep, nothing saved by the forward:
-    the stored output is rounded to the input dtype, too coarse for alpha near 1). With WRITE_DQ off (the
-    dK/dV kernel sums dQ by atomics) it forms only those row sums."""
+    the stored output is rounded to the input dtype, too coarse for alpha near 1)."""
     bh = tl.program_id(0)
     m = tl.program_id(1)
     if REVERSE:  # causal: the last query blocks have the most work, start them first
@@ -274,14 +264,12 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
         for sub in tl.static_range(KB // BN):
             dq, g, u, s = _dq_step(q, do, tau, delta, dq, k_base, v_base, m * BM, n * KB + sub * BN,
                                    offs_d, dmask, s_kn, s_kd, s_vn, s_vd, coef, sexp, Lq, Lk, off,
-                                   wl, wr, BM, BN, CAUSAL, WIN_LEFT, WIN_RIGHT, ALPHA_MODE, DOT_PREC, UPCAST,
-                                   WRITE_DQ)
+                                   wl, wr, BM, BN, CAUSAL, WIN_LEFT, WIN_RIGHT, ALPHA_MODE, DOT_PREC, UPCAST)
             if ALPHA_GRAD:
                 a_gp, a_p, a_gd, a_d, a_gpl, a_pl = _alpha_tile_sums(g, u, s, a_gp, a_p, a_gd, a_d, a_gpl, a_pl)
-    if WRITE_DQ:
-        dq = dq * scale
-        tl.store(DQ + b64 * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
-                 dq.to(DQ.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])  # padded rows get zeros
+    dq = dq * scale
+    tl.store(DQ + b64 * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
+             dq.to(DQ.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])  # padded rows get zeros
     if ALPHA_GRAD:
         tl.store(DAROW + (b64 * Hq + h) * Nq + offs_m,
                  _alpha_row_grad(am1, a_gp, a_p, a_gd, a_d, lcoef * a_gpl, lcoef * a_pl), mask=mmask)
@@ -368,7 +356,7 @@ def _pick_blocks(D: int, dtype: torch.dtype):
 
 
 def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causal, scale,
-                       window, seqlens_q, seqlens_k, *, alpha_requires_grad=False, blocks=None, dq_atomic=False):
+                       window, seqlens_q, seqlens_k, *, alpha_requires_grad=False, blocks=None):
     """Gradients of alpha-entmax attention, visiting only the tiles the forward's tile map marks.
 
     Shapes and dtypes (any strides):
@@ -386,16 +374,11 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
                         seqlens_q, seqlens_k None or (B,) int tensors (right padding); semantics as in
                         docs/ARCHITECTURE.md.
       blocks            optional dict overriding block sizes and launch options (see _pick_blocks).
-      dq_atomic         experimental, off in the library: the dK/dV kernel also adds each tile's dQ rows into
-                        a float32 buffer with atomic adds, and the dQ kernel runs only when alpha requires grad
-                        (for its row sums, without its dQ product): five matrix products per tile instead of
-                        seven, but dQ is summed in no fixed order (not bit-identical run to run).
     Returns (dq, dk, dv, dalpha): dq like q, dk/dv like k/v (input dtype, fp32 accumulation inside) and
     dalpha (Hq,) float32 when alpha_requires_grad else None. Fully masked rows contribute nothing.
 
-    Deterministic (the default, dq_atomic=False): the dK/dV kernel sums the GQA group inside one program and dQ
-    has its own kernel, so no atomics are used and every sum has a fixed order; results are bit-identical run
-    to run.
+    Deterministic: the dK/dV kernel sums the GQA group inside one program and dQ has its own kernel, so
+    no atomics are used and every sum has a fixed order; results are bit-identical run to run.
     """
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"attention_backward: q must be float16, bfloat16 or float32, got {q.dtype}")
@@ -438,30 +421,24 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     n_kb, n_qb = kv_map.shape[2], kv_map.shape[3]
     dk = _alloc_like(k)
     dv = _alloc_like(v)
-    # dQ summed by atomics: float32 rows padded to BD, scaled and cast at the end
-    dq_acc = torch.zeros((B, Hq, Nq, BD), dtype=torch.float32, device=dev) if dq_atomic else delta
     _dkdv_kernel[(B * Hkv, n_kb)](
-        q, k, v, grad_out, tau, delta, coef, sexp, dk, dv, dq_acc, cnt_kv, idx_kv, sq, sk,
+        q, k, v, grad_out, tau, delta, coef, sexp, dk, dv, cnt_kv, idx_kv, sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(),
         *dk.stride(), *dv.stride(),
         Hq, Hkv, G, Nq, Nk, D, n_kb, n_qb, wl_i, wr_i, float(scale),
-        QB=qb, BM=bm, BN=bn, BD=BD, ATOMIC_DQ=bool(dq_atomic), **common)
+        QB=qb, BM=bm, BN=bn, BD=BD, **common)
 
+    # dQ: one program per (batch, query head, query block)
+    kb, bm, bn = max(cfg["bn_dq"], MAP_BLOCK), cfg["bm_dq"], cfg["bn_dq"]
+    q_map = coarsen_tile_map(tile_map, bm // MAP_BLOCK, kb // MAP_BLOCK)
+    cnt_q, idx_q = block_lists(q_map)
+    n_qb, n_kb = q_map.shape[2], q_map.shape[3]
     dq = _alloc_like(q)
-    if dq_atomic:
-        dq.copy_(dq_acc[..., :D] * scale)
-    # dQ (or, after atomic dQ, only the alpha row sums): one program per (batch, query head, query block)
-    if alpha_requires_grad or not dq_atomic:
-        kb, bm, bn = max(cfg["bn_dq"], MAP_BLOCK), cfg["bm_dq"], cfg["bn_dq"]
-        q_map = coarsen_tile_map(tile_map, bm // MAP_BLOCK, kb // MAP_BLOCK)
-        cnt_q, idx_q = block_lists(q_map)
-        n_qb, n_kb = q_map.shape[2], q_map.shape[3]
-        _dq_kernel[(B * Hq, n_qb)](
-            q, k, v, grad_out, tau, delta, coef, sexp, am1, darow, dq, cnt_q, idx_q, sq, sk,
-            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(), *dq.stride(),
-            Hq, G, Nq, Nk, D, n_qb, n_kb, wl_i, wr_i, float(scale),
-            KB=kb, BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad,
-            WRITE_DQ=not dq_atomic, **common)
+    _dq_kernel[(B * Hq, n_qb)](
+        q, k, v, grad_out, tau, delta, coef, sexp, am1, darow, dq, cnt_q, idx_q, sq, sk,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(), *dq.stride(),
+        Hq, G, Nq, Nk, D, n_qb, n_kb, wl_i, wr_i, float(scale),
+        KB=kb, BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad, **common)
 
     dalpha = None
     if alpha_requires_grad:
