@@ -44,6 +44,18 @@ def launch_config(config: str):
     return fields[0], fields[1], ({"maxnreg": fields[2]} if len(fields) == 3 else {}), tag
 
 
+def backward_config(config: str, default_blocks: dict):
+    """"num_warps:num_stages[:maxnreg]" -> (attention_backward's blocks= dict over default_blocks, result-key tag
+    "w4s2[r168]")."""
+    fields = [int(f) for f in config.split(":")]
+    if len(fields) not in (2, 3):
+        raise ValueError(f"backward config {config!r}: expected num_warps:num_stages or num_warps:num_stages:maxnreg")
+    blocks = dict(default_blocks, warps=fields[0], stages=fields[1])
+    if len(fields) == 3:
+        blocks["maxnreg"] = fields[2]
+    return blocks, "w{}s{}".format(*fields[:2]) + (f"r{fields[2]}" if len(fields) == 3 else "")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=["4096:128", "16384:128", "4096:64", "16384:64"])
@@ -222,11 +234,7 @@ def main():
                     grad_out, q, k, v, tau_s, tile_map, o2, s_sum, args.alpha, causal, scale, None, None, None,
                     needs), return_mode="median")
                 for config in args.bwd_configs:
-                    fields = [int(f) for f in config.split(":")]
-                    blocks = dict(_pick_blocks(D, q.dtype), warps=fields[0], stages=fields[1])
-                    if len(fields) == 3:
-                        blocks["maxnreg"] = fields[2]
-                    tag = "w{}s{}".format(*fields[:2]) + (f"r{fields[2]}" if len(fields) == 3 else "")
+                    blocks, tag = backward_config(config, _pick_blocks(D, q.dtype))
                     warp_ms[f"ms_bwd_{tag}"] = triton.testing.do_bench(lambda: attention_backward(
                         q, k, v, grad_out, tau_s, tile_map, o2, s_sum, args.alpha, causal, scale, None, None, None,
                         blocks=blocks), return_mode="median")
@@ -240,11 +248,7 @@ def main():
                         grad_out, q, k, v, tau_l, map_l, o2_l, s_l, a_h, causal, scale, None, None, None,
                         (True, True, True, True)), return_mode="median")
                     for config in args.bwd_configs:
-                        fields = [int(f) for f in config.split(":")]
-                        blocks = dict(_pick_blocks(D, q.dtype), warps=fields[0], stages=fields[1])
-                        if len(fields) == 3:
-                            blocks["maxnreg"] = fields[2]
-                        tag = "w{}s{}".format(*fields[:2]) + (f"r{fields[2]}" if len(fields) == 3 else "")
+                        blocks, tag = backward_config(config, _pick_blocks(D, q.dtype))
                         warp_ms[f"ms_bwd_learned_{tag}"] = triton.testing.do_bench(lambda: attention_backward(
                             q, k, v, grad_out, tau_l, map_l, o2_l, s_l, a_h, causal, scale, None, None, None,
                             blocks=blocks, alpha_requires_grad=True), return_mode="median")
