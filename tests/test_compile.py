@@ -287,6 +287,28 @@ def test_fused_backend_custom_ops_pass_opcheck():
     torch.library.opcheck(triton_attention_backward_op, backward_args)
 
 
+def test_eager_autograd_function_matches_the_custom_op():
+    """Eager calls take EagerTritonAttention instead of the custom op: same outputs and gradients, bit for bit,
+    and only the output is differentiable (no zero-filled O2 / S gradients)."""
+    from entflash.autograd import EagerTritonAttention, triton_attention_forward_op
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = _qkv(17, 2, 4, 2, 70, 90, 16, device=device)
+    alpha = _random_alpha(18, 4, device=device)
+    lengths_k = torch.tensor([90, 40], dtype=torch.int32, device=device)
+    args = (q, k, v, alpha, 0.0, True, 0.3, -1, 20, None, lengths_k, True, True)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(19)).to(device)
+    results = []
+    for forward in (triton_attention_forward_op, EagerTritonAttention.apply):
+        outputs = forward(*args)
+        assert [t.requires_grad for t in outputs] == [True] + [False] * 5
+        results.append((outputs, torch.autograd.grad(outputs[0], (q, k, v, alpha), grad_out)))
+    (op_out, op_grads), (eager_out, eager_grads) = results
+    for a, b in zip(op_out + op_grads, eager_out + eager_grads):
+        assert torch.equal(a, b)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in eager_grads)
+
+
 def test_dynamic_compile_with_a_symbolic_scale_matches_eager():
     """torch.compile(dynamic=True) may trace a float `scale` symbolically: its value check is skipped while
     tracing (as for tensor values) and each call still uses its own scale."""

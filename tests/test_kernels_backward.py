@@ -12,7 +12,8 @@ import pytest
 import torch
 from entmax import entmax_bisect
 
-from entflash.kernels.backward import attention_backward, block_lists, coarsen_tile_map
+from entflash.kernels import backward
+from entflash.kernels.backward import attention_backward
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -237,21 +238,51 @@ def test_coarse_blocks_and_determinism():
         assert torch.equal(x, y)
 
 
-def test_block_lists_and_coarsening():
-    g = torch.Generator().manual_seed(0)
-    m = torch.rand(2, 3, 5, 7, generator=g) < 0.3
-    counts, idx = block_lists(m)
-    for b in range(2):
-        for h in range(3):
-            for r in range(5):
-                want = torch.nonzero(m[b, h, r]).flatten().to(torch.int32)
-                assert counts[b, h, r] == len(want)
-                assert torch.equal(idx[b, h, r, : len(want)], want)
-    c = coarsen_tile_map(m, 2, 3)
-    assert c.shape == (2, 3, 3, 3)
-    for r in range(3):
-        for col in range(3):
-            assert torch.equal(c[:, :, r, col], m[:, :, 2 * r: 2 * r + 2, 3 * col: 3 * col + 3].any(-1).any(-1))
+@pytest.mark.parametrize("chunk", [512, 2])
+def test_block_lists(monkeypatch, chunk):
+    """Each list holds the tiles marked in any map line of its group, ascending, and counts them; with a list
+    chunk of 2 the lines are scanned in several steps."""
+    monkeypatch.setattr(backward, "LIST_CHUNK", chunk)
+    m = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)) < 0.3
+    for lines in (1, 2):
+        for along_columns in (False, True):
+            counts, idx = backward.block_lists(m, lines, along_columns)
+            lined = m.transpose(2, 3) if along_columns else m
+            assert counts.shape == (2, 3, -(-lined.shape[2] // lines))
+            for b in range(2):
+                for h in range(3):
+                    for group in range(counts.shape[2]):
+                        marked = lined[b, h, group * lines: (group + 1) * lines].any(0)
+                        want = torch.nonzero(marked).flatten().to(torch.int32)
+                        assert counts[b, h, group] == len(want)
+                        assert torch.equal(idx[b, h, group, : len(want)], want)
+
+
+def test_map_lines_longer_than_one_list_chunk(monkeypatch):
+    """Map lines walked in several compact_marked calls (2 tiles each) give the same gradients, bit for bit,
+    as one call per line: the tiles come in the same ascending order."""
+    q, k, v, do = make_inputs(1, 2, 1, 300, 260, 16, torch.float32, seed=8)
+    alpha = torch.tensor([1.3, 1.9])
+    saved, grads = oracle(q, k, v, do, alpha, False, 0.25)
+    holes = saved["tile_map"] & (torch.rand(saved["tile_map"].shape, generator=torch.Generator().manual_seed(1)) < 0.6)
+    whole = [run_backward(q, k, v, do, saved, alpha, False, 0.25, tile_map=m) for m in (None, holes)]
+    monkeypatch.setattr(backward, "LIST_CHUNK", 2)
+    chunked = [run_backward(q, k, v, do, saved, alpha, False, 0.25, tile_map=m) for m in (None, holes)]
+    check(chunked[0], grads, 1e-4)
+    assert not torch.equal(chunked[1][0], chunked[0][0])  # the holes change the gradients ...
+    for got, want in zip(chunked, whole):  # ... in the same way with either chunk
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def test_blocks_off_the_map_grid_are_refused():
+    """A dQ program must cover whole 64-row map lines and a dK/dV inner step must split a 64-row tile."""
+    q, k, v, do = make_inputs(1, 2, 2, 70, 70, 16, torch.float32, seed=6)
+    saved, _ = oracle(q, k, v, do, 1.5, False, 0.25)
+    for blocks, name in ((dict(bm_dq=96), "bm_dq"), (dict(bm_kv=48), "bm_kv"), (dict(bn_kv=32), "bn_kv"),
+                         (dict(bn_dq=128), "bn_dq")):
+        with pytest.raises(ValueError, match=name):
+            run_backward(q, k, v, do, saved, 1.5, False, 0.25, blocks=blocks)
 
 
 # ----------------------------------------------------------------------------------------------

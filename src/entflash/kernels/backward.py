@@ -1,7 +1,9 @@
 """Fused block-sparse backward of alpha-entmax attention (Triton).
 
-Three launches, each with one job:
+Five launches, each with one job:
 
+* ``_block_list_kernel`` (twice): per line of the forward's tile map (a query block's row, or a key block's
+  column), the list of marked tiles along it;
 * ``_delta_kernel``: per query row, delta_i = dO_i . O2_i / S_i from the forward's O2 and S;
 * ``_dkdv_kernel``: one program per (batch, kv head, key block); it loops over the query heads of the
   GQA group and over the query blocks the transposed tile map marks, and sums dK, dV over the group in
@@ -10,8 +12,7 @@ Three launches, each with one job:
   when alpha is learned it also forms, from the tiles it visits anyway, the six row sums that give
   each row's dL/dalpha (DESIGN.md section 1), summed into (Hq,) with torch.
 
-Each program walks a compact list of marked blocks built from the tile map with torch ops before launch,
-so unmarked tiles cost nothing. Every reduction has a fixed order: results are bit-identical run to run.
+Each program walks its compact list of marked blocks, so unmarked tiles cost nothing. Every reduction has a fixed order: results are bit-identical run to run.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import LN2, entmax_s, fast_log2, mma, tile_interior, valid_lengths, visible_mask
+from entflash.kernels.common import (LN2, compact_marked, entmax_s, fast_log2, mma, tile_interior, valid_lengths,
+                                     visible_mask)
 from entflash.kernels.launch import alpha_mode, dot_args, interpreting, mask_args
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
@@ -30,6 +32,26 @@ MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _block_list_kernel(MAP, CNT, IDX, s_mb, s_mh, s_line, s_entry, H, n_map_lines, n_entries,
+                       LINES: tl.constexpr, CHUNK: tl.constexpr):
+    """The list of one program (batch * head, list line): the map tiles along the other axis that any of the
+    list line's LINES map lines marks, ascending, into IDX[row, :count] and count into CNT[row], with
+    row = (batch * H + head) * num_programs(1) + list line and IDX rows n_entries long (common.compact_marked,
+    CHUNK entries per call)."""
+    bh = tl.program_id(0)
+    line = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    map_base = MAP + b * s_mb + h * s_mh + line * LINES * s_line
+    row = bh.to(tl.int64) * tl.num_programs(1) + line
+    count = tl.sum(tl.zeros([1], dtype=tl.int32), axis=0)
+    for lo in range(0, n_entries, CHUNK):
+        count += compact_marked(map_base, s_line, s_entry, n_map_lines - line * LINES, lo, n_entries,
+                                IDX + row * n_entries + count, LINES, CHUNK)
+    tl.store(CNT + row, count)
+
+
 @triton.jit
 def _delta_kernel(DO, O2, S, DELTA,
                   s_dob, s_doh, s_dom, s_dod,
@@ -278,30 +300,43 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
 # ----------------------------------------------------------------------------------------------
 # host side
 # ----------------------------------------------------------------------------------------------
-def coarsen_tile_map(tile_map: torch.Tensor, fm: int, fn: int) -> torch.Tensor:
-    """OR-reduce a (B, H, R, C) bool tile map by fm along R and fn along C.
+LIST_CHUNK = 512  # most map entries one compact_marked call scans (longer lines take several calls)
 
-    Returns (B, H, ceil(R/fm), ceil(C/fn)) bool: a block is marked when any of its 64x64 tiles is.
-    """
-    if fm == 1 and fn == 1:
-        return tile_map.bool()
+
+def block_lists(tile_map: torch.Tensor, lines: int, along_columns: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact lists of the marked tiles of a (B, H, R, C) bool or int8 tile map, one per group of `lines` map
+    rows (along_columns=False: the entries are column indices) or map columns (True: row indices).
+
+    Returns counts (B, H, L) int32, L = ceil(R / lines) (or ceil(C / lines)), and indices (B, H, L, E) int32,
+    E = C (or R), whose first counts[b, h, l] entries are the tiles marked in any line of group l, ascending;
+    the rest is not written. One launch of _block_list_kernel."""
+    if tile_map.dtype == torch.bool:
+        tile_map = tile_map.view(torch.int8)
     B, H, R, C = tile_map.shape
-    R2, C2 = -(-R // fm), -(-C // fn)
-    t = tile_map.to(torch.uint8)
-    if R2 * fm != R or C2 * fn != C:
-        t = torch.nn.functional.pad(t, (0, C2 * fn - C, 0, R2 * fm - R))
-    return t.view(B, H, R2, fm, C2, fn).amax(dim=(3, 5)).bool()
+    s_b, s_h, s_r, s_c = tile_map.stride()
+    n_map_lines, n_entries, s_line, s_entry = (C, R, s_c, s_r) if along_columns else (R, C, s_r, s_c)
+    n_lists = triton.cdiv(n_map_lines, lines)
+    counts = torch.empty((B, H, n_lists), dtype=torch.int32, device=tile_map.device)
+    indices = torch.empty((B, H, n_lists, n_entries), dtype=torch.int32, device=tile_map.device)
+    if counts.numel() and n_entries:
+        chunk = min(LIST_CHUNK, max(16, triton.next_power_of_2(n_entries)))
+        _block_list_kernel[(B * H, n_lists)](tile_map, counts, indices, s_b, s_h, s_line, s_entry, H,
+                                             n_map_lines, n_entries, LINES=lines, CHUNK=chunk, num_warps=4)
+    else:
+        counts.zero_()
+    return counts, indices
 
 
-def block_lists(block_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact per-row lists of marked blocks of a (B, H, R, C) bool map.
-
-    Returns counts (B, H, R) int32 (marked blocks per row) and indices (B, H, R, C) int32 whose first
-    counts[b, h, r] entries are the marked column indices in increasing order (the rest is padding).
-    """
-    counts = block_map.sum(dim=-1, dtype=torch.int32).contiguous()
-    order = torch.argsort((~block_map).to(torch.uint8), dim=-1, stable=True)
-    return counts, order.to(torch.int32).contiguous()
+def _check_blocks(cfg: dict) -> None:
+    """The block sizes the kernels can walk the 64x64 tile map with (ValueError naming the entry otherwise): a dQ
+    program covers whole map rows (bm_dq a multiple of 64) in key steps that split a map tile (bn_dq divides
+    64); a dK/dV program covers whole map columns (bn_kv) in query steps that split a tile (bm_kv)."""
+    for name, whole in (("bm_dq", True), ("bn_dq", False), ("bn_kv", True), ("bm_kv", False)):
+        size = cfg[name]
+        ok = size % MAP_BLOCK == 0 if whole else (size >= 16 and MAP_BLOCK % size == 0)
+        if not ok:
+            want = "a multiple of 64" if whole else "a divisor of 64, at least 16"
+            raise ValueError(f"attention_backward: blocks[{name!r}] must be {want}, got {size}")
 
 
 def _alloc_like(t: torch.Tensor) -> torch.Tensor:
@@ -334,10 +369,10 @@ def _pick_blocks(D: int, dtype: torch.dtype):
     """Block sizes and launch options for head dim D and input dtype (GPU tuning; small tiles under the
     interpreter).
 
-    bm_dq: query rows per dQ program (multiple of 64); bn_dq: keys per dQ inner step (32, 64, 128...);
-    bn_kv: keys per dK/dV program (multiple of 64); bm_kv: query rows per dK/dV inner step; warps, stages: the
-    launch's num_warps and num_stages. A `blocks=` dict given to attention_backward overrides these entries and may add
-    maxnreg (a cap on registers per thread, for launch experiments: scripts/kernel_dev.py --bwd-configs).
+    bm_dq: query rows per dQ program (multiple of 64); bn_dq: keys per dQ inner step (16, 32 or 64);
+    bn_kv: keys per dK/dV program (multiple of 64); bm_kv: query rows per dK/dV inner step (16, 32 or 64);
+    warps, stages: the launch's num_warps and num_stages. A `blocks=` dict given to attention_backward overrides
+    these entries (checked by _check_blocks) and may add maxnreg (a cap on registers per thread, for launch experiments: scripts/kernel_dev.py --bwd-configs).
     """
     if interpreting():
         return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=4, stages=1)
@@ -395,6 +430,7 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     cfg = _pick_blocks(D, q.dtype)
     if blocks:
         cfg.update(blocks)
+        _check_blocks(cfg)
     (am1, coef, sexp), mode = _alpha_tables(alpha, Hq, scale, dev)
     tau = tau.to(torch.float32)
 
@@ -414,11 +450,10 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
                   **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     tile_map = tile_map.to(dev)
 
-    # dK, dV: transposed map, one program per (batch, kv head, key block)
-    qb, bm, bn = max(cfg["bm_kv"], MAP_BLOCK), cfg["bm_kv"], cfg["bn_kv"]
-    kv_map = coarsen_tile_map(tile_map, qb // MAP_BLOCK, bn // MAP_BLOCK).transpose(2, 3)
-    cnt_kv, idx_kv = block_lists(kv_map)
-    n_kb, n_qb = kv_map.shape[2], kv_map.shape[3]
+    # dK, dV: one program per (batch, kv head, key block), over the map's columns
+    bm, bn = cfg["bm_kv"], cfg["bn_kv"]
+    cnt_kv, idx_kv = block_lists(tile_map, bn // MAP_BLOCK, along_columns=True)
+    n_kb, n_qb = idx_kv.shape[2], idx_kv.shape[3]
     dk = _alloc_like(k)
     dv = _alloc_like(v)
     _dkdv_kernel[(B * Hkv, n_kb)](
@@ -426,19 +461,18 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(),
         *dk.stride(), *dv.stride(),
         Hq, Hkv, G, Nq, Nk, D, n_kb, n_qb, wl_i, wr_i, float(scale),
-        QB=qb, BM=bm, BN=bn, BD=BD, **common)
+        QB=MAP_BLOCK, BM=bm, BN=bn, BD=BD, **common)
 
-    # dQ: one program per (batch, query head, query block)
-    kb, bm, bn = max(cfg["bn_dq"], MAP_BLOCK), cfg["bm_dq"], cfg["bn_dq"]
-    q_map = coarsen_tile_map(tile_map, bm // MAP_BLOCK, kb // MAP_BLOCK)
-    cnt_q, idx_q = block_lists(q_map)
-    n_qb, n_kb = q_map.shape[2], q_map.shape[3]
+    # dQ: one program per (batch, query head, query block), over the map's rows
+    bm, bn = cfg["bm_dq"], cfg["bn_dq"]
+    cnt_q, idx_q = block_lists(tile_map, bm // MAP_BLOCK, along_columns=False)
+    n_qb, n_kb = idx_q.shape[2], idx_q.shape[3]
     dq = _alloc_like(q)
     _dq_kernel[(B * Hq, n_qb)](
         q, k, v, grad_out, tau, delta, coef, sexp, am1, darow, dq, cnt_q, idx_q, sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(), *dq.stride(),
         Hq, G, Nq, Nk, D, n_qb, n_kb, wl_i, wr_i, float(scale),
-        KB=kb, BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad, **common)
+        KB=MAP_BLOCK, BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad, **common)
 
     dalpha = None
     if alpha_requires_grad:

@@ -291,12 +291,36 @@ def compact_candidates(tmax_row_ptr, stride_tm, thr_sub, n_sub_valid, kb_lo, kb_
     else:
         tmax = tl.load(tmax_row_ptr + sub * stride_tm + kk[None, :], mask=in_range, other=float("-inf"))
         marked = tmax > thr_sub[:, None]
-    cand = tl.max(marked.to(tl.int32), axis=0)
-    pos = tl.cumsum(cand, axis=0) - 1
-    tl.debug_barrier()  # earlier readers of the list are done
-    tl.store(list_ptr + pos, kk, mask=cand > 0)
-    tl.debug_barrier()  # the list is visible to every thread of the program
-    return tl.sum(cand, axis=0)
+    return write_list(tl.max(marked.to(tl.int32), axis=0), kk, list_ptr)
+
+
+@triton.jit
+def compact_marked(map_ptr, stride_line, stride_entry, n_lines, lo, hi, list_ptr,
+                   LINES: tl.constexpr, CHUNK: tl.constexpr):
+    """Write the entries e in [lo, hi) (at most CHUNK of them) that any of LINES lines of an int8/bool map
+    marks (non-zero) to list_ptr[0 : count], ascending; return count (int32 scalar).
+
+    map_ptr points at entry 0 of the first line; line l, entry e is at map_ptr + l * stride_line +
+    e * stride_entry; lines at or past n_lines are not read. The backward walks the forward's 64x64 tile
+    map with it: a row of it (entries = key tiles) for a dQ program, a column (entries = query tiles) for a
+    dK/dV program; LINES > 1 when a program covers several 64-wide map lines. list_ptr is private to the
+    program (CHUNK int32 entries)."""
+    line = tl.arange(0, LINES)[:, None]
+    entries = lo + tl.arange(0, CHUNK)
+    in_range = (line < n_lines) & (entries[None, :] < hi)
+    marked = tl.load(map_ptr + line * stride_line + entries[None, :] * stride_entry, mask=in_range, other=0) != 0
+    return write_list(tl.max(marked.to(tl.int32), axis=0), entries, list_ptr)
+
+
+@triton.jit
+def write_list(keep, entries, list_ptr):
+    """Store the entries (CHUNK,) where keep (CHUNK,) int32 is 1 to list_ptr[0 : count] in order; return count.
+    Barriers on both sides: earlier readers of the list are done, and the list is visible to every thread."""
+    pos = tl.cumsum(keep, axis=0) - 1
+    tl.debug_barrier()
+    tl.store(list_ptr + pos, entries, mask=keep > 0)
+    tl.debug_barrier()
+    return tl.sum(keep, axis=0)
 
 
 @triton.jit

@@ -1,0 +1,84 @@
+"""Host time of one entflash attention call, where the GPU work is negligible (tiny shapes).
+
+On a small problem the GPU can finish a call's kernels before the host has launched them; the call's wall time
+is then the host's: argument checks, autograd, allocations and kernel launches. This script times that on the
+device: calls queued back to back with one synchronize at the end (milliseconds per call), for the forward
+alone (no grad) and forward + backward, then a cProfile of forward + backward calls (top functions by own time).
+
+    PYTHONPATH=src:. python3 scripts/host_overhead.py [--json FILE] [--profile-top 25]
+
+Run it twice with PYTHONPATH naming two source trees to compare them on the same machine.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+
+import torch
+
+import entflash
+
+
+def per_call_ms(fn, calls: int) -> float:
+    """Wall milliseconds per call of fn over `calls` back-to-back calls (one synchronize at the end)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the figures to this JSON file")
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--profile-top", type=int, default=25)
+    args = parser.parse_args()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
+               for _ in range(3))
+    grad_out = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    alpha_heads = torch.tensor([1.3, 1.6], device="cuda", requires_grad=True)
+
+    def forward():
+        entflash.entmax_attention(q, k, v, alpha=1.5, causal=True, backend="triton")
+
+    def forward_backward(alpha=1.5):
+        out = entflash.entmax_attention(*leaves, alpha=alpha, causal=True, backend="triton")
+        inputs = leaves + ([alpha] if isinstance(alpha, torch.Tensor) else [])
+        torch.autograd.grad(out, inputs, grad_out)
+
+    figures = {
+        "device": torch.cuda.get_device_name(),
+        "entflash_file": entflash.__file__,
+        "shape": "B=1 H=2 N=128 D=64 bf16 causal",
+        "fwd_ms": per_call_ms(forward, args.calls),
+        "fwd_bwd_ms": per_call_ms(forward_backward, args.calls),
+        "fwd_bwd_learned_alpha_ms": per_call_ms(lambda: forward_backward(alpha_heads), args.calls),
+    }
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(100):
+        forward_backward()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile_top)
+    print(text.getvalue())
+    for key, value in figures.items():
+        print(f"{key:26s} {value:.4f}" if isinstance(value, float) else f"{key:26s} {value}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(figures, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
