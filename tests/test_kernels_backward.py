@@ -240,14 +240,14 @@ def test_coarse_blocks_and_determinism():
 
 @pytest.mark.parametrize("chunk", [512, 2])
 def test_block_lists(monkeypatch, chunk):
-    """Each list holds the tiles marked in any map line of its group, ascending, and counts them; with a list
-    chunk of 2 the lines are scanned in several steps."""
+    """Each list holds the tiles marked in any map line of its group, ascending, and counts them, for row and
+    column groups of 1 and 2 lines; with a list chunk of 2 the lines are scanned in several steps."""
     monkeypatch.setattr(backward, "LIST_CHUNK", chunk)
     m = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0)) < 0.3
-    for lines in (1, 2):
-        for along_columns in (False, True):
-            counts, idx = backward.block_lists(m, lines, along_columns)
-            lined = m.transpose(2, 3) if along_columns else m
+    for row_lines, col_lines in ((1, 2), (2, 1)):
+        row_counts, row_idx, col_counts, col_idx = backward.block_lists(m, row_lines, col_lines)
+        for lined, lines, counts, idx in ((m, row_lines, row_counts, row_idx),
+                                          (m.transpose(2, 3), col_lines, col_counts, col_idx)):
             assert counts.shape == (2, 3, -(-lined.shape[2] // lines))
             for b in range(2):
                 for h in range(3):

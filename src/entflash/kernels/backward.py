@@ -1,9 +1,9 @@
 """Fused block-sparse backward of alpha-entmax attention (Triton).
 
-Five launches, each with one job:
+Four launches, each with one job:
 
-* ``_block_list_kernel`` (twice): per line of the forward's tile map (a query block's row, or a key block's
-  column), the list of marked tiles along it;
+* ``_block_list_kernel``: per line of the forward's tile map (a query block's row, and a key block's column),
+  the list of marked tiles along it;
 * ``_delta_kernel``: per query row, delta_i = dO_i . O2_i / S_i from the forward's O2 and S;
 * ``_dkdv_kernel``: one program per (batch, kv head, key block); it loops over the query heads of the
   GQA group and over the query blocks the transposed tile map marks, and sums dK, dV over the group in
@@ -12,7 +12,8 @@ Five launches, each with one job:
   when alpha is learned it also forms, from the tiles it visits anyway, the six row sums that give
   each row's dL/dalpha (DESIGN.md section 1), summed into (Hq,) with torch.
 
-Each program walks its compact list of marked blocks, so unmarked tiles cost nothing. Every reduction has a fixed order: results are bit-identical run to run.
+Each program walks its compact list of marked blocks, so unmarked tiles cost nothing. Every reduction has a
+fixed order: results are bit-identical run to run.
 """
 from __future__ import annotations
 
@@ -33,23 +34,37 @@ MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _block_list_kernel(MAP, CNT, IDX, s_mb, s_mh, s_line, s_entry, H, n_map_lines, n_entries,
-                       LINES: tl.constexpr, CHUNK: tl.constexpr):
-    """The list of one program (batch * head, list line): the map tiles along the other axis that any of the
-    list line's LINES map lines marks, ascending, into IDX[row, :count] and count into CNT[row], with
-    row = (batch * H + head) * num_programs(1) + list line and IDX rows n_entries long (common.compact_marked,
-    CHUNK entries per call)."""
+def _one_block_list(map_base, s_line, s_entry, n_map_lines, n_entries, group, cnt_ptr, idx_ptr,
+                    LINES: tl.constexpr, CHUNK: tl.constexpr):
+    """Into idx_ptr[:count], ascending, the map entries (tiles along the other axis) that any of map lines
+    [group * LINES, group * LINES + LINES) marks, and count into cnt_ptr (common.compact_marked, CHUNK entries
+    per call)."""
+    count = tl.sum(tl.zeros([1], dtype=tl.int32), axis=0)
+    first = map_base + group * LINES * s_line
+    for lo in range(0, n_entries, CHUNK):
+        count += compact_marked(first, s_line, s_entry, n_map_lines - group * LINES, lo, n_entries, idx_ptr + count,
+                                LINES, CHUNK)
+    tl.store(cnt_ptr, count)
+
+
+@triton.jit
+def _block_list_kernel(MAP, ROW_CNT, ROW_IDX, COL_CNT, COL_IDX, s_mb, s_mh, s_mr, s_mc, H, n_map_rows, n_map_cols,
+                       n_row_lists, n_col_lists, ROW_LINES: tl.constexpr, ROW_CHUNK: tl.constexpr,
+                       COL_LINES: tl.constexpr, COL_CHUNK: tl.constexpr):
+    """One list per program (batch * head, list): programs below n_row_lists list the key tiles of ROW_LINES map
+    rows (a dQ program's query block), the others the query tiles of COL_LINES map columns (a dK/dV program's key
+    block). Layouts as block_lists returns them."""
     bh = tl.program_id(0)
     line = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    map_base = MAP + b * s_mb + h * s_mh + line * LINES * s_line
-    row = bh.to(tl.int64) * tl.num_programs(1) + line
-    count = tl.sum(tl.zeros([1], dtype=tl.int32), axis=0)
-    for lo in range(0, n_entries, CHUNK):
-        count += compact_marked(map_base, s_line, s_entry, n_map_lines - line * LINES, lo, n_entries,
-                                IDX + row * n_entries + count, LINES, CHUNK)
-    tl.store(CNT + row, count)
+    map_base = MAP + (bh // H).to(tl.int64) * s_mb + (bh % H).to(tl.int64) * s_mh
+    if line < n_row_lists:
+        row = bh.to(tl.int64) * n_row_lists + line
+        _one_block_list(map_base, s_mr, s_mc, n_map_rows, n_map_cols, line, ROW_CNT + row, ROW_IDX + row * n_map_cols,
+                        ROW_LINES, ROW_CHUNK)
+    else:
+        row = bh.to(tl.int64) * n_col_lists + line - n_row_lists
+        _one_block_list(map_base, s_mc, s_mr, n_map_cols, n_map_rows, line - n_row_lists, COL_CNT + row,
+                        COL_IDX + row * n_map_rows, COL_LINES, COL_CHUNK)
 
 
 @triton.jit
@@ -303,28 +318,33 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
 LIST_CHUNK = 512  # most map entries one compact_marked call scans (longer lines take several calls)
 
 
-def block_lists(tile_map: torch.Tensor, lines: int, along_columns: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compact lists of the marked tiles of a (B, H, R, C) bool or int8 tile map, one per group of `lines` map
-    rows (along_columns=False: the entries are column indices) or map columns (True: row indices).
+def _list_chunk(n_entries: int) -> int:
+    """Entries per compact_marked call for map lines of n_entries tiles: the whole line, up to LIST_CHUNK."""
+    return min(LIST_CHUNK, max(16, triton.next_power_of_2(n_entries)))
 
-    Returns counts (B, H, L) int32, L = ceil(R / lines) (or ceil(C / lines)), and indices (B, H, L, E) int32,
-    E = C (or R), whose first counts[b, h, l] entries are the tiles marked in any line of group l, ascending;
-    the rest is not written. One launch of _block_list_kernel."""
+
+def block_lists(tile_map: torch.Tensor, row_lines: int, col_lines: int):
+    """Compact lists of the marked tiles of a (B, H, R, C) bool or int8 tile map, in one launch: one list per
+    group of row_lines map rows (its entries are column indices) and one per group of col_lines map columns
+    (row indices).
+
+    Returns row_counts (B, H, ceil(R / row_lines)) int32, row_indices (B, H, ceil(R / row_lines), C) int32,
+    col_counts (B, H, ceil(C / col_lines)) int32 and col_indices (B, H, ceil(C / col_lines), R) int32: the
+    first counts[b, h, l] entries of indices[b, h, l] are the tiles marked in any line of group l, ascending
+    (the rest is not written)."""
     if tile_map.dtype == torch.bool:
         tile_map = tile_map.view(torch.int8)
     B, H, R, C = tile_map.shape
-    s_b, s_h, s_r, s_c = tile_map.stride()
-    n_map_lines, n_entries, s_line, s_entry = (C, R, s_c, s_r) if along_columns else (R, C, s_r, s_c)
-    n_lists = triton.cdiv(n_map_lines, lines)
-    counts = torch.empty((B, H, n_lists), dtype=torch.int32, device=tile_map.device)
-    indices = torch.empty((B, H, n_lists, n_entries), dtype=torch.int32, device=tile_map.device)
-    if counts.numel() and n_entries:
-        chunk = min(LIST_CHUNK, max(16, triton.next_power_of_2(n_entries)))
-        _block_list_kernel[(B * H, n_lists)](tile_map, counts, indices, s_b, s_h, s_line, s_entry, H,
-                                             n_map_lines, n_entries, LINES=lines, CHUNK=chunk, num_warps=4)
-    else:
-        counts.zero_()
-    return counts, indices
+    n_row_lists, n_col_lists = triton.cdiv(R, row_lines), triton.cdiv(C, col_lines)
+    new = functools.partial(torch.empty, dtype=torch.int32, device=tile_map.device)
+    row_counts, row_indices = new((B, H, n_row_lists)), new((B, H, n_row_lists, C))
+    col_counts, col_indices = new((B, H, n_col_lists)), new((B, H, n_col_lists, R))
+    if B * H and R and C:
+        _block_list_kernel[(B * H, n_row_lists + n_col_lists)](
+            tile_map, row_counts, row_indices, col_counts, col_indices, *tile_map.stride(), H, R, C,
+            n_row_lists, n_col_lists, ROW_LINES=row_lines, ROW_CHUNK=_list_chunk(C), COL_LINES=col_lines,
+            COL_CHUNK=_list_chunk(R), num_warps=4)
+    return row_counts, row_indices, col_counts, col_indices
 
 
 def _check_blocks(cfg: dict) -> None:
@@ -372,7 +392,8 @@ def _pick_blocks(D: int, dtype: torch.dtype):
     bm_dq: query rows per dQ program (multiple of 64); bn_dq: keys per dQ inner step (16, 32 or 64);
     bn_kv: keys per dK/dV program (multiple of 64); bm_kv: query rows per dK/dV inner step (16, 32 or 64);
     warps, stages: the launch's num_warps and num_stages. A `blocks=` dict given to attention_backward overrides
-    these entries (checked by _check_blocks) and may add maxnreg (a cap on registers per thread, for launch experiments: scripts/kernel_dev.py --bwd-configs).
+    these entries (checked by _check_blocks) and may add maxnreg (a cap on registers per thread, for launch
+    experiments: scripts/kernel_dev.py --bwd-configs).
     """
     if interpreting():
         return dict(bm_dq=64, bn_dq=64, bm_kv=64, bn_kv=64, warps=4, stages=1)
@@ -449,10 +470,10 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     common = dict(**flags, ALPHA_MODE=mode, **dot_args(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"],
                   **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
     tile_map = tile_map.to(dev)
+    cnt_q, idx_q, cnt_kv, idx_kv = block_lists(tile_map, cfg["bm_dq"] // MAP_BLOCK, cfg["bn_kv"] // MAP_BLOCK)
 
     # dK, dV: one program per (batch, kv head, key block), over the map's columns
     bm, bn = cfg["bm_kv"], cfg["bn_kv"]
-    cnt_kv, idx_kv = block_lists(tile_map, bn // MAP_BLOCK, along_columns=True)
     n_kb, n_qb = idx_kv.shape[2], idx_kv.shape[3]
     dk = _alloc_like(k)
     dv = _alloc_like(v)
@@ -465,7 +486,6 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
 
     # dQ: one program per (batch, query head, query block), over the map's rows
     bm, bn = cfg["bm_dq"], cfg["bn_dq"]
-    cnt_q, idx_q = block_lists(tile_map, bm // MAP_BLOCK, along_columns=False)
     n_qb, n_kb = idx_q.shape[2], idx_q.shape[3]
     dq = _alloc_like(q)
     _dq_kernel[(B * Hq, n_qb)](
