@@ -25,7 +25,7 @@ import triton.language as tl
 
 from entflash.kernels.common import (LN2, compact_marked, entmax_s, fast_log2, mma, tile_interior, valid_lengths,
                                      visible_mask)
-from entflash.kernels.launch import alpha_mode, dot_args, interpreting, mask_args
+from entflash.kernels.launch import alpha_mode, cdiv, dot_args, interpreting, mask_args, next_power_of_2
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 
@@ -320,7 +320,7 @@ LIST_CHUNK = 512  # most map entries one compact_marked call scans (longer lines
 
 def _list_chunk(n_entries: int) -> int:
     """Entries per compact_marked call for map lines of n_entries tiles: the whole line, up to LIST_CHUNK."""
-    return min(LIST_CHUNK, max(16, triton.next_power_of_2(n_entries)))
+    return min(LIST_CHUNK, max(16, next_power_of_2(n_entries)))
 
 
 def block_lists(tile_map: torch.Tensor, row_lines: int, col_lines: int):
@@ -335,7 +335,7 @@ def block_lists(tile_map: torch.Tensor, row_lines: int, col_lines: int):
     if tile_map.dtype == torch.bool:
         tile_map = tile_map.view(torch.int8)
     B, H, R, C = tile_map.shape
-    n_row_lists, n_col_lists = triton.cdiv(R, row_lines), triton.cdiv(C, col_lines)
+    n_row_lists, n_col_lists = cdiv(R, row_lines), cdiv(C, col_lines)
     new = functools.partial(torch.empty, dtype=torch.int32, device=tile_map.device)
     row_counts, row_indices = new((B, H, n_row_lists)), new((B, H, n_row_lists, C))
     col_counts, col_indices = new((B, H, n_col_lists)), new((B, H, n_col_lists, R))
@@ -447,7 +447,7 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch: no query, or no key to attend to
         dalpha = torch.zeros(Hq, dtype=torch.float32, device=dev) if alpha_requires_grad else None
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dalpha
-    BD = max(16, triton.next_power_of_2(D))
+    BD = max(16, next_power_of_2(D))
     cfg = _pick_blocks(D, q.dtype)
     if blocks:
         cfg.update(blocks)
@@ -459,7 +459,7 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
     darow = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev) if alpha_requires_grad else delta
     BR = 32 if BD <= 128 else 16
-    _delta_kernel[(B * Hq, triton.cdiv(Nq, BR))](
+    _delta_kernel[(B * Hq, cdiv(Nq, BR))](
         grad_out, o2, s_sum, delta, *grad_out.stride(), *o2.stride(), *s_sum.stride(),
         Hq, Nq, D, BR=BR, BD=BD)
 

@@ -5,7 +5,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import triton
 
 # ALPHA_MODE constexpr values (kernels/common.py): specialised power code for alpha = 1.5 and 2.
 ALPHA_GENERAL, ALPHA_15, ALPHA_2 = 0, 1, 2
@@ -19,6 +18,17 @@ def alpha_mode(alpha) -> int:
         if float(alpha) == 2.0:
             return ALPHA_2
     return ALPHA_GENERAL
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints: cdiv's value at a fraction of its host cost (in Triton 3.6 it is a
+    constexpr_function, a few microseconds per call from host code)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), as next_power_of_2, in plain Python."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 def interpreting() -> bool:
@@ -88,7 +98,7 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
     (benchmarks/results/kernel_dev-02f55a3-sweep-m64.json, ms_sweep_m64w4).
     """
     B, H, Nq, D = q.shape
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     half = q.element_size() == 2
     block_m = 64 if interpreting() or block_d > 128 or (block_d <= 64 and half) else 128
     # 128-row blocks: the later stages need 8 warps (with 4, the output kernel spilled at D = 64 and ran 5x
@@ -101,8 +111,8 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
     sweep_block_m = 64 if half else block_m
     sweep_warps = 4 if block_d <= 128 and half else 8
     flags, win_left, win_right = mask_args(causal, window, seqlens_q, seqlens_k)
-    n_mb = triton.cdiv(Nq, block_m)
-    nk_chunk = min(512, max(16, triton.next_power_of_2(triton.cdiv(k.shape[2], 64))))
+    n_mb = cdiv(Nq, block_m)
+    nk_chunk = min(512, max(16, next_power_of_2(cdiv(k.shape[2], 64))))
     return StageSpec(
         lq=seqlens_q if seqlens_q is not None else alpha_t,
         lk=seqlens_k if seqlens_k is not None else alpha_t,

@@ -34,6 +34,7 @@ import triton.language as tl
 from entflash.kernels.common import (histogram_lower_tau, histogram_words, histogram_words_of_rows, key_range,
                                      load_rows, program_coords, score_tile, shift_words, sub_block_max_rows,
                                      unpack_words)
+from entflash.kernels.launch import cdiv
 
 HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts
 # how many of each row's largest scores a far key tile bins (module docstring): 2 or 1, or 0 to bin every score
@@ -179,8 +180,8 @@ def dense_sweep(q, k, alpha_t, scale, spec, far_scores=None):
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    n_sub, n_kt = triton.cdiv(Nq, 64), triton.cdiv(Nk, 64)
-    n_mb = triton.cdiv(Nq, spec.sweep_block_m)
+    n_sub, n_kt = cdiv(Nq, 64), cdiv(Nk, 64)
+    n_mb = cdiv(Nq, spec.sweep_block_m)
     row_max = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tau_hist = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tile_max = torch.full((B, H, n_sub, n_kt), float("-inf"), device=q.device, dtype=torch.float32)
