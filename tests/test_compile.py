@@ -307,6 +307,11 @@ def test_eager_autograd_function_matches_the_custom_op():
     for a, b in zip(op_out + op_grads, eager_out + eager_grads):
         assert torch.equal(a, b)
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in eager_grads)
+    for forward in (triton_attention_forward_op, EagerTritonAttention.apply):  # no second derivative, loudly
+        grad_q, = torch.autograd.grad(forward(*args)[0], q, grad_out, create_graph=True)
+        assert grad_q.requires_grad  # part of the graph, not a silent constant ...
+        with pytest.raises(RuntimeError):  # ... whose derivative raises
+            torch.autograd.grad(grad_q.sum() + alpha.sum(), (q, alpha))
 
 
 def test_dynamic_compile_with_a_symbolic_scale_matches_eager():

@@ -252,7 +252,25 @@ class EagerTritonAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *_grads_of_other_outputs):
-        return _triton_attention_gradients(ctx, grad_out, _backward_direct)
+        grads = _triton_attention_gradients(ctx, grad_out, _backward_direct)
+        if torch.is_grad_enabled():  # create_graph=True: as through the op, a second derivative raises
+            grads = _NoSecondDerivative.apply(len(grads), *grads, *ctx.saved_tensors[:3])
+        return grads
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Identity on first-order gradients that raises when differentiated: the fused backward is not itself
+    differentiable, and a gradient taken with create_graph=True must not silently act as a constant.
+    Arguments: the number of gradients, the gradients (None allowed), then tensors that require grad (anchors,
+    so that the outputs are part of the graph)."""
+
+    @staticmethod
+    def forward(ctx, n_grads, *tensors):
+        return tuple(None if grad is None else grad.clone() for grad in tensors[:n_grads])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("entflash: the fused Triton backward has no derivative of its own (no double backward)")
 
 
 def triton_attention(q, k, v, alpha, causal, scale, window, seqlens_q, seqlens_k, return_aux):
