@@ -21,13 +21,13 @@ def alpha_mode(alpha) -> int:
 
 
 def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for ints: cdiv's value at a fraction of its host cost (in Triton 3.6 it is a
+    """ceil(a / b) for ints: triton.cdiv's value at a fraction of its host cost (in Triton 3.6 it is a
     constexpr_function, a few microseconds per call from host code)."""
     return -(-a // b)
 
 
 def next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n (1 for n <= 1), as next_power_of_2, in plain Python."""
+    """The smallest power of two >= n (1 for n <= 1), as triton.next_power_of_2 for n >= 1, in plain Python."""
     return 1 << max(0, n - 1).bit_length()
 
 
