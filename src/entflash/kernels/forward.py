@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from entflash.kernels.launch import make_spec
+from entflash.kernels.launch import capturing, make_spec
 from entflash.kernels.output import sparse_output
 from entflash.kernels.solve import solve_tau
 from entflash.kernels.sweep import FAR_TILE_SCORES_BEFORE_NEWTON, dense_sweep
@@ -21,7 +21,10 @@ def alpha_tensor(alpha, n_heads: int, device) -> torch.Tensor:
         if a.numel() != n_heads:
             raise ValueError(f"alpha: expected a float or a tensor of shape ({n_heads},), got {tuple(alpha.shape)}")
         return a.contiguous()
-    return _float_alpha_heads(float(alpha), n_heads, torch.device(device))
+    device = torch.device(device)
+    if capturing(device):  # never cache a tensor that a CUDA graph being captured would fill
+        return _float_alpha_heads.__wrapped__(float(alpha), n_heads, device)
+    return _float_alpha_heads(float(alpha), n_heads, device)
 
 
 @functools.lru_cache(maxsize=64)

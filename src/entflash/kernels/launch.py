@@ -31,6 +31,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def capturing(device: torch.device) -> bool:
+    """True while the current CUDA stream of `device` records a CUDA graph: a tensor made then is filled only
+    when the graph replays, so host-side caches of device tensors must not keep it."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def interpreting() -> bool:
     """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET set, not "0").
 
