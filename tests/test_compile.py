@@ -314,6 +314,23 @@ def test_eager_autograd_function_matches_the_custom_op():
             torch.autograd.grad(grad_q.sum() + alpha.sum(), (q, alpha))
 
 
+def test_eager_calls_do_not_dispatch_through_the_custom_ops(monkeypatch):
+    """Eager forward+backward through entmax_attention(backend="triton") never calls the custom ops (their
+    dispatch is the host time EagerTritonAttention removes); torch.compile still does (the tests above)."""
+    import entflash.autograd as fused
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an eager call went through a custom op")
+
+    monkeypatch.setattr(fused, "triton_attention_forward_op", refuse)
+    monkeypatch.setattr(fused, "triton_attention_backward_op", refuse)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = _qkv(20, 1, 2, 1, 33, 40, 16, device=device)
+    out = entmax_attention(q, k, v, alpha=1.5, causal=True, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_dynamic_compile_with_a_symbolic_scale_matches_eager():
     """torch.compile(dynamic=True) may trace a float `scale` symbolically: its value check is skipped while
     tracing (as for tensor values) and each call still uses its own scale."""
