@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--profile-top", type=int, default=25)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device (host time only means something next to a GPU that outruns the host)")
     generator = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
                for _ in range(3))
