@@ -5,9 +5,12 @@ is then the host's: argument checks, autograd, allocations and kernel launches. 
 device: calls queued back to back with one synchronize at the end (milliseconds per call), for the forward
 alone (no grad) and forward + backward, then a cProfile of forward + backward calls (top functions by own time).
 
-    PYTHONPATH=src:. python3 scripts/host_overhead.py [--json FILE] [--profile-top 25]
+    PYTHONPATH=src:. python3 -m benchmarks.host_overhead [--out DIR] [--profile-top 25]
 
-Run it twice with PYTHONPATH naming two source trees to compare them on the same machine.
+writes host_overhead-<commit>.json (the figures, with device, torch/triton versions, commit and date as the
+attention harness records them: benchmarks.report) and host_overhead-<commit>.txt (the cProfile and the figures),
+file paths in both relative to the working directory. Run it twice with PYTHONPATH naming two source trees (and
+ENTFLASH_COMMIT naming their commits) to compare them on the same machine.
 """
 from __future__ import annotations
 
@@ -15,12 +18,15 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import time
+from pathlib import Path
 
 import torch
 
 import entflash
+from benchmarks.report import new_document
 
 
 def per_call_ms(fn, calls: int) -> float:
@@ -37,7 +43,7 @@ def per_call_ms(fn, calls: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the figures to this JSON file")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the two files")
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--profile-top", type=int, default=25)
     args = parser.parse_args()
@@ -58,14 +64,13 @@ def main() -> None:
         inputs = leaves + ([alpha] if isinstance(alpha, torch.Tensor) else [])
         torch.autograd.grad(out, inputs, grad_out)
 
-    figures = {
-        "device": torch.cuda.get_device_name(),
-        "entflash_file": entflash.__file__,
-        "shape": "B=1 H=2 N=128 D=64 bf16 causal",
-        "fwd_ms": per_call_ms(forward, args.calls),
-        "fwd_bwd_ms": per_call_ms(forward_backward, args.calls),
-        "fwd_bwd_learned_alpha_ms": per_call_ms(lambda: forward_backward(alpha_heads), args.calls),
-    }
+    document = new_document("cuda", "host_overhead", "none", {"calls": args.calls,
+                                                                "shape": "B=1 H=2 N=128 D=64 bf16 causal"})
+    del document["records"]
+    document.update(entflash_file=os.path.relpath(entflash.__file__),
+                    fwd_ms=per_call_ms(forward, args.calls),
+                    fwd_bwd_ms=per_call_ms(forward_backward, args.calls),
+                    fwd_bwd_learned_alpha_ms=per_call_ms(lambda: forward_backward(alpha_heads), args.calls))
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(100):
@@ -74,12 +79,14 @@ def main() -> None:
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile_top)
-    print(text.getvalue())
-    for key, value in figures.items():
-        print(f"{key:26s} {value:.4f}" if isinstance(value, float) else f"{key:26s} {value}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(figures, handle, indent=1)
+    report = text.getvalue().replace(os.getcwd() + os.sep, "")
+    report += "\n".join(f"{key:26s} {value:.4f}" if isinstance(value, float) else f"{key:26s} {value}"
+                         for key, value in document.items() if key != "settings") + "\n"
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"host_overhead-{document['commit']}"
+    stem.with_suffix(".txt").write_text(report)
+    stem.with_suffix(".json").write_text(json.dumps(document, indent=1) + "\n")
 
 
 if __name__ == "__main__":
