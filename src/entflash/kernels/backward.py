@@ -25,7 +25,7 @@ import triton.language as tl
 
 from entflash.kernels.common import (LN2, compact_marked, entmax_s, fast_log2, mma, tile_interior, valid_lengths,
                                      visible_mask)
-from entflash.kernels.launch import (alpha_mode, capturing, cdiv, dot_args, interpreting, mask_args,
+from entflash.kernels.launch import (alpha_mode, cdiv, dot_args, head_constant, interpreting, mask_args,
                                      next_power_of_2)
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
@@ -368,23 +368,15 @@ def _alloc_like(t: torch.Tensor) -> torch.Tensor:
 def _alpha_tables(alpha, Hq: int, scale: float, device):
     """Per-head fp32 tables alpha-1, (alpha-1)*scale, (2-alpha)/(alpha-1), and the ALPHA_MODE (launch.alpha_mode).
 
-    A tensor alpha is converted on its device; a float alpha's table is cached per (alpha, Hq, scale,
-    device), except while a CUDA graph is being captured (launch.capturing)."""
+    A tensor alpha is converted on its device; a float alpha's tables are launch.head_constant tensors, made
+    once per value (python float64 arithmetic here, one rounding to float32 there)."""
     if isinstance(alpha, torch.Tensor):
         a = alpha.detach().to(device=device, dtype=torch.float64).reshape(-1).expand(Hq)
         am1 = a - 1.0
         return torch.stack([am1, am1 * scale, (2.0 - a) / am1]).float().unbind(0), alpha_mode(alpha)
-    build = _float_alpha_table.__wrapped__ if capturing(torch.device(device)) else _float_alpha_table
-    return build(float(alpha), Hq, float(scale), device), alpha_mode(alpha)  # no cached tensor from a capture
-
-
-@functools.lru_cache(maxsize=64)
-def _float_alpha_table(alpha: float, Hq: int, scale: float, device):
-    """The three (Hq,) fp32 tables of _alpha_tables for a float alpha, made once per key: filled on the device
-    from python floats (float64 arithmetic, one rounding to float32), no host-to-device copy."""
-    am1 = alpha - 1.0
-    return tuple(torch.full((Hq,), value, dtype=torch.float32, device=device)
-                 for value in (am1, am1 * scale, (2.0 - alpha) / am1))
+    alpha, am1 = float(alpha), float(alpha) - 1.0
+    tables = tuple(head_constant(value, Hq, device) for value in (am1, am1 * float(scale), (2.0 - alpha) / am1))
+    return tables, alpha_mode(alpha)
 
 
 def _pick_blocks(D: int, dtype: torch.dtype):

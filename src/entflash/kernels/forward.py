@@ -2,11 +2,9 @@
 -> sparse output sweep."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from entflash.kernels.launch import capturing, make_spec
+from entflash.kernels.launch import head_constant, make_spec
 from entflash.kernels.output import sparse_output
 from entflash.kernels.solve import solve_tau
 from entflash.kernels.sweep import FAR_TILE_SCORES_BEFORE_NEWTON, dense_sweep
@@ -21,17 +19,7 @@ def alpha_tensor(alpha, n_heads: int, device) -> torch.Tensor:
         if a.numel() != n_heads:
             raise ValueError(f"alpha: expected a float or a tensor of shape ({n_heads},), got {tuple(alpha.shape)}")
         return a.contiguous()
-    device = torch.device(device)
-    if capturing(device):  # never cache a tensor that a CUDA graph being captured would fill
-        return _float_alpha_heads.__wrapped__(float(alpha), n_heads, device)
-    return _float_alpha_heads(float(alpha), n_heads, device)
-
-
-@functools.lru_cache(maxsize=64)
-def _float_alpha_heads(alpha: float, n_heads: int, device: torch.device) -> torch.Tensor:
-    """The (n_heads,) float32 tensor of a float alpha, made once per (alpha, n_heads, device): the kernels only
-    read it, and a fill per call is host time a small problem notices."""
-    return torch.full((n_heads,), alpha, device=device, dtype=torch.float32)
+    return head_constant(float(alpha), n_heads, device)
 
 
 # Heads at or above this alpha get a second Newton pass by default. For 1.5 < alpha < 2 the backward's weights

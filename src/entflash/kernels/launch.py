@@ -1,6 +1,7 @@
 """Host-side launch plan shared by the forward stages: flags, lengths, grid and tile configuration."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -35,6 +36,21 @@ def capturing(device: torch.device) -> bool:
     """True while the current CUDA stream of `device` records a CUDA graph: a tensor made then is filled only
     when the graph replays, so host-side caches of device tensors must not keep it."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def head_constant(value: float, n_heads: int, device) -> torch.Tensor:
+    """A (n_heads,) float32 tensor filled with `value` on `device` (one rounding from the python float), made
+    once per (value, n_heads, device) and shared: the kernels only read it, and a fill per call is host time a
+    small problem notices. Never cached while a CUDA graph is being captured (capturing)."""
+    device = torch.device(device)
+    if capturing(device):
+        return _filled.__wrapped__(float(value), n_heads, device)
+    return _filled(float(value), n_heads, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _filled(value: float, n_heads: int, device: torch.device) -> torch.Tensor:
+    return torch.full((n_heads,), value, device=device, dtype=torch.float32)
 
 
 def interpreting() -> bool:
