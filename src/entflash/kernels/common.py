@@ -283,15 +283,15 @@ def compact_candidates(tmax_row_ptr, stride_tm, thr_sub, n_sub_valid, kb_lo, kb_
     testing every tile serially. list_ptr is private to the program (NK_CHUNK int32 entries).
     """
     SUB: tl.constexpr = BLOCK_M // 64
-    sub = tl.arange(0, SUB)[:, None]
-    kk = kb_lo + tl.arange(0, NK_CHUNK)
-    in_range = (sub < n_sub_valid) & (kk[None, :] < kb_hi)
     if FROM_HITS:
-        marked = tl.load(tmax_row_ptr + sub * stride_tm + kk[None, :], mask=in_range, other=0) != 0
+        count = compact_marked(tmax_row_ptr, stride_tm, 1, n_sub_valid, kb_lo, kb_hi, list_ptr, SUB, NK_CHUNK)
     else:
+        sub = tl.arange(0, SUB)[:, None]
+        kk = kb_lo + tl.arange(0, NK_CHUNK)
+        in_range = (sub < n_sub_valid) & (kk[None, :] < kb_hi)
         tmax = tl.load(tmax_row_ptr + sub * stride_tm + kk[None, :], mask=in_range, other=float("-inf"))
-        marked = tmax > thr_sub[:, None]
-    return write_list(tl.max(marked.to(tl.int32), axis=0), kk, list_ptr)
+        count = write_list(tl.max((tmax > thr_sub[:, None]).to(tl.int32), axis=0), kk, list_ptr)
+    return count
 
 
 @triton.jit
@@ -303,8 +303,9 @@ def compact_marked(map_ptr, stride_line, stride_entry, n_lines, lo, hi, list_ptr
     map_ptr points at entry 0 of the first line; line l, entry e is at map_ptr + l * stride_line +
     e * stride_entry; lines at or past n_lines are not read. The backward's _block_list_kernel lists the
     forward's 64x64 tile map with it: rows (entries = key tiles) for the dQ programs, columns (entries = query
-    tiles) for the dK/dV programs; LINES > 1 when such a program covers several 64-wide map lines. list_ptr
-    points at CHUNK int32 entries no other program writes."""
+    tiles) for the dK/dV programs; LINES > 1 when such a program covers several 64-wide map lines. The output
+    pass lists the solve's hits with it (compact_candidates' FROM_HITS). list_ptr points at CHUNK int32
+    entries no other program writes."""
     line = tl.arange(0, LINES)[:, None]
     entries = lo + tl.arange(0, CHUNK)
     in_range = (line < n_lines) & (entries[None, :] < hi)
