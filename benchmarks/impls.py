@@ -6,7 +6,8 @@ forward on tensors without grad; "fwd_bwd" the forward and `out.backward(dout)`.
 the same tensors and the same scale 1/sqrt(D).
 
   ours                 entflash.entmax_attention(backend), fixed alpha (float)
-  ours_learned_alpha   the same with a per-head alpha tensor (Hq,) that requires grad (fwd+bwd only)
+  ours_learned_alpha   the same with a per-head alpha tensor (Hq,) that requires grad (fwd+bwd only;
+                       check_alpha=False, as entflash.nn.EntmaxAttention)
   fa2                  torch SDPA restricted to the flash backend (FlashAttention-2)
   cudnn                torch SDPA restricted to the cuDNN backend
   sdpa_math            torch SDPA math backend (the CPU-mode baseline)
@@ -98,7 +99,8 @@ class Ours(Implementation):
 
 
 class OursLearnedAlpha(Implementation):
-    """entflash.entmax_attention with a per-head alpha tensor (Hq,) that requires grad."""
+    """entflash.entmax_attention with a per-head alpha tensor (Hq,) that requires grad, called as
+    entflash.nn.EntmaxAttention calls it: check_alpha=False (alpha's values are not read back, no host sync)."""
 
     name = "ours_learned_alpha"
     modes = ("fwd_bwd",)
@@ -113,7 +115,8 @@ class OursLearnedAlpha(Implementation):
     def attend(self, q, k, v, case):
         from entflash.api import entmax_attention
 
-        return entmax_attention(q, k, v, alpha=self.alpha, causal=case.causal, backend=case.backend)
+        return entmax_attention(q, k, v, alpha=self.alpha, causal=case.causal, backend=case.backend,
+                                check_alpha=False)
 
 
 class Sdpa(Implementation):

@@ -250,3 +250,48 @@ def test_deterministic_gradients_are_bit_identical_across_runs(backend):
     for a, b, c in zip(first, second, default):
         assert torch.isfinite(a).all() and a.abs().sum() > 0
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# check_alpha: reading a tensor alpha's values (a host sync on a GPU) can be skipped
+# ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entry", ["padded", "varlen"])
+def test_check_alpha_false_leaves_tensor_alpha_values_unread(entry):
+    q, k, v = (t.detach() for t in _inputs(31, 1, 2, 2, 9, 9, 16))
+    out_of_range = torch.tensor([1.5, 2.5])
+
+    def call(**options):
+        if entry == "padded":
+            return entmax_attention(q, k, v, alpha=out_of_range, backend="torch", **options)
+        cu = torch.tensor([0, 9])
+        return entmax_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu,
+                                       9, 9, alpha=out_of_range, backend="torch", **options)
+
+    with pytest.raises(ValueError, match=r"alpha.*\(1, 2\]"):
+        call()
+    assert torch.isfinite(call(check_alpha=False)).all()  # no read, so no error: the values were not looked at
+
+
+def test_check_alpha_false_still_checks_type_shape_and_floats():
+    q, k, v = (t.detach() for t in _inputs(32, 1, 2, 2, 5, 5, 8))
+    with pytest.raises(ValueError, match=r"alpha.*shape \(2,\)"):
+        entmax_attention(q, k, v, alpha=torch.full((3,), 1.5), backend="torch", check_alpha=False)
+    with pytest.raises(TypeError, match="alpha"):
+        entmax_attention(q, k, v, alpha=torch.ones(2, dtype=torch.int64), backend="torch", check_alpha=False)
+    with pytest.raises(ValueError, match="alpha"):
+        entmax_attention(q, k, v, alpha=2.5, backend="torch", check_alpha=False)
+    with pytest.raises(TypeError, match="check_alpha"):
+        entmax_attention(q, k, v, alpha=1.5, backend="torch", check_alpha="no")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unchecked_nan_alpha_gives_nan_rows_not_zeros(backend):
+    """A NaN alpha that check_alpha=False lets through must not come out as plausible zeros."""
+    q, k, v = (t.detach() for t in _inputs(33, 1, 2, 1, 70, 70, 16))
+    alpha = torch.tensor([1.5, float("nan")])
+    with torch.no_grad():
+        out = entmax_attention(q, k, v, alpha=alpha, causal=True, backend=backend, check_alpha=False)
+        expected = entmax_attention(q, k, v, alpha=1.5, causal=True, backend="torch")
+    assert torch.isnan(out[:, 1]).all()
+    torch.testing.assert_close(out[:, 0], expected[:, 0], atol=1e-4, rtol=1e-4)

@@ -235,3 +235,25 @@ def test_forward_errors_name_the_argument():
     with pytest.raises(ValueError, match="query"):
         module(torch.randn(8), x, x)
     assert math.isclose(HeadAlpha(1, 1.5)().item(), 1.5, rel_tol=1e-6)
+
+
+def test_entmax_attention_module_does_not_read_its_alpha_back(monkeypatch):
+    """HeadAlpha's alpha is in range by construction: EntmaxAttention asks entmax_attention not to read it (a read
+    is a host sync per call on a GPU); a tensor alpha passed to entmax_attention directly is still read."""
+    import entflash.checks
+
+    reads = []
+    check = entflash.checks.check_alpha
+
+    def recording_check(alpha, num_heads, device, caller, read_values=True):
+        reads.append((isinstance(alpha, torch.Tensor), read_values))
+        return check(alpha, num_heads, device, caller, read_values)
+
+    monkeypatch.setattr(entflash.checks, "check_alpha", recording_check)
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    module = EntmaxAttention(2, alpha=[1.3, 1.7], learn_alpha=True, backend="torch")
+    out = module(q, k, v, causal=True)
+    assert reads == [(True, False)]
+    torch.testing.assert_close(out, entmax_attention(q, k, v, alpha=module.alpha(), causal=True, backend="torch"))
+    assert reads[-1] == (True, True)

@@ -69,12 +69,15 @@ def resolve_backend(backend: str, device: torch.device, caller: str) -> str:
     return backend
 
 
-def normalize_options(q, alpha, causal, scale, window, return_aux, backend, caller, deterministic=False):
+def normalize_options(q, alpha, causal, scale, window, return_aux, backend, caller, deterministic=False,
+                      check_alpha=True):
     """Validate the options shared by the padded and packed entry points; return them normalized (deterministic
-    is only validated: every backward path of the fused backend is deterministic, entmax_attention's docstring)."""
+    is only validated: every backward path of the fused backend is deterministic, entmax_attention's docstring;
+    check_alpha=False leaves a tensor alpha's values unread)."""
     num_q_heads, head_dim = q.shape[1], q.shape[-1]  # (B, H, N, D) and packed (total, H, D) alike
     checks.check_flag(deterministic, "deterministic", caller)
-    alpha = checks.check_alpha(alpha, num_q_heads, q.device, caller)
+    read_alpha = checks.check_flag(check_alpha, "check_alpha", caller)
+    alpha = checks.check_alpha(alpha, num_q_heads, q.device, caller, read_values=read_alpha)
     causal = checks.check_flag(causal, "causal", caller)
     scale = checks.check_scale(scale, head_dim, caller)
     window = checks.check_window(window, caller)
@@ -85,7 +88,7 @@ def normalize_options(q, alpha, causal, scale, window, return_aux, backend, call
 
 def entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha=1.5, causal: bool = False,
                      scale: Optional[float] = None, window=None, seqlens=None, return_aux: bool = False,
-                     backend: str = "auto", deterministic: bool = False):
+                     backend: str = "auto", deterministic: bool = False, check_alpha: bool = True):
     """alpha-entmax attention with SDPA's layout.
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with Hq % Hkv == 0 (query head h reads kv head h // (Hq // Hkv)).
@@ -107,6 +110,10 @@ def entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha
         backend gives them either way: its backward uses no atomics (a GQA group's dK/dV are summed inside one
         program), so both values run the same kernels. The torch backend is as deterministic as the PyTorch ops
         it runs on that device (torch.use_deterministic_algorithms); on the CPU it is.
+    check_alpha: read a tensor alpha's values to check that they lie in (1, 2] (a ValueError otherwise). On a GPU
+        the read waits for every kernel queued before the call (a host sync per call). False skips it, for an
+        alpha in range by construction, such as entflash.nn.HeadAlpha's (EntmaxAttention passes False): values
+        outside (1, 2] then give unspecified outputs, a NaN alpha NaN outputs. A float alpha is always checked.
 
     Returns out (B, Hq, Nq, D) in q's dtype (and the aux dict when return_aux). Rows that see no key (padding,
     or everything masked) are zeros with tau = +inf and support 0, and receive zero gradients.
@@ -114,7 +121,7 @@ def entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha
     caller = "entmax_attention"
     checks.check_qkv(q, k, v, caller)
     alpha, causal, scale, window, return_aux, backend = normalize_options(
-        q, alpha, causal, scale, window, return_aux, backend, caller, deterministic)
+        q, alpha, causal, scale, window, return_aux, backend, caller, deterministic, check_alpha)
     seqlens_q, seqlens_k = checks.check_seqlens(seqlens, q.shape[0], q.shape[2], k.shape[2], q.device, caller)
     if backend == "triton":
         attention = _fused_backend("triton_attention", caller, required=True)
@@ -142,14 +149,15 @@ def _pad(packed: torch.Tensor, batch_index, position, batch: int, max_len: int) 
 def entmax_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, alpha=1.5,
                             causal: bool = False, scale: Optional[float] = None, window=None,
-                            return_aux: bool = False, backend: str = "auto", deterministic: bool = False):
+                            return_aux: bool = False, backend: str = "auto", deterministic: bool = False,
+                            check_alpha: bool = True):
     """alpha-entmax attention over packed variable-length sequences (FlashAttention's varlen convention).
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D), Hq % Hkv == 0. Sequence b holds query tokens
     cu_seqlens_q[b]:cu_seqlens_q[b+1] and key tokens cu_seqlens_k[b]:cu_seqlens_k[b+1] (int tensors (B + 1,),
     starting at 0, non-decreasing, ending at total_q / total_k). max_seqlen_q, max_seqlen_k: ints at least the
     longest query / key sequence. Each sequence is its own attention problem (causal and window bottom-right
-    aligned per sequence). Other options (deterministic included) as entmax_attention.
+    aligned per sequence). Other options (deterministic and check_alpha included) as entmax_attention.
 
     Returns out (total_q, Hq, D) in q's dtype; with return_aux also a dict with "tau" (total_q, Hq) float32 and
     "support" (total_q, Hq) int32 (and the backend's "tile_map", in the padded (B, Hq, ...) layout, if any).
@@ -157,7 +165,7 @@ def entmax_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     caller = "entmax_attention_varlen"
     checks.check_packed_qkv(q, k, v, caller)
     alpha, causal, scale, window, return_aux, backend = normalize_options(
-        q, alpha, causal, scale, window, return_aux, backend, caller, deterministic)
+        q, alpha, causal, scale, window, return_aux, backend, caller, deterministic, check_alpha)
     cu_seqlens_q = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device, caller)
     cu_seqlens_k = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device, caller)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:

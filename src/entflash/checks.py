@@ -145,12 +145,13 @@ def check_flag(value, argument: str, caller: str) -> bool:
     return value
 
 
-def check_alpha(alpha, num_heads: int, device: torch.device, caller: str):
+def check_alpha(alpha, num_heads: int, device: torch.device, caller: str, read_values: bool = True):
     """Validate alpha: a real number in (1, 2], or a floating tensor of shape (num_heads,) (or 0-dim) on
     `device` whose values all lie in (1, 2].
 
     Returns a python float, or a (num_heads,) tensor (a 0-dim tensor is expanded, keeping its autograd graph).
-    A tensor's values are not read while torch.compile traces.
+    A tensor's values are read (on a GPU, a host sync that waits for every queued kernel) only with read_values
+    and not while torch.compile traces; its type, shape and device are always checked.
     """
     if isinstance(alpha, torch.Tensor):
         if not alpha.is_floating_point():
@@ -161,7 +162,7 @@ def check_alpha(alpha, num_heads: int, device: torch.device, caller: str):
         if alpha.device != device:
             fail(ValueError, caller, "alpha", f"be on the device of `q` ({device})", str(alpha.device))
         values = alpha.detach()
-        if _reads_tensor_values() and not bool(((values > 1) & (values <= 2)).all()):
+        if read_values and _reads_tensor_values() and not bool(((values > 1) & (values <= 2)).all()):
             fail(ValueError, caller, "alpha", "lie in (1, 2] for every head",
                  f"values {[round(a, 6) for a in values.reshape(-1).tolist()]}")
         return alpha.expand(num_heads) if alpha.dim() == 0 else alpha

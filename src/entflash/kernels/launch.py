@@ -109,22 +109,25 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
     """Build the launch plan for q (B, Hq, Nq, D), k (B, Hkv, Nk, D) and the normalized arguments.
 
     Tile choice: key tiles are always 64 wide, the granularity of the tile map. The Newton and output passes
-    take 128-row query blocks on a GPU up to D = 128, except for 16-bit inputs with D <= 64, which take 64 rows
-    (on the H100 at N = 16k, D = 64 they ran the solve 7-15% and the output pass 8-39% faster, dense and ~60%
-    block sparse: benchmarks/results/kernel_dev-e5b7144-sparse-m64.json; float32 tiles spill there with 64
-    rows and 4 warps); 64 rows also under the interpreter (which runs each program in numpy) and for D = 256
-    (registers). 64-row blocks at D = 128 (16-bit; not taken) compile with a few bytes of spills and have no
-    profile with a correct forward (the only one, kernel_dev-0c91a5c.json, ran a sweep with a bug). The sweep
-    takes 64-row blocks for 16-bit inputs (its tile maxima are per 64 rows anyway): on
+    take 64-row query blocks and 4 warps for 16-bit inputs up to D = 128: a program then visits a key tile only
+    when its own 64 rows need it, where a 128-row block visits the tiles either half needs. On the H100 at
+    N = 16k they ran the solve 7-15% and the output pass 8-39% faster than 128-row blocks at D = 64, dense and
+    ~60% block sparse (benchmarks/results/kernel_dev-e5b7144-sparse-m64.json), and at D = 128 the output pass
+    0%, 32% and 41% faster and the solve 5%, 6% and 31% faster, dense, ~57% and ~89% block sparse
+    (kernel_dev-1b1c87a-d128-m64.json; on sm_90 the output kernel spills 0-4 bytes, 16 with GQA, a per-head
+    alpha, a window and seqlens together).
+    float32 tiles (exact-float32 products) take 128 rows and 8 warps on a GPU: with 64 rows and 4 warps they
+    spill. 64 rows also under the interpreter (which runs each program in numpy) and for D = 256 (registers).
+    The sweep takes 64-row blocks for 16-bit inputs (its tile maxima are per 64 rows anyway): on
     the H200 they ran it 5-9% faster than 128-row ones at N = 16k, D 64 and 128, dense and ~90% block sparse
     (benchmarks/results/kernel_dev-02f55a3-sweep-m64.json, ms_sweep_m64w4).
     """
     B, H, Nq, D = q.shape
     block_d = max(16, next_power_of_2(D))
     half = q.element_size() == 2
-    block_m = 64 if interpreting() or block_d > 128 or (block_d <= 64 and half) else 128
-    # 128-row blocks: the later stages need 8 warps (with 4, the output kernel spilled at D = 64 and ran 5x
-    # slower at D = 128; kernel_dev-9b67436.json); 64-row blocks take 4 warps. The sweep takes 64-row blocks
+    block_m = 64 if interpreting() or block_d > 128 or half else 128
+    # 128-row blocks (float32): the later stages need 8 warps (with 4, the output kernel spilled at D = 64 and ran
+    # 5x slower at D = 128; kernel_dev-9b67436.json); 64-row blocks take 4 warps. The sweep takes 64-row blocks
     # and 4 warps for 16-bit inputs up to D = 128; float32 tiles (exact-float32 products) keep the shared
     # blocks and need 8 warps' registers (scripts/compile_kernels.py's spill counts)
     warps = 8
