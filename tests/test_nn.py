@@ -257,3 +257,29 @@ def test_entmax_attention_module_does_not_read_its_alpha_back(monkeypatch):
     assert reads == [(True, False)]
     torch.testing.assert_close(out, entmax_attention(q, k, v, alpha=module.alpha(), causal=True, backend="torch"))
     assert reads[-1] == (True, True)
+
+
+def test_unpadded_attention_does_not_read_its_mask_counts_back(monkeypatch):
+    """The lengths unpadded_entmax_attention counts from its masks are in range by construction: their values are
+    not read (a host sync on a GPU), while seqlens passed to entmax_attention are."""
+    import entflash.checks
+
+    reads = []
+    check = entflash.checks.check_lengths
+
+    def recording_check(lengths, argument, batch, max_length, device, caller, read_values=True):
+        reads.append((argument, caller, read_values))
+        return check(lengths, argument, batch, max_length, device, caller, read_values)
+
+    monkeypatch.setattr(entflash.checks, "check_lengths", recording_check)
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 7, 8) for _ in range(3))
+    key_valid = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    out = entflash.nn.unpadded_entmax_attention(q, k, v, key_valid, key_valid, causal=True, backend="torch")
+    assert reads == [("seqlens[0]", "unpadded_entmax_attention", False),
+                     ("seqlens[1]", "unpadded_entmax_attention", False)]
+    lengths = key_valid.sum(dim=1)
+    expected = entmax_attention(q, k, v, causal=True, seqlens=lengths, backend="torch")
+    torch.testing.assert_close(out[0], expected[0])
+    torch.testing.assert_close(out[1, :, :4], expected[1, :, :4])
+    assert reads[-1] == ("seqlens", "entmax_attention", True)

@@ -118,11 +118,21 @@ def entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, alpha
     Returns out (B, Hq, Nq, D) in q's dtype (and the aux dict when return_aux). Rows that see no key (padding,
     or everything masked) are zeros with tau = +inf and support 0, and receive zero gradients.
     """
-    caller = "entmax_attention"
+    return attend(q, k, v, alpha=alpha, causal=causal, scale=scale, window=window, seqlens=seqlens,
+                  return_aux=return_aux, backend=backend, deterministic=deterministic, check_alpha=check_alpha)
+
+
+def attend(q, k, v, *, alpha, causal, scale, window, seqlens, return_aux, backend, deterministic=False,
+           check_alpha=True, read_lengths=True, caller="entmax_attention"):
+    """entmax_attention's body, for the library's own callers. read_lengths=False leaves the values of `seqlens`
+    unread (their types, shapes and devices are still checked): for lengths in range by construction, such as
+    nn.unpadded_entmax_attention's counts of mask entries, where a read would wait for the GPU. caller: the
+    name that error messages give."""
     checks.check_qkv(q, k, v, caller)
     alpha, causal, scale, window, return_aux, backend = normalize_options(
         q, alpha, causal, scale, window, return_aux, backend, caller, deterministic, check_alpha)
-    seqlens_q, seqlens_k = checks.check_seqlens(seqlens, q.shape[0], q.shape[2], k.shape[2], q.device, caller)
+    seqlens_q, seqlens_k = checks.check_seqlens(seqlens, q.shape[0], q.shape[2], k.shape[2], q.device, caller,
+                                                read_lengths)
     if backend == "triton":
         attention = _fused_backend("triton_attention", caller, required=True)
     else:

@@ -220,10 +220,11 @@ def check_backend(backend, caller: str) -> str:
 
 
 def check_lengths(lengths, argument: str, batch: int, max_length: int, device: torch.device,
-                  caller: str) -> torch.Tensor:
+                  caller: str, read_values: bool = True) -> torch.Tensor:
     """Validate a (batch,) integer tensor of lengths in [0, max_length]; return it as int32 on `device`.
 
-    The range is not checked while torch.compile traces (it reads the values)."""
+    The range is checked only with read_values and not while torch.compile traces: it reads the values (on a
+    GPU, one host sync)."""
     if not isinstance(lengths, torch.Tensor):
         fail(TypeError, caller, argument, f"be an integer tensor of shape ({batch},)", describe(lengths))
     if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
@@ -233,18 +234,20 @@ def check_lengths(lengths, argument: str, batch: int, max_length: int, device: t
              f"shape {tuple(lengths.shape)}")
     if lengths.device != device:
         fail(ValueError, caller, argument, f"be on the device of `q` ({device})", str(lengths.device))
-    if batch > 0 and _reads_tensor_values():
-        low, high = int(lengths.min()), int(lengths.max())
+    if batch > 0 and read_values and _reads_tensor_values():
+        low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one read for both
         if low < 0 or high > max_length:
             fail(ValueError, caller, argument, f"hold lengths in [0, {max_length}]", f"values in [{low}, {high}]")
     return lengths.to(torch.int32)
 
 
-def check_seqlens(seqlens, batch: int, num_queries: int, num_keys: int, device: torch.device, caller: str):
+def check_seqlens(seqlens, batch: int, num_queries: int, num_keys: int, device: torch.device, caller: str,
+                  read_values: bool = True):
     """Validate the public `seqlens` option and split it into (seqlens_q, seqlens_k).
 
     seqlens: None; a (batch,) integer tensor giving both lengths (needs num_queries == num_keys); or a pair
-    (seqlens_q, seqlens_k) whose entries are (batch,) integer tensors or None.
+    (seqlens_q, seqlens_k) whose entries are (batch,) integer tensors or None. read_values: check their range
+    (check_lengths).
     Returns (seqlens_q, seqlens_k), each None or an int32 (batch,) tensor on `device`.
     """
     if seqlens is None:
@@ -253,16 +256,16 @@ def check_seqlens(seqlens, batch: int, num_queries: int, num_keys: int, device: 
         if num_queries != num_keys:
             fail(ValueError, caller, "seqlens",
                  f"be a pair (seqlens_q, seqlens_k) when Nq ({num_queries}) != Nk ({num_keys})", "one tensor")
-        lengths = check_lengths(seqlens, "seqlens", batch, num_keys, device, caller)
+        lengths = check_lengths(seqlens, "seqlens", batch, num_keys, device, caller, read_values)
         return lengths, lengths
     if not isinstance(seqlens, (tuple, list)) or len(seqlens) != 2:
         fail(TypeError, caller, "seqlens", "be None, a (B,) integer tensor or a pair (seqlens_q, seqlens_k)",
              describe(seqlens))
     seqlens_q, seqlens_k = seqlens
     if seqlens_q is not None:
-        seqlens_q = check_lengths(seqlens_q, "seqlens[0]", batch, num_queries, device, caller)
+        seqlens_q = check_lengths(seqlens_q, "seqlens[0]", batch, num_queries, device, caller, read_values)
     if seqlens_k is not None:
-        seqlens_k = check_lengths(seqlens_k, "seqlens[1]", batch, num_keys, device, caller)
+        seqlens_k = check_lengths(seqlens_k, "seqlens[1]", batch, num_keys, device, caller, read_values)
     return seqlens_q, seqlens_k
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from entflash import checks
-from entflash.api import entmax_attention
+from entflash.api import attend, entmax_attention
 from entflash.reference import rowwise
 from entflash.reference.attention import compute_dtype_for
 
@@ -422,14 +422,15 @@ def unpadded_entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         checks.describe(mask))
     key_order = _front_order(key_valid)
     k, v = _take_tokens(k, key_order), _take_tokens(v, key_order)
+    # counts of mask entries: in range by construction, so attend does not read them back (a host sync)
     lengths_k = key_valid.sum(dim=1, dtype=torch.int32)
+    options = dict(alpha=alpha, causal=causal, scale=scale, window=window, return_aux=False, backend=backend,
+                   read_lengths=False, caller=caller)
     if query_valid is None:
-        return entmax_attention(q, k, v, alpha=alpha, causal=causal, scale=scale, window=window,
-                                seqlens=(None, lengths_k), backend=backend)
+        return attend(q, k, v, seqlens=(None, lengths_k), **options)
     query_order = _front_order(query_valid)
-    out = entmax_attention(_take_tokens(q, query_order), k, v, alpha=alpha, causal=causal, scale=scale,
-                           window=window, seqlens=(query_valid.sum(dim=1, dtype=torch.int32), lengths_k),
-                           backend=backend)
+    out = attend(_take_tokens(q, query_order), k, v,
+                 seqlens=(query_valid.sum(dim=1, dtype=torch.int32), lengths_k), **options)
     return _put_tokens(out, query_order)  # rows past each row's real queries are zeros
 
 
