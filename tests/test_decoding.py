@@ -283,3 +283,34 @@ def test_triton_backend_matches_the_torch_backend():
     assert aux_triton["tile_map"].shape == (batch, num_q_heads, 1, 1)  # the fused path ran
     torch.testing.assert_close(out_triton, out_torch, rtol=2e-4, atol=2e-5)
     assert torch.equal(aux_triton["support"], aux_torch["support"])
+
+
+def test_values_are_read_once_per_call(monkeypatch):
+    """A decoding step checks a tensor alpha's values and the cache lengths' range once each (each read is a host
+    sync on a GPU): the attention call after the append does not check them again, and an int cache_seqlens is
+    checked on the host."""
+    import entflash.checks
+
+    reads = []
+    check_alpha, check_lengths = entflash.checks.check_alpha, entflash.checks.check_lengths
+
+    def alpha_spy(alpha, num_heads, device, caller, read_values=True):
+        reads.append(("alpha", read_values and isinstance(alpha, torch.Tensor)))
+        return check_alpha(alpha, num_heads, device, caller, read_values)
+
+    def lengths_spy(lengths, argument, batch, max_length, device, caller, read_values=True):
+        reads.append((argument, read_values))
+        return check_lengths(lengths, argument, batch, max_length, device, caller, read_values)
+
+    monkeypatch.setattr(entflash.checks, "check_alpha", alpha_spy)
+    monkeypatch.setattr(entflash.checks, "check_lengths", lengths_spy)
+    torch.manual_seed(5)
+    k_cache, v_cache = torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    q, k_new, v_new = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
+    alpha = torch.tensor([1.3, 1.5, 1.7, 2.0])
+    entmax_attention_with_kvcache(q, k_cache, v_cache, torch.tensor([3, 9]), k_new=k_new, v_new=v_new,
+                                  alpha=alpha, backend="torch")
+    assert sorted(name for name, read in reads if read) == ["alpha", "cache_seqlens"]
+    reads.clear()
+    entmax_attention_with_kvcache(q, k_cache, v_cache, 10, k_new=k_new, v_new=v_new, alpha=1.5, backend="torch")
+    assert [name for name, read in reads if read] == []

@@ -2,7 +2,7 @@
 in SDPA's (B, H, N, D) layout).
 
 The call validates its arguments (entflash.checks, message style "<caller>: `<argument>` must ..."), writes the
-new keys and values into the cache in place, and runs entflash.api.entmax_attention over the valid prefix of
+new keys and values into the cache in place, and runs entflash.entmax_attention's body over the valid prefix of
 each sequence (seqlens=(None, lengths)), so the same torch / fused backends and the same masking semantics
 (docs/ARCHITECTURE.md) apply. It uses the attention kernels as they are; a dedicated split-K decoding kernel
 (one query row against a long cache, split over the cache) is not built yet.
@@ -63,14 +63,23 @@ def _cache_lengths(cache_seqlens, batch: int, num_slots: int, device: torch.devi
     return checks.check_lengths(cache_seqlens, "cache_seqlens", batch, num_slots, device, _CALLER)
 
 
-def _check_room(cache_lengths: torch.Tensor, num_new: int, num_slots: int) -> None:
+def _check_room(cache_seqlens, cache_lengths: torch.Tensor, num_new: int, num_slots: int) -> None:
     """Raise ValueError naming `k_new` when appending num_new tokens would pass the end of the cache.
 
-    Reads the lengths (a host sync), so it is skipped while torch.compile traces, like the checks of entflash.checks.
+    cache_seqlens: the caller's argument (None, an int or a tensor); cache_lengths: _cache_lengths' tensor of it.
+    A tensor's lengths are read (a host sync), so that check is skipped while torch.compile traces, like the checks
+    of entflash.checks; None and an int are known on the host.
     """
-    if num_new == 0 or cache_lengths.numel() == 0 or torch.compiler.is_compiling():
+    if num_new == 0 or cache_lengths.numel() == 0:
         return
-    longest = int(cache_lengths.max())
+    if cache_seqlens is None:
+        longest = num_slots
+    elif checks.is_integer(cache_seqlens):
+        longest = int(cache_seqlens)
+    elif torch.compiler.is_compiling():
+        return
+    else:
+        longest = int(cache_lengths.max())
     if longest + num_new > num_slots:
         checks.fail(ValueError, _CALLER, "k_new",
                     f"fit in the cache (cache_seqlens[b] + Nnew <= Ncache = {num_slots} for every b)",
@@ -115,9 +124,9 @@ def entmax_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     Slots at or beyond L_b are never read, so the cache may be allocated with torch.empty: whatever they hold
     (NaN and inf included) does not reach the output (tests/test_padding_contents.py).
 
-    This runs entflash.api.entmax_attention with seqlens=(None, L) over the cache, so it uses the attention
-    kernels (the fused ones stop at each sequence's L_b; the torch backend scores all Ncache slots and masks
-    them); a dedicated split-K decoding kernel is not built yet, so a decoding query's work is not split over
+    This runs entflash.entmax_attention's body (api.attend) with seqlens=(None, L) over the cache, so it uses the
+    attention kernels (the fused ones stop at each sequence's L_b; the torch backend scores all Ncache slots and
+    masks them); a dedicated split-K decoding kernel is not built yet, so a decoding query's work is not split over
     the cache.
 
     Returns out (B, Hq, Nq, D) in q's dtype; with return_aux also the dict of entmax_attention: "tau"
@@ -131,10 +140,13 @@ def entmax_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     alpha, causal, scale, window, return_aux, backend = api.normalize_options(
         q, alpha, causal, scale, window, return_aux, backend, _CALLER)
     cache_lengths = _cache_lengths(cache_seqlens, batch, num_slots, q.device)
-    _check_room(cache_lengths, num_new, num_slots)
+    _check_room(cache_seqlens, cache_lengths, num_new, num_slots)
     if num_new > 0:
         _append(k_cache, k_new, cache_lengths)
         _append(v_cache, v_new, cache_lengths)
+    # the options and lengths are checked above (lengths in [0, Ncache] after _check_room): attend does not read a
+    # tensor alpha or the lengths again, each a host sync per call on a GPU
     lengths = cache_lengths + num_new
-    return api.entmax_attention(q, k_cache, v_cache, alpha=alpha, causal=causal, scale=scale, window=window,
-                                seqlens=(None, lengths), return_aux=return_aux, backend=backend)
+    return api.attend(q, k_cache, v_cache, alpha=alpha, causal=causal, scale=scale, window=window,
+                      seqlens=(None, lengths), return_aux=return_aux, backend=backend, check_alpha=False,
+                      read_lengths=False, caller=_CALLER)
