@@ -3,7 +3,9 @@
 On a small problem the GPU can finish a call's kernels before the host has launched them; the call's wall time
 is then the host's: argument checks, autograd, allocations and kernel launches. This script times that on the
 device: calls queued back to back with one synchronize at the end (milliseconds per call), for the forward
-alone (no grad) and forward + backward, then a cProfile of forward + backward calls (top functions by own time).
+alone (no grad), forward + backward (alpha = 1.5; a learnable per-head alpha, its values read by the call's check
+or left unread: check_alpha=False) and a decoding step (entmax_attention_with_kvcache, one new token), then a
+cProfile of forward + backward calls (top functions by own time).
 
     PYTHONPATH=src:. python3 -m benchmarks.host_overhead [--out DIR] [--profile-top 25]
 
@@ -59,10 +61,20 @@ def main() -> None:
     def forward():
         entflash.entmax_attention(q, k, v, alpha=1.5, causal=True, backend="triton")
 
-    def forward_backward(alpha=1.5):
-        out = entflash.entmax_attention(*leaves, alpha=alpha, causal=True, backend="triton")
+    def forward_backward(alpha=1.5, check_alpha=True):
+        out = entflash.entmax_attention(*leaves, alpha=alpha, causal=True, backend="triton",
+                                        check_alpha=check_alpha)
         inputs = leaves + ([alpha] if isinstance(alpha, torch.Tensor) else [])
         torch.autograd.grad(out, inputs, grad_out)
+
+    # one decoding step: a query per sequence against a 128-slot cache holding 100 tokens, appending one
+    k_cache, v_cache = k.clone(), v.clone()
+    step_q, step_k, step_v = q[:, :, :1], k[:, :, :1], v[:, :, :1]
+    cache_seqlens = torch.tensor([100], device="cuda", dtype=torch.int32)
+
+    def decode_step():
+        entflash.entmax_attention_with_kvcache(step_q, k_cache, v_cache, cache_seqlens, k_new=step_k,
+                                               v_new=step_v, alpha=1.5, backend="triton")
 
     document = new_document("cuda", "host_overhead", "none", {"calls": args.calls,
                                                                 "shape": "B=1 H=2 N=128 D=64 bf16 causal"})
@@ -70,7 +82,10 @@ def main() -> None:
     document.update(entflash_file=os.path.relpath(entflash.__file__),
                     fwd_ms=per_call_ms(forward, args.calls),
                     fwd_bwd_ms=per_call_ms(forward_backward, args.calls),
-                    fwd_bwd_learned_alpha_ms=per_call_ms(lambda: forward_backward(alpha_heads), args.calls))
+                    fwd_bwd_learned_alpha_ms=per_call_ms(lambda: forward_backward(alpha_heads), args.calls),
+                    fwd_bwd_learned_alpha_unread_ms=per_call_ms(lambda: forward_backward(alpha_heads, False),
+                                                                args.calls),
+                    decode_step_ms=per_call_ms(decode_step, args.calls))
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(100):
