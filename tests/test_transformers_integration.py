@@ -389,3 +389,37 @@ def test_real_minilm_forward_and_backward():
     loss.backward()
     assert layers[0].entflash.head_alpha.alpha_logit.grad.abs().sum() > 0
     assert model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_learnable_alpha_is_not_read_back_and_a_registered_tensor_is(padded, monkeypatch):
+    """A layer's HeadAlpha keeps alpha in (1, 2] by construction, so its values are not read (a host sync per layer
+    on a GPU); a tensor alpha given to register() is read on each call."""
+    import entflash.checks
+
+    reads = []
+    check = entflash.checks.check_alpha
+
+    def recording_check(alpha, num_heads, device, caller, read_values=True):
+        if isinstance(alpha, torch.Tensor):
+            reads.append(read_values)
+        return check(alpha, num_heads, device, caller, read_values)
+
+    monkeypatch.setattr(entflash.checks, "check_alpha", recording_check)
+    model = _llama()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    inputs = dict(input_ids=ids)
+    if padded:
+        inputs["attention_mask"] = padding_attention_mask([12, 7], 12, False)
+    layers = add_learnable_alpha(model, init_alpha=[1.3, 1.5, 1.7, 1.9])
+    learned = _output(model, **inputs)
+    assert reads and not any(reads)
+    for layer in layers:
+        del layer.entflash
+    reads.clear()
+    register("entmax_fixed_tensor", alpha=torch.tensor([1.3, 1.5, 1.7, 1.9]))
+    model.set_attn_implementation("entmax_fixed_tensor")
+    fixed = _output(model, **inputs)
+    assert reads and all(reads)
+    valid = inputs["attention_mask"].bool() if padded else torch.ones(ids.shape, dtype=torch.bool)
+    torch.testing.assert_close(learned[valid], fixed[valid], atol=1e-4, rtol=0)

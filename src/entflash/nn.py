@@ -391,14 +391,15 @@ def _put_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 def unpadded_entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor,
                               query_valid: Optional[torch.Tensor] = None, *, alpha=1.5, causal: bool = False,
-                              scale: Optional[float] = None, window=None, backend: str = "auto") -> torch.Tensor:
+                              scale: Optional[float] = None, window=None, backend: str = "auto",
+                              check_alpha: bool = True) -> torch.Tensor:
     """entmax_attention over the real tokens of padded rows, for any padding pattern, reading no mask values on the
     host (so torch.compile(fullgraph=True) traces it).
 
     q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D). key_valid: bool (B, Nk), True where a key is a real token.
     query_valid: bool (B, Nq), True where a query is real (padded query rows return zeros), or None: every query
         row attends (and queries keep their order).
-    alpha, causal, scale, window, backend: as entmax_attention.
+    alpha, causal, scale, window, backend, check_alpha: as entmax_attention.
 
     Real keys (and real queries) move to the front of their row, keeping their order (a stable per-row
     permutation), entmax_attention runs with seqlens = (real queries or None, real keys) counted on the device, and
@@ -425,7 +426,7 @@ def unpadded_entmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # counts of mask entries: in range by construction, so attend does not read them back (a host sync)
     lengths_k = key_valid.sum(dim=1, dtype=torch.int32)
     options = dict(alpha=alpha, causal=causal, scale=scale, window=window, return_aux=False, backend=backend,
-                   read_lengths=False, caller=caller)
+                   check_alpha=check_alpha, read_lengths=False, caller=caller)
     if query_valid is None:
         return attend(q, k, v, seqlens=(None, lengths_k), **options)
     query_order = _front_order(query_valid)

@@ -264,15 +264,17 @@ def _segments_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
 
 
 class _Call:
-    """One attention call: (B, H, N, D) tensors and the options every path shares."""
+    """One attention call: (B, H, N, D) tensors and the options every path shares. check_alpha: whether the fused
+    paths read a tensor alpha's values to check them (False for a layer's HeadAlpha, in range by construction)."""
 
-    def __init__(self, query, key, value, alpha, scale, backend):
+    def __init__(self, query, key, value, alpha, scale, backend, check_alpha=True):
         self.query, self.key, self.value = query, key, value
-        self.alpha, self.scale, self.backend = alpha, scale, backend
+        self.alpha, self.scale, self.backend, self.check_alpha = alpha, scale, backend, check_alpha
 
     def padded(self, causal, window, seqlens=None) -> torch.Tensor:
         return entmax_attention(self.query, self.key, self.value, alpha=self.alpha, causal=causal,
-                                scale=self.scale, window=window, seqlens=seqlens, backend=self.backend)
+                                scale=self.scale, window=window, seqlens=seqlens, backend=self.backend,
+                                check_alpha=self.check_alpha)
 
     def dense(self, keep=None, bias=None, dropout_p=0.0) -> torch.Tensor:
         out, _ = dense_entmax_attention(self.query, self.key, self.value, alpha=self.alpha, scale=self.scale,
@@ -288,7 +290,7 @@ class _Call:
         tokens_out = entmax_attention_varlen(
             tokens_q, tokens_k, tokens_v, _cu_seqlens(lengths_q), _cu_seqlens(lengths_k),
             max(int(lengths_q.max()), 1), max(int(lengths_k.max()), 1), alpha=self.alpha, causal=causal,
-            scale=self.scale, window=window, backend=self.backend)
+            scale=self.scale, window=window, backend=self.backend, check_alpha=self.check_alpha)
         out = tokens_out.new_zeros(self.query.shape[0], self.query.shape[2], *tokens_out.shape[1:])
         out[query_valid] = tokens_out
         return out.transpose(1, 2)
@@ -304,7 +306,8 @@ class _Call:
         flat = [t.transpose(1, 2).reshape(batch * num_tokens, t.shape[1], t.shape[3])
                 for t in (self.query, self.key, self.value)]
         out = entmax_attention_varlen(*flat, cu_seqlens, cu_seqlens, max_length, max_length, alpha=self.alpha,
-                                      causal=causal, scale=self.scale, window=window, backend=self.backend)
+                                      causal=causal, scale=self.scale, window=window, backend=self.backend,
+                                      check_alpha=self.check_alpha)
         return out.view(batch, num_tokens, *out.shape[1:]).transpose(1, 2)
 
 
@@ -379,7 +382,8 @@ def make_attention_function(alpha=1.5, backend: str = "auto") -> Callable:
         if sliding_window is None:
             sliding_window = getattr(module, "sliding_window", None)
         window = _layer_window(causal, sliding_window)
-        call = _Call(query, key, value, layer_alpha, scaling, backend)
+        # a layer's own alpha comes from its HeadAlpha, in range by construction: not read back (a host sync)
+        call = _Call(query, key, value, layer_alpha, scaling, backend, check_alpha=parameters is None)
         dropout_p = float(dropout) if module.training else 0.0
         out = _dispatch(call, attention_mask, causal, window, dropout_p, kwargs)
         return out.transpose(1, 2).contiguous(), None
@@ -533,7 +537,8 @@ def _dispatch_padding_traced(call: _Call, key_valid: torch.Tensor, causal: bool,
 
     def unpadded(q, k, v):
         return unpadded_entmax_attention(q, k, v, key_valid, query_valid(), alpha=call.alpha, causal=causal,
-                                         scale=call.scale, window=window, backend=call.backend)
+                                         scale=call.scale, window=window, backend=call.backend,
+                                         check_alpha=call.check_alpha)
 
     tensors = (query, call.key, call.value)
     if dropout_p > 0:
@@ -545,8 +550,8 @@ def _dispatch_padding_traced(call: _Call, key_valid: torch.Tensor, causal: bool,
     if num_queries != num_keys:
         checks.fail(ValueError, "entmax attention", "sliding_window", "be None for cross-attention", repr(window))
     return choose_on_device(key_valid.all(), lambda q, k, v: entmax_attention(
-        q, k, v, alpha=call.alpha, causal=False, scale=call.scale, window=window, backend=call.backend),
-        dense, tensors)
+        q, k, v, alpha=call.alpha, causal=False, scale=call.scale, window=window, backend=call.backend,
+        check_alpha=call.check_alpha), dense, tensors)
 
 
 # ---------------------------------------------------------------------------------------------------------------
