@@ -394,7 +394,8 @@ def test_real_minilm_forward_and_backward():
 @pytest.mark.parametrize("padded", [False, True])
 def test_learnable_alpha_is_not_read_back_and_a_registered_tensor_is(padded, monkeypatch):
     """A layer's HeadAlpha keeps alpha in (1, 2] by construction, so its values are not read (a host sync per layer
-    on a GPU); a tensor alpha given to register() is read on each call."""
+    on a GPU), nor are the lengths counted from a padding mask; a tensor alpha given to register() is read on each
+    call."""
     import entflash.checks
 
     reads = []
@@ -412,8 +413,18 @@ def test_learnable_alpha_is_not_read_back_and_a_registered_tensor_is(padded, mon
     if padded:
         inputs["attention_mask"] = padding_attention_mask([12, 7], 12, False)
     layers = add_learnable_alpha(model, init_alpha=[1.3, 1.5, 1.7, 1.9])
+    length_reads = []
+    check_lengths = entflash.checks.check_lengths
+
+    def recording_lengths(lengths, argument, batch, max_length, device, caller, read_values=True):
+        length_reads.append(read_values)
+        return check_lengths(lengths, argument, batch, max_length, device, caller, read_values)
+
+    monkeypatch.setattr(entflash.checks, "check_lengths", recording_lengths)
     learned = _output(model, **inputs)
     assert reads and not any(reads)
+    # right padding runs with seqlens counted from the mask, which are not read back either
+    assert bool(length_reads) == padded and not any(length_reads)
     for layer in layers:
         del layer.entflash
     reads.clear()

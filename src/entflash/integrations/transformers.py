@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from entflash import checks
-from entflash.api import entmax_attention, entmax_attention_varlen
+from entflash.api import attend, entmax_attention, entmax_attention_varlen
 from entflash.nn import EntmaxAttention, choose_on_device, dense_entmax_attention, unpadded_entmax_attention
 from entflash.reference.attention import visibility_mask, within_reach
 
@@ -272,9 +272,10 @@ class _Call:
         self.alpha, self.scale, self.backend, self.check_alpha = alpha, scale, backend, check_alpha
 
     def padded(self, causal, window, seqlens=None) -> torch.Tensor:
-        return entmax_attention(self.query, self.key, self.value, alpha=self.alpha, causal=causal,
-                                scale=self.scale, window=window, seqlens=seqlens, backend=self.backend,
-                                check_alpha=self.check_alpha)
+        """seqlens: None, or lengths counted from the attention mask (in range by construction: not read back)."""
+        return attend(self.query, self.key, self.value, alpha=self.alpha, causal=causal, scale=self.scale,
+                      window=window, seqlens=seqlens, return_aux=False, backend=self.backend,
+                      check_alpha=self.check_alpha, read_lengths=False, caller="entmax attention")
 
     def dense(self, keep=None, bias=None, dropout_p=0.0) -> torch.Tensor:
         out, _ = dense_entmax_attention(self.query, self.key, self.value, alpha=self.alpha, scale=self.scale,
