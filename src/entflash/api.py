@@ -176,13 +176,13 @@ def entmax_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     checks.check_packed_qkv(q, k, v, caller)
     alpha, causal, scale, window, return_aux, backend = normalize_options(
         q, alpha, causal, scale, window, return_aux, backend, caller, deterministic, check_alpha)
-    cu_seqlens_q = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device, caller)
-    cu_seqlens_k = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device, caller)
+    cu_seqlens_q, longest_q = checks.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device, caller)
+    cu_seqlens_k, longest_k = checks.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device, caller)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         checks.fail(ValueError, caller, "cu_seqlens_k", f"have the shape of `cu_seqlens_q` "
                     f"{tuple(cu_seqlens_q.shape)} (one entry per sequence + 1)", f"shape {tuple(cu_seqlens_k.shape)}")
-    max_seqlen_q = checks.check_max_seqlen(max_seqlen_q, "max_seqlen_q", cu_seqlens_q, caller)
-    max_seqlen_k = checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k", cu_seqlens_k, caller)
+    max_seqlen_q = checks.check_max_seqlen(max_seqlen_q, "max_seqlen_q", longest_q, caller)
+    max_seqlen_k = checks.check_max_seqlen(max_seqlen_k, "max_seqlen_k", longest_k, caller)
     if backend == "triton":
         varlen_attention = _fused_backend("triton_attention_varlen", caller, required=False)
         if varlen_attention is not None:

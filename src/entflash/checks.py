@@ -269,10 +269,11 @@ def check_seqlens(seqlens, batch: int, num_queries: int, num_keys: int, device: 
     return seqlens_q, seqlens_k
 
 
-def check_cu_seqlens(cu_seqlens, argument: str, total: int, device: torch.device, caller: str) -> torch.Tensor:
+def check_cu_seqlens(cu_seqlens, argument: str, total: int, device: torch.device, caller: str):
     """Validate cumulative sequence offsets (B + 1,): integer, starting at 0, non-decreasing, ending at `total`.
 
-    Returns them as int32 on `device`. The values are not checked while torch.compile traces.
+    Returns (offsets as int32 on `device`, the longest sequence as an int), from one read of the values (a host
+    sync on a GPU); while torch.compile traces the values are neither read nor checked and the longest is None.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         fail(TypeError, caller, argument, "be an integer tensor of shape (B + 1,)", describe(cu_seqlens))
@@ -283,7 +284,7 @@ def check_cu_seqlens(cu_seqlens, argument: str, total: int, device: torch.device
     if cu_seqlens.device != device:
         fail(ValueError, caller, argument, f"be on the device of `q` ({device})", str(cu_seqlens.device))
     if not _reads_tensor_values():
-        return cu_seqlens.to(torch.int32)
+        return cu_seqlens.to(torch.int32), None
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         fail(ValueError, caller, argument, "start at 0", f"{offsets[0]} first")
@@ -291,17 +292,16 @@ def check_cu_seqlens(cu_seqlens, argument: str, total: int, device: torch.device
         fail(ValueError, caller, argument, "be non-decreasing", str(offsets))
     if offsets[-1] != total:
         fail(ValueError, caller, argument, f"end at the packed length {total}", f"{offsets[-1]} last")
-    return cu_seqlens.to(torch.int32)
+    return cu_seqlens.to(torch.int32), max(b - a for a, b in zip(offsets, offsets[1:]))
 
 
-def check_max_seqlen(max_seqlen, argument: str, cu_seqlens: torch.Tensor, caller: str) -> int:
-    """Validate `max_seqlen`: an int no smaller than the longest sequence described by `cu_seqlens` (that bound
-    is not checked while torch.compile traces)."""
+def check_max_seqlen(max_seqlen, argument: str, longest: Optional[int], caller: str) -> int:
+    """Validate `max_seqlen`: an int no smaller than `longest`, the longest sequence (check_cu_seqlens; None, while
+    torch.compile traces, skips that bound)."""
     if not is_integer(max_seqlen):
         fail(TypeError, caller, argument, "be an int", describe(max_seqlen))
-    if not _reads_tensor_values():
+    if longest is None:
         return int(max_seqlen)
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     if max_seqlen < longest:
         fail(ValueError, caller, argument, f"be at least the longest sequence ({longest})", repr(max_seqlen))
     return int(max_seqlen)
