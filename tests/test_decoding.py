@@ -286,13 +286,14 @@ def test_triton_backend_matches_the_torch_backend():
 
 
 def test_values_are_read_once_per_call(monkeypatch):
-    """A decoding step checks a tensor alpha's values and the cache lengths' range once each (each read is a host
-    sync on a GPU): the attention call after the append does not check them again, and an int cache_seqlens is
-    checked on the host."""
+    """A decoding step reads a tensor alpha's values and a tensor cache_seqlens once each (each read is a host sync
+    on a GPU): the cache lengths' range and the room for the new tokens come from one read, and the attention call
+    after the append reads neither again; an int cache_seqlens is checked on the host."""
     import entflash.checks
 
     reads = []
     check_alpha, check_lengths = entflash.checks.check_alpha, entflash.checks.check_lengths
+    length_range = entflash.checks.length_range
 
     def alpha_spy(alpha, num_heads, device, caller, read_values=True):
         reads.append(("alpha", read_values and isinstance(alpha, torch.Tensor)))
@@ -302,15 +303,26 @@ def test_values_are_read_once_per_call(monkeypatch):
         reads.append((argument, read_values))
         return check_lengths(lengths, argument, batch, max_length, device, caller, read_values)
 
+    def range_spy(lengths):
+        reads.append(("range", True))
+        return length_range(lengths)
+
     monkeypatch.setattr(entflash.checks, "check_alpha", alpha_spy)
     monkeypatch.setattr(entflash.checks, "check_lengths", lengths_spy)
+    monkeypatch.setattr(entflash.checks, "length_range", range_spy)
     torch.manual_seed(5)
     k_cache, v_cache = torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
     q, k_new, v_new = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8)
     alpha = torch.tensor([1.3, 1.5, 1.7, 2.0])
     entmax_attention_with_kvcache(q, k_cache, v_cache, torch.tensor([3, 9]), k_new=k_new, v_new=v_new,
                                   alpha=alpha, backend="torch")
-    assert sorted(name for name, read in reads if read) == ["alpha", "cache_seqlens"]
+    assert sorted(name for name, read in reads if read) == ["alpha", "range"]
     reads.clear()
     entmax_attention_with_kvcache(q, k_cache, v_cache, 10, k_new=k_new, v_new=v_new, alpha=1.5, backend="torch")
     assert [name for name, read in reads if read] == []
+    # both checks still fire from that one read
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        entmax_attention_with_kvcache(q, k_cache, v_cache, torch.tensor([3, 17]), backend="torch")
+    with pytest.raises(ValueError, match="k_new"):
+        entmax_attention_with_kvcache(q, k_cache, v_cache, torch.tensor([3, 16]), k_new=k_new, v_new=v_new,
+                                      backend="torch")

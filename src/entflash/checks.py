@@ -235,10 +235,20 @@ def check_lengths(lengths, argument: str, batch: int, max_length: int, device: t
     if lengths.device != device:
         fail(ValueError, caller, argument, f"be on the device of `q` ({device})", str(lengths.device))
     if batch > 0 and read_values and _reads_tensor_values():
-        low, high = torch.stack(torch.aminmax(lengths)).tolist()  # one read for both
-        if low < 0 or high > max_length:
-            fail(ValueError, caller, argument, f"hold lengths in [0, {max_length}]", f"values in [{low}, {high}]")
+        check_length_range(*length_range(lengths), argument, max_length, caller)
     return lengths.to(torch.int32)
+
+
+def length_range(lengths: torch.Tensor) -> Tuple[int, int]:
+    """(min, max) of a non-empty integer tensor as python ints, from one read (a host sync on a GPU)."""
+    low, high = torch.stack(torch.aminmax(lengths)).tolist()
+    return low, high
+
+
+def check_length_range(low: int, high: int, argument: str, max_length: int, caller: str) -> None:
+    """Raise ValueError naming `argument` unless [low, high] lies within [0, max_length]."""
+    if low < 0 or high > max_length:
+        fail(ValueError, caller, argument, f"hold lengths in [0, {max_length}]", f"values in [{low}, {high}]")
 
 
 def check_seqlens(seqlens, batch: int, num_queries: int, num_keys: int, device: torch.device, caller: str,

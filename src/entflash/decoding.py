@@ -60,17 +60,19 @@ def _cache_lengths(cache_seqlens, batch: int, num_slots: int, device: torch.devi
     if not isinstance(cache_seqlens, torch.Tensor):
         checks.fail(TypeError, _CALLER, "cache_seqlens", f"be None, an int or an integer tensor of shape ({batch},)",
                     checks.describe(cache_seqlens))
-    return checks.check_lengths(cache_seqlens, "cache_seqlens", batch, num_slots, device, _CALLER)
+    # type, shape and device here; the range in _check_room, from the same read as the room
+    return checks.check_lengths(cache_seqlens, "cache_seqlens", batch, num_slots, device, _CALLER, read_values=False)
 
 
 def _check_room(cache_seqlens, cache_lengths: torch.Tensor, num_new: int, num_slots: int) -> None:
-    """Raise ValueError naming `k_new` when appending num_new tokens would pass the end of the cache.
+    """Raise ValueError naming `cache_seqlens` when a tensor of it holds a length outside [0, Ncache], and naming
+    `k_new` when appending num_new tokens would pass the end of the cache.
 
     cache_seqlens: the caller's argument (None, an int or a tensor); cache_lengths: _cache_lengths' tensor of it.
-    A tensor's lengths are read (a host sync), so that check is skipped while torch.compile traces, like the checks
-    of entflash.checks; None and an int are known on the host.
+    A tensor's lengths are read once (a host sync) for both checks, which are skipped while torch.compile traces,
+    like the checks of entflash.checks; None and an int are known on the host (an int's range: _cache_lengths).
     """
-    if num_new == 0 or cache_lengths.numel() == 0:
+    if cache_lengths.numel() == 0:
         return
     if cache_seqlens is None:
         longest = num_slots
@@ -79,7 +81,8 @@ def _check_room(cache_seqlens, cache_lengths: torch.Tensor, num_new: int, num_sl
     elif torch.compiler.is_compiling():
         return
     else:
-        longest = int(cache_lengths.max())
+        low, longest = checks.length_range(cache_lengths)
+        checks.check_length_range(low, longest, "cache_seqlens", num_slots, _CALLER)
     if longest + num_new > num_slots:
         checks.fail(ValueError, _CALLER, "k_new",
                     f"fit in the cache (cache_seqlens[b] + Nnew <= Ncache = {num_slots} for every b)",
