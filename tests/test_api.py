@@ -295,3 +295,17 @@ def test_unchecked_nan_alpha_gives_nan_rows_not_zeros(backend):
         expected = entmax_attention(q, k, v, alpha=1.5, causal=True, backend="torch")
     assert torch.isnan(out[:, 1]).all()
     torch.testing.assert_close(out[:, 0], expected[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_check_alpha_must_be_a_bool_on_every_entry_point():
+    import entflash.nn
+
+    q, k, v = (t.detach() for t in _inputs(34, 1, 2, 2, 5, 5, 8))
+    cu = torch.tensor([0, 5])
+    packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+    calls = [lambda: entmax_attention_varlen(*packed, cu, cu, 5, 5, backend="torch", check_alpha=1),
+             lambda: entflash.nn.unpadded_entmax_attention(q, k, v, torch.ones(1, 5, dtype=torch.bool),
+                                                          backend="torch", check_alpha=None)]
+    for call in calls:
+        with pytest.raises(TypeError, match="check_alpha"):
+            call()
