@@ -25,34 +25,33 @@ LN2 = tl.constexpr(0.6931471805599453)
 MAGIC_ROUND = tl.constexpr(12582912.0)
 
 
-# fast_log2's value at 0 (and, compiled, at subnormal inputs): finite, so that 0 * fast_log2(0) is 0, and so
-# negative that exp2(LOG2_FLOOR * e) is 0 for every exponent e >= EXPO_FLOOR without overflowing for e up to 3e8
+# a finite stand-in for log2(0) where a product with p = 0 must stay 0 (p log p on u = 0, backward.py); fast_log2
+# itself gives -inf there, which the power code needs: exp2(-inf * e) = 0 for every exponent e > 0
 LOG2_FLOOR = tl.constexpr(-1.0e30)
-# entmax_s's least exponent r - 1: alpha = 2 has r - 1 = 0, where u^0 must still be 0 at u = 0; u^(1e-20) is
-# 1 in float32 for every normal u
+# entmax_s's least exponent r - 1: alpha = 2 has r - 1 = 0, where u^0 must still be 0 at u = 0 (-inf * 0 would be
+# NaN); u^(1e-20) is 1 in float32 for every normal u
 EXPO_FLOOR = tl.constexpr(1.0e-20)
 
 
 @triton.jit
 def _log2_exact(x):
-    return tl.maximum(tl.log2(x), LOG2_FLOOR)
+    return tl.log2(x)
 
 
 @triton.jit
 def _log2_unit(x):
-    lg = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
-                                   pack=1)
-    return tl.maximum(lg, LOG2_FLOOR)
+    return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
 
 
-# log2 of float32 values x >= 0 for the per-score power code, LOG2_FLOOR at x = 0. Compiled, tl.log2 becomes
-# libdevice's exact log2f, about 20 instructions per score; lg2.approx.ftz.f32 is one instruction of the GPU's
-# special-function unit (absolute error about 2^-22), and the floor one more. The .ftz form reads a subnormal x
-# as 0 (the form without it rescales subnormals: three more instructions per score), so a subnormal shifted score
-# u counts as outside the support: p = u^r would be below float32's normal range anyway. The floor keeps
-# 0 * log2(0) at 0 (p log p on u = 0) and u^0 at u = 0 (alpha = 2 as a tensor) away from NaN. The interpreter runs
-# no inline assembly, so it runs tl.log2; chosen once, at import (TRITON_INTERPRET must be set before entflash is
-# imported).
+# log2 of float32 values x >= 0 for the per-score power code, -inf at x = 0. Compiled, tl.log2 becomes libdevice's
+# exact log2f, about 20 instructions per score; lg2.approx.ftz.f32 is one instruction of the GPU's special-function
+# unit (absolute error about 2^-22). The .ftz form reads a subnormal x as 0 (the form without it rescales
+# subnormals: three more instructions per score), so a subnormal shifted score u counts as outside the support:
+# p = u^r would be below float32's normal range anyway. No floor is taken here (up to 128a28a a max with
+# LOG2_FLOOR was one more instruction per score in every general-alpha pass); the one caller that multiplies by the
+# log floors it itself. The interpreter runs no inline assembly, so it runs tl.log2; chosen once, at import
+# (TRITON_INTERPRET must be set before entflash is imported).
 fast_log2 = _log2_exact if interpreting() else _log2_unit
 
 
@@ -208,7 +207,7 @@ def entmax_s(u, rm1, ALPHA_MODE: tl.constexpr):
     elif ALPHA_MODE == 1:
         s = u
     else:
-        # zero at u = 0 without a select: fast_log2(0) * (r - 1) is at most -1e10 (LOG2_FLOOR, EXPO_FLOOR)
+        # zero at u = 0 without a select: fast_log2(0) * (r - 1) is -inf (r - 1 >= EXPO_FLOOR > 0)
         s = tl.exp2(fast_log2(u) * tl.maximum(rm1, EXPO_FLOOR))
     return s
 
