@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (LN2, LOG2_FLOOR, compact_marked, entmax_s, fast_log2, mma, tile_interior,
-                                     valid_lengths, visible_mask)
+from entflash.kernels.common import (LN2, compact_marked, entmax_s, log2_floored, mma, tile_interior, valid_lengths,
+                                     visible_mask)
 from entflash.kernels.launch import (alpha_mode, cdiv, dot_args, head_constant, interpreting, mask_args,
                                      next_power_of_2)
 
@@ -216,9 +216,9 @@ def _alpha_tile_sums(g, u, s, a_gp, a_p, a_gd, a_d, a_gpl, a_pl):
     means exact to float32 (_alpha_row_grad)."""
     p = u * s
     d = p - s
-    # log2(u) is the one entmax_s took for s (same operand: the compiler computes it once); at u = 0 it is -inf,
-    # floored to the finite LOG2_FLOOR so that the product is 0 there
-    pl = p * tl.maximum(fast_log2(u), LOG2_FLOOR)
+    # log2(u) is the one entmax_s took for s (same operand: the compiler computes it once), floored so that the
+    # product is 0 at u = 0
+    pl = p * log2_floored(u)
     return (a_gp + tl.sum(g * p, axis=1), a_p + tl.sum(p, axis=1),
             a_gd + tl.sum(g * d, axis=1), a_d + tl.sum(d, axis=1),
             a_gpl + tl.sum(g * pl, axis=1), a_pl + tl.sum(pl, axis=1))

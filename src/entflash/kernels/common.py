@@ -25,8 +25,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 MAGIC_ROUND = tl.constexpr(12582912.0)
 
 
-# a finite stand-in for log2(0) where a product with p = 0 must stay 0 (p log p on u = 0, backward.py); fast_log2
-# itself gives -inf there, which the power code needs: exp2(-inf * e) = 0 for every exponent e > 0
+# log2_floored's stand-in for log2(0) (fast_log2 gives -inf there, which entmax_s needs: exp2(-inf * e) = 0 for
+# every e > 0): finite, so that 0 * log2(0) is 0 and so that x^0 = exp2(log2(x) * 0) is 1, not NaN, at a subnormal x
+# that the compiled log2 reads as 0
 LOG2_FLOOR = tl.constexpr(-1.0e30)
 # entmax_s's least exponent r - 1: alpha = 2 has r - 1 = 0, where u^0 must still be 0 at u = 0 (-inf * 0 would be
 # NaN); u^(1e-20) is 1 in float32 for every normal u
@@ -49,10 +50,17 @@ def _log2_unit(x):
 # unit (absolute error about 2^-22). The .ftz form reads a subnormal x as 0 (the form without it rescales
 # subnormals: three more instructions per score), so a subnormal shifted score u counts as outside the support:
 # p = u^r would be below float32's normal range anyway. No floor is taken here (up to 128a28a a max with
-# LOG2_FLOOR was one more instruction per score in every general-alpha pass); the one caller that multiplies by the
-# log floors it itself. The interpreter runs no inline assembly, so it runs tl.log2; chosen once, at import
+# LOG2_FLOOR was one more instruction per score in every general-alpha pass): entmax_s needs none, and callers that
+# multiply by the log, or raise to a power that may be 0, take log2_floored. The interpreter runs no inline assembly, so it runs tl.log2; chosen once, at import
 # (TRITON_INTERPRET must be set before entflash is imported).
 fast_log2 = _log2_exact if interpreting() else _log2_unit
+
+
+@triton.jit
+def log2_floored(x):
+    """fast_log2(x) with LOG2_FLOOR in place of -inf (x = 0, and compiled, subnormal x): for products p * log2(p)
+    that must be 0 at p = 0 and finite at a subnormal p, and for powers x^e with e = 0 (then 1 for x > 0)."""
+    return tl.maximum(fast_log2(x), LOG2_FLOOR)
 
 
 @triton.jit
@@ -235,7 +243,7 @@ def pow_row(f, expo, ALPHA_MODE: tl.constexpr):
     elif ALPHA_MODE == 1:
         y = tl.sqrt(f)
     else:
-        y = tl.where(f > 0, tl.exp2(fast_log2(f) * expo), 0.0)
+        y = tl.where(f > 0, tl.exp2(log2_floored(f) * expo), 0.0)
     return y
 
 

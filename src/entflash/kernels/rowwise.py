@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import entmax_p, fast_log2, histogram_lower_tau, newton_tau, pow_row
+from entflash.kernels.common import entmax_p, histogram_lower_tau, log2_floored, newton_tau, pow_row
 from entflash.kernels.launch import ALPHA_2, ALPHA_15, ALPHA_GENERAL
 
 # rows up to this length are solved in registers; longer ones in chunks (at 32768 columns on an H100 the
@@ -249,7 +249,7 @@ def _bwd_tile_terms(P, G, rows, c, n_rows, n_cols, stride_p, stride_g, expo,
 @triton.jit
 def _plogp(p):
     """p * ln(p), 0 where p = 0 (float32, any shape)."""
-    return tl.where(p > 0, p * fast_log2(tl.where(p > 0, p, 1.0)) * 0.6931471805599453, 0.0)
+    return tl.where(p > 0, p * log2_floored(p) * 0.6931471805599453, 0.0)
 
 
 @triton.jit
