@@ -630,17 +630,15 @@ def test_reference_backward_fallback_warns_and_float64_round_trip(monkeypatch):
 
 
 def test_float_alpha_tensors_are_cached_except_during_a_cuda_graph_capture(monkeypatch):
-    """The forward's (Hq,) alpha tensor and the backward's tables of a float alpha are made once per key; while a
-    CUDA graph is being captured (faked here) each call makes fresh ones, so no cache keeps a tensor that only a
-    graph replay would fill. Cached or not, the values are the same."""
-    from entflash.kernels import backward, forward, launch
+    """The (Hq,) alpha tensor of a float alpha, which the forward and backward kernels read, is made once per key;
+    while a CUDA graph is being captured (faked here) each call makes a fresh one, so no cache keeps a tensor that
+    only a graph replay would fill. Cached or not, the values are the same."""
+    from entflash.kernels import forward, launch
 
     device = torch.device("cpu")
-    cached = forward.alpha_tensor(1.37, 3, device), backward._alpha_tables(1.37, 3, 0.2, device)[0]
-    assert forward.alpha_tensor(1.37, 3, device) is cached[0]
-    assert all(a is b for a, b in zip(backward._alpha_tables(1.37, 3, 0.2, device)[0], cached[1]))
+    cached = forward.alpha_tensor(1.37, 3, device)
+    assert forward.alpha_tensor(1.37, 3, device) is cached
     monkeypatch.setattr(launch, "capturing", lambda device: True)
-    fresh = forward.alpha_tensor(1.37, 3, device), backward._alpha_tables(1.37, 3, 0.2, device)[0]
-    assert fresh[0] is not cached[0] and torch.equal(fresh[0], cached[0])
-    assert all(a is not b and torch.equal(a, b) for a, b in zip(fresh[1], cached[1]))
-    assert torch.allclose(fresh[0], torch.full((3,), 1.37)) and torch.allclose(fresh[1][0], torch.full((3,), 0.37))
+    fresh = forward.alpha_tensor(1.37, 3, device)
+    assert fresh is not cached and torch.equal(fresh, cached)
+    assert torch.equal(fresh, torch.full((3,), 1.37))

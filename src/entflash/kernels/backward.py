@@ -25,8 +25,8 @@ import triton.language as tl
 
 from entflash.kernels.common import (LN2, compact_marked, entmax_s, log2_floored, mma, tile_interior, valid_lengths,
                                      visible_mask)
-from entflash.kernels.launch import (alpha_mode, cdiv, dot_args, head_constant, interpreting, mask_args,
-                                     next_power_of_2)
+from entflash.kernels.forward import alpha_tensor
+from entflash.kernels.launch import alpha_mode, cdiv, dot_args, interpreting, mask_args, next_power_of_2
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 
@@ -93,6 +93,15 @@ def _delta_kernel(DO, O2, S, DELTA,
 
 
 @triton.jit
+def _head_terms(ALPHA, h, scale):
+    """Head h's alpha - 1, score coefficient (alpha - 1) * scale and power r - 1 = (2 - alpha) / (alpha - 1), from
+    the (Hq,) float32 alpha table, in the same float32 operations as the forward kernels (their tau is in units of
+    that coefficient)."""
+    alpha = tl.load(ALPHA + h)
+    return alpha - 1.0, (alpha - 1.0) * scale, (2.0 - alpha) / (alpha - 1.0)
+
+
+@triton.jit
 def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m0, n0, offs_d, dmask,
                s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp, Lq, Lk, off, wl, wr,
                BM: tl.constexpr, BN: tl.constexpr,
@@ -123,7 +132,7 @@ def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m0, n0, offs_d, dm
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SEQK,
+def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, ALPHA, DK, DV, CNT, IDX, SEQQ, SEQK,
                  s_qb, s_qh, s_qm, s_qd,
                  s_kb, s_kh, s_kn, s_kd,
                  s_vb, s_vh, s_vn, s_vd,
@@ -138,7 +147,8 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SE
                  UPCAST: tl.constexpr):
     """dK, dV of one (batch, kv head, key block of BN), summed over the query heads of its group.
 
-    The list IDX holds marked query blocks of QB rows; each is visited in QB // BM steps of BM rows.
+    The list IDX holds marked query blocks of QB rows; each is visited in QB // BM steps of BM rows. ALPHA: the
+    (Hq,) float32 alpha of each head (_head_terms).
     """
     bkv = tl.program_id(0)
     n = tl.program_id(1)
@@ -159,8 +169,7 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, DK, DV, CNT, IDX, SEQQ, SE
     dv = tl.zeros([BN, BD], dtype=tl.float32)
     for hh in range(0, G):
         h = kvh * G + hh
-        coef = tl.load(COEF + h)
-        sexp = tl.load(SEXP + h)
+        _, coef, sexp = _head_terms(ALPHA, h, scale)
         row = (b64 * Hq + h) * n_kblocks + n
         cnt = tl.load(CNT + row)
         q_base = Q + b64 * s_qb + h * s_qh
@@ -246,7 +255,7 @@ def _alpha_row_grad(am1, a_gp, a_p, a_gd, a_d, a_gpl, a_pl):
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SEQQ, SEQK,
+def _dq_kernel(Q, K, V, DO, TAU, DELTA, ALPHA, DAROW, DQ, CNT, IDX, SEQQ, SEQK,
                s_qb, s_qh, s_qm, s_qd,
                s_kb, s_kh, s_kn, s_kd,
                s_vb, s_vh, s_vn, s_vd,
@@ -271,8 +280,7 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
     kvh = h // G
     Lq, Lk, off = valid_lengths(SEQQ, SEQK, b, Nq, Nk, HAS_LQ, HAS_LK)
     b64 = b.to(tl.int64)
-    coef = tl.load(COEF + h)
-    sexp = tl.load(SEXP + h)
+    am1, coef, sexp = _head_terms(ALPHA, h, scale)
     offs_m = m * BM + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     dmask = offs_d < D
@@ -295,7 +303,6 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, COEF, SEXP, AM1, DAROW, DQ, CNT, IDX, SE
     a_d = tl.zeros([BM], dtype=tl.float32)
     a_gpl = tl.zeros([BM], dtype=tl.float32)
     a_pl = tl.zeros([BM], dtype=tl.float32)
-    am1 = tl.load(AM1 + h)
     lcoef = LN2 / am1
     for t in range(0, cnt):
         n = tl.load(IDX + row * n_kblocks + t)
@@ -365,20 +372,6 @@ def _alloc_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t)
 
 
-def _alpha_tables(alpha, Hq: int, scale: float, device):
-    """Per-head fp32 tables alpha-1, (alpha-1)*scale, (2-alpha)/(alpha-1), and the ALPHA_MODE (launch.alpha_mode).
-
-    A tensor alpha is converted on its device; a float alpha's tables are launch.head_constant tensors, made
-    once per value (python float64 arithmetic here, one rounding to float32 there)."""
-    if isinstance(alpha, torch.Tensor):
-        a = alpha.detach().to(device=device, dtype=torch.float64).reshape(-1).expand(Hq)
-        am1 = a - 1.0
-        return torch.stack([am1, am1 * scale, (2.0 - a) / am1]).float().unbind(0), alpha_mode(alpha)
-    alpha, am1 = float(alpha), float(alpha) - 1.0
-    tables = tuple(head_constant(value, Hq, device) for value in (am1, am1 * float(scale), (2.0 - alpha) / am1))
-    return tables, alpha_mode(alpha)
-
-
 def _pick_blocks(D: int, dtype: torch.dtype):
     """Block sizes and launch options for head dim D and input dtype (GPU tuning; small tiles under the
     interpreter).
@@ -446,7 +439,7 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     if blocks:
         cfg.update(blocks)
         _check_blocks(cfg)
-    (am1, coef, sexp), mode = _alpha_tables(alpha, Hq, scale, dev)
+    alpha_t, mode = alpha_tensor(alpha, Hq, dev), alpha_mode(alpha)
     tau = tau.to(torch.float32)
 
     # delta_i = dO_i . O2_i / S_i
@@ -472,7 +465,7 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     dk = _alloc_like(k)
     dv = _alloc_like(v)
     _dkdv_kernel[(B * Hkv, n_kb)](
-        q, k, v, grad_out, tau, delta, coef, sexp, dk, dv, cnt_kv, idx_kv, sq, sk,
+        q, k, v, grad_out, tau, delta, alpha_t, dk, dv, cnt_kv, idx_kv, sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(),
         *dk.stride(), *dv.stride(),
         Hq, Hkv, G, Nq, Nk, D, n_kb, n_qb, wl_i, wr_i, float(scale),
@@ -483,12 +476,12 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     n_qb, n_kb = idx_q.shape[2], idx_q.shape[3]
     dq = _alloc_like(q)
     _dq_kernel[(B * Hq, n_qb)](
-        q, k, v, grad_out, tau, delta, coef, sexp, am1, darow, dq, cnt_q, idx_q, sq, sk,
+        q, k, v, grad_out, tau, delta, alpha_t, darow, dq, cnt_q, idx_q, sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(), *dq.stride(),
         Hq, G, Nq, Nk, D, n_qb, n_kb, wl_i, wr_i, float(scale),
         KB=MAP_BLOCK, BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad, **common)
 
     dalpha = None
     if alpha_requires_grad:
-        dalpha = darow.to(torch.float64).sum(dim=(0, 2)).to(torch.float32)
+        dalpha = darow.sum(dim=(0, 2), dtype=torch.float64).to(torch.float32)
     return dq, dk, dv, dalpha
