@@ -130,7 +130,8 @@ def environment(config: RecipeConfig) -> Dict:
     """Device, versions and the entmax backend the api resolves to on this device."""
     device = torch.device(config.device)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     try:
         import triton
         info["triton"] = triton.__version__

@@ -51,8 +51,9 @@ def _log2_unit(x):
 # subnormals: three more instructions per score), so a subnormal shifted score u counts as outside the support:
 # p = u^r would be below float32's normal range anyway. No floor is taken here (up to 128a28a a max with
 # LOG2_FLOOR was one more instruction per score in every general-alpha pass): entmax_s needs none, and callers that
-# multiply by the log, or raise to a power that may be 0, take log2_floored. The interpreter runs no inline assembly, so it runs tl.log2; chosen once, at import
-# (TRITON_INTERPRET must be set before entflash is imported).
+# multiply by the log, or raise to a power that may be 0, take log2_floored. The interpreter runs no inline
+# assembly, so it runs tl.log2 (exact at subnormals, which the compiled form reads as 0: only the GPU suite sees
+# that difference); chosen once, at import (TRITON_INTERPRET must be set before entflash is imported).
 fast_log2 = _log2_exact if interpreting() else _log2_unit
 
 
