@@ -197,6 +197,40 @@ def test_gradients_x_and_per_row_alpha(n, block_n):
     torch.testing.assert_close(da.double(), rda[:, 0], atol=2e-4, rtol=1e-3)
 
 
+def closed_form_grads(p, alpha, gout):
+    """float64 (dx, dalpha) of the closed forms in entmax_rows_backward's docstring, from probabilities p (R, n)
+    and a per-row alpha (R,)."""
+    p, gout, a = p.double(), gout.double(), alpha.double()[:, None]
+    s = torch.where(p > 0, p.clamp_min(1e-300) ** (2 - a), 0.0)
+    s_hat = s / s.sum(-1, keepdim=True)
+    plogp = torch.where(p > 0, p * p.clamp_min(1e-300).log(), 0.0)
+    ent = plogp.sum(-1, keepdim=True)
+    dx = s * (gout - (s * gout).sum(-1, keepdim=True) / s.sum(-1, keepdim=True))
+    da = (gout * ((p - s_hat) / (a - 1) ** 2 - (plogp - s_hat * ent) / (a - 1))).sum(-1)
+    return dx, da
+
+
+@pytest.mark.parametrize("block_n", [None, 16])
+def test_gradients_at_subnormal_probabilities(block_n):
+    """Probabilities below float32's normal range (p = u^r with r = 1/(alpha-1) up to 100 underflows readily) are
+    read as 0 by the compiled log2, as the interpreter here reads them too: p log p must stay 0 and p^0 (alpha =
+    2) must stay 1 there, never NaN. At 78d7663 dalpha was NaN at alpha = 1.1 on the GPU."""
+    alphas = torch.tensor([1.1, 1.5, 2.0, 1.01], device=DEVICE)
+    g = torch.Generator().manual_seed(11)
+    p = torch.rand(4, 40, generator=g)
+    p[:, ::3] = 0.0
+    p = p / p.sum(-1, keepdim=True)
+    p[:, 1::5] = torch.tensor([1e-39, 3e-42, 1e-45, 5e-40])[:, None]  # subnormal float32, one size per row
+    p = p.to(DEVICE)
+    assert (p[:, 1::5] > 0).all() and (p[:, 1::5] < 1.1754944e-38).all()
+    gout = random_rows(4, 40, scale=1.0, seed=12)
+    dx, da = kr.entmax_rows_backward(p, gout, alphas, True, block_n=block_n)
+    assert torch.isfinite(dx).all() and torch.isfinite(da).all()
+    rdx, rda = closed_form_grads(p, alphas, gout)
+    torch.testing.assert_close(dx.double(), rdx, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(da.double(), rda, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
 def test_gradients_uniform_alpha_autograd(alpha):
     x = random_rows(4, 200, seed=7).reshape(2, 2, 200).requires_grad_(True)

@@ -35,8 +35,9 @@ EXPO_FLOOR = tl.constexpr(1.0e-20)
 
 
 @triton.jit
-def _log2_exact(x):
-    return tl.log2(x)
+def _log2_interpreted(x):
+    # as lg2.approx.ftz.f32 reads its input: a subnormal x (below 2^-126) as 0
+    return tl.where(x < 1.1754943508222875e-38, float("-inf"), tl.log2(x))
 
 
 @triton.jit
@@ -52,9 +53,10 @@ def _log2_unit(x):
 # p = u^r would be below float32's normal range anyway. No floor is taken here (up to 128a28a a max with
 # LOG2_FLOOR was one more instruction per score in every general-alpha pass): entmax_s needs none, and callers that
 # multiply by the log, or raise to a power that may be 0, take log2_floored. The interpreter runs no inline
-# assembly, so it runs tl.log2 (exact at subnormals, which the compiled form reads as 0: only the GPU suite sees
-# that difference); chosen once, at import (TRITON_INTERPRET must be set before entflash is imported).
-fast_log2 = _log2_exact if interpreting() else _log2_unit
+# assembly, so it runs tl.log2 with subnormal inputs flushed to 0 as the compiled form does: the CPU tests then see
+# the GPU's -inf at a subnormal p (at 78d7663 only the GPU suite found a NaN dalpha from it). Chosen once, at
+# import (TRITON_INTERPRET must be set before entflash is imported).
+fast_log2 = _log2_interpreted if interpreting() else _log2_unit
 
 
 @triton.jit
