@@ -89,11 +89,15 @@ def _check_room(cache_seqlens, cache_lengths: torch.Tensor, num_new: int, num_sl
                     f"Nnew = {num_new} with max(cache_seqlens) = {longest}")
 
 
-def _append(cache: torch.Tensor, new: torch.Tensor, cache_lengths: torch.Tensor) -> None:
-    """Write new (B, H, Nnew, D) into cache (B, H, Ncache, D) in place at slots cache_lengths[b] + [0, Nnew)."""
-    batch, heads, num_new, head_dim = new.shape
-    slots = cache_lengths.to(torch.int64)[:, None] + torch.arange(num_new, device=cache.device)
-    cache.scatter_(2, slots[:, None, :, None].expand(batch, heads, num_new, head_dim), new)
+def _new_slots(cache_lengths: torch.Tensor, num_new: int) -> torch.Tensor:
+    """The cache slots of the new tokens, cache_lengths[b] + [0, Nnew), as an int64 (B, 1, Nnew, 1) index."""
+    slots = cache_lengths.to(torch.int64)[:, None] + torch.arange(num_new, device=cache_lengths.device)
+    return slots[:, None, :, None]
+
+
+def _append(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write new (B, H, Nnew, D) into cache (B, H, Ncache, D) in place at the (B, 1, Nnew, 1) slots of _new_slots."""
+    cache.scatter_(2, slots.expand(new.shape), new)
 
 
 def entmax_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -145,8 +149,9 @@ def entmax_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     cache_lengths = _cache_lengths(cache_seqlens, batch, num_slots, q.device)
     _check_room(cache_seqlens, cache_lengths, num_new, num_slots)
     if num_new > 0:
-        _append(k_cache, k_new, cache_lengths)
-        _append(v_cache, v_new, cache_lengths)
+        slots = _new_slots(cache_lengths, num_new)  # one index for both caches
+        _append(k_cache, k_new, slots)
+        _append(v_cache, v_new, slots)
     # the options and lengths are checked above (lengths in [0, Ncache] after _check_room): attend does not read a
     # tensor alpha or the lengths again, each a host sync per call on a GPU
     lengths = cache_lengths + num_new
