@@ -3,9 +3,11 @@
 On a small problem the GPU can finish a call's kernels before the host has launched them; the call's wall time
 is then the host's: argument checks, autograd, allocations and kernel launches. This script times that on the
 device: calls queued back to back with one synchronize at the end (milliseconds per call), for the forward
-alone (no grad), forward + backward (alpha = 1.5; a learnable per-head alpha, its values read by the call's check
-or left unread: check_alpha=False) and a decoding step (entmax_attention_with_kvcache, one new token), then a
-cProfile of forward + backward calls (top functions by own time).
+alone (no grad), forward + backward (alpha = 1.5; a per-head alpha tensor without a gradient, left unread; a
+learnable per-head alpha, its values read by the call's check or left unread: check_alpha=False) and a decoding
+step (entmax_attention_with_kvcache, one new token); then the GPU time of each call's kernels (torch.profiler, the
+sum of the kernels' own device time: where it is far below the wall time, the call is host-bound) and cProfiles of
+forward + backward calls with alpha = 1.5 and with the learnable alpha left unread (top functions by own time).
 
     PYTHONPATH=src:. python3 -m benchmarks.host_overhead [--out DIR] [--profile-top 25]
 
@@ -43,6 +45,33 @@ def per_call_ms(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e3
 
 
+def gpu_kernel_ms(fn, calls: int = 20) -> float:
+    """GPU milliseconds per call of fn: the device time of the CUDA kernels it runs, from torch.profiler."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [event for event in profile.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(event.self_device_time_total for event in kernels) / calls / 1e3
+
+
+def cprofile_report(fn, calls: int, top: int) -> str:
+    """cProfile of `calls` calls of fn (then a synchronize): the top functions by own time, as text."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the two files")
@@ -57,6 +86,7 @@ def main() -> None:
     grad_out = torch.randn_like(q)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     alpha_heads = torch.tensor([1.3, 1.6], device="cuda", requires_grad=True)
+    alpha_fixed_heads = alpha_heads.detach().clone()  # the same values without a gradient
 
     def forward():
         entflash.entmax_attention(q, k, v, alpha=1.5, causal=True, backend="triton")
@@ -79,22 +109,20 @@ def main() -> None:
     document = new_document("cuda", "host_overhead", "none", {"calls": args.calls,
                                                                 "shape": "B=1 H=2 N=128 D=64 bf16 causal"})
     del document["records"]
-    document.update(entflash_file=os.path.relpath(entflash.__file__),
-                    fwd_ms=per_call_ms(forward, args.calls),
-                    fwd_bwd_ms=per_call_ms(forward_backward, args.calls),
-                    fwd_bwd_learned_alpha_ms=per_call_ms(lambda: forward_backward(alpha_heads), args.calls),
-                    fwd_bwd_learned_alpha_unread_ms=per_call_ms(lambda: forward_backward(alpha_heads, False),
-                                                                args.calls),
-                    decode_step_ms=per_call_ms(decode_step, args.calls))
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(100):
-        forward_backward()
-    torch.cuda.synchronize()
-    profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.profile_top)
-    report = text.getvalue().replace(os.getcwd() + os.sep, "")
+    calls = {"fwd": forward, "fwd_bwd": forward_backward,
+             "fwd_bwd_alpha_heads_unread": lambda: forward_backward(alpha_fixed_heads, False),
+             "fwd_bwd_learned_alpha": lambda: forward_backward(alpha_heads),
+             "fwd_bwd_learned_alpha_unread": lambda: forward_backward(alpha_heads, False),
+             "decode_step": decode_step}
+    document.update(entflash_file=os.path.relpath(entflash.__file__))
+    document.update({f"{name}_ms": per_call_ms(fn, args.calls) for name, fn in calls.items()})
+    try:
+        document.update({f"{name}_gpu_kernel_ms": gpu_kernel_ms(fn) for name, fn in calls.items()})
+    except Exception as err:  # the profiler's API moves between torch versions: record why, keep the wall times
+        document["gpu_kernel_ms_error"] = f"{type(err).__name__}: {err}"
+    report = "".join(f"cProfile, 100 calls of {name}:\n" + cprofile_report(calls[name], 100, args.profile_top)
+                     for name in ("fwd_bwd", "fwd_bwd_learned_alpha_unread"))
+    report = report.replace(os.getcwd() + os.sep, "")
     report += "\n".join(f"{key:26s} {value:.4f}" if isinstance(value, float) else f"{key:26s} {value}"
                          for key, value in document.items() if key != "settings") + "\n"
     print(report)
