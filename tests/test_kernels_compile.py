@@ -121,12 +121,18 @@ def test_compiler_only_error_is_reported(tmp_path):
 
 def test_sass_count_lists_the_sweeps_instructions(tmp_path):
     """scripts/sass_count.py compiles and disassembles one kernel: the dense sweep's listing holds its tensor-core
-    products and no float-to-int conversion per score (the histogram bins through common.MAGIC_ROUND)."""
+    products and no float-to-int conversion per score (the histogram bins through common.MAGIC_ROUND); with
+    --loops it finds the key-tile loop, which holds the products, and splits it into labelled segments."""
     proc = run_python([str(ROOT / "scripts" / "sass_count.py"), "--subset", "smoke", "--filter",
-                       "attn bf16 D64 alpha=1.5 causal inference", "--kernel", "_sweep_kernel", "--top", "200"],
-                      tmp_path)
+                       "attn bf16 D64 alpha=1.5 causal inference", "--kernel", "_sweep_kernel", "--top", "200",
+                       "--loops"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(row for row in proc.stdout.splitlines() if "instructions;" in row)
+    rows = proc.stdout.splitlines()
+    line = next(row for row in rows if " instructions; " in row)
     counts = dict(item.rsplit(" ", 1) for item in line.split("instructions; ")[1].split(", "))
     assert int(counts["HGMMA"]) > 0
     assert int(counts.get("F2I", 0)) < 16  # a handful outside the loop (index arithmetic), not one per score
+    loop = next(row for row in rows if row.strip().startswith("loop of "))
+    loop_counts = dict(item.rsplit(" ", 1) for item in loop.split("instructions: ")[1].split(", "))
+    assert int(loop_counts["HGMMA"]) > 0 and int(loop.split()[2]) < int(line.split()[0])
+    assert sum(row.startswith("    ") and "instructions (" in row for row in rows) >= 2
