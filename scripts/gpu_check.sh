@@ -5,7 +5,9 @@
 # 2. runs the GPU tests:       python3 -m pytest -q -m gpu tests/
 # 3. runs the quick benchmark: python3 -m benchmarks.attention --quick
 # 4. prints a one-screen summary (GPU, test result, benchmark errors and table).
-# Logs, JSON and PNGs go to $OUT (the device tool's folder that comes back), else /tmp/gpu_check.
+# Logs, JSON and PNGs go to $OUT (the device tool's folder that comes back), else /tmp/gpu_check. The device tool
+# returns at most 8 files from $OUT: when more were written, they are packed into $OUT/gpu_check.tgz (extract with
+# tar xzf) and only that and summary.txt stay loose.
 # Environment: ENTFLASH_COMMIT overrides the commit found by git; GPU_CHECK_TEST_TIMEOUT and
 # GPU_CHECK_BENCH_TIMEOUT (seconds, default 240 each); GPU_CHECK_SKIP_TESTS=1 skips step 2;
 # GPU_CHECK_PRESET=paper|cpu runs that preset instead of --quick.
@@ -54,5 +56,14 @@ bench_rc=${PIPESTATUS[0]}
         $python -m benchmarks.summary "$results"
     fi
 } | tee "$out/summary.txt"
+
+n_files=$(find "$out" -type f | wc -l)
+if [ "$n_files" -gt 8 ]; then
+    pack="$(mktemp -d)"
+    (cd "$out" && find . -type f ! -name summary.txt -print0 | tar czf "$pack/gpu_check.tgz" --null -T - \
+        && find . -mindepth 1 ! -name summary.txt -delete) && mv "$pack/gpu_check.tgz" "$out/"
+    rmdir "$pack"
+    echo "gpu_check: $n_files files packed into $out/gpu_check.tgz (the device returns at most 8)"
+fi
 
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
