@@ -44,49 +44,40 @@ def _check_new(k_new, v_new, k_cache: torch.Tensor) -> int:
     return k_new.shape[2]
 
 
-def _cache_lengths(cache_seqlens, batch: int, num_slots: int, device: torch.device) -> torch.Tensor:
-    """The tokens already in the cache per sequence, as an int32 (B,) tensor on `device`.
+def _cache_lengths(cache_seqlens, batch: int, num_slots: int, num_new: int, device: torch.device) -> torch.Tensor:
+    """The tokens already in the cache per sequence, as an int32 (B,) tensor on `device`, once checked.
 
     cache_seqlens: None (every slot filled), a python int (the same for every sequence) or a (B,) integer
-    tensor, with values in [0, num_slots].
+    tensor, with values in [0, num_slots] (else ValueError naming `cache_seqlens`); appending num_new tokens must
+    not pass the end of the cache (else ValueError naming `k_new`). A tensor's values are read once (a host sync)
+    for both checks, which are skipped while torch.compile traces, like the checks of entflash.checks; None and an
+    int are known on the host.
     """
     if cache_seqlens is None:
-        return torch.full((batch,), num_slots, dtype=torch.int32, device=device)
-    if checks.is_integer(cache_seqlens):
+        longest = num_slots
+        lengths = torch.full((batch,), num_slots, dtype=torch.int32, device=device)
+    elif checks.is_integer(cache_seqlens):
         if not 0 <= cache_seqlens <= num_slots:
             checks.fail(ValueError, _CALLER, "cache_seqlens", f"lie in [0, {num_slots}] (Ncache of `k_cache`)",
                         repr(cache_seqlens))
-        return torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=device)
-    if not isinstance(cache_seqlens, torch.Tensor):
+        longest = int(cache_seqlens)
+        lengths = torch.full((batch,), longest, dtype=torch.int32, device=device)
+    elif not isinstance(cache_seqlens, torch.Tensor):
         checks.fail(TypeError, _CALLER, "cache_seqlens", f"be None, an int or an integer tensor of shape ({batch},)",
                     checks.describe(cache_seqlens))
-    # type, shape and device here; the range in _check_room, from the same read as the room
-    return checks.check_lengths(cache_seqlens, "cache_seqlens", batch, num_slots, device, _CALLER, read_values=False)
-
-
-def _check_room(cache_seqlens, cache_lengths: torch.Tensor, num_new: int, num_slots: int) -> None:
-    """Raise ValueError naming `cache_seqlens` when a tensor of it holds a length outside [0, Ncache], and naming
-    `k_new` when appending num_new tokens would pass the end of the cache.
-
-    cache_seqlens: the caller's argument (None, an int or a tensor); cache_lengths: _cache_lengths' tensor of it.
-    A tensor's lengths are read once (a host sync) for both checks, which are skipped while torch.compile traces,
-    like the checks of entflash.checks; None and an int are known on the host (an int's range: _cache_lengths).
-    """
-    if cache_lengths.numel() == 0:
-        return
-    if cache_seqlens is None:
-        longest = num_slots
-    elif checks.is_integer(cache_seqlens):
-        longest = int(cache_seqlens)
-    elif torch.compiler.is_compiling():
-        return
     else:
-        low, longest = checks.length_range(cache_lengths)
+        # type, shape and device there; the range here, from the same read as the room
+        lengths = checks.check_lengths(cache_seqlens, "cache_seqlens", batch, num_slots, device, _CALLER,
+                                       read_values=False)
+        if batch == 0 or torch.compiler.is_compiling():
+            return lengths
+        low, longest = checks.length_range(lengths)
         checks.check_length_range(low, longest, "cache_seqlens", num_slots, _CALLER)
-    if longest + num_new > num_slots:
+    if batch > 0 and longest + num_new > num_slots:
         checks.fail(ValueError, _CALLER, "k_new",
                     f"fit in the cache (cache_seqlens[b] + Nnew <= Ncache = {num_slots} for every b)",
                     f"Nnew = {num_new} with max(cache_seqlens) = {longest}")
+    return lengths
 
 
 def _new_slots(cache_lengths: torch.Tensor, num_new: int) -> torch.Tensor:
@@ -146,13 +137,12 @@ def entmax_attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     batch, num_slots = q.shape[0], k_cache.shape[2]
     alpha, causal, scale, window, return_aux, backend = api.normalize_options(
         q, alpha, causal, scale, window, return_aux, backend, _CALLER)
-    cache_lengths = _cache_lengths(cache_seqlens, batch, num_slots, q.device)
-    _check_room(cache_seqlens, cache_lengths, num_new, num_slots)
+    cache_lengths = _cache_lengths(cache_seqlens, batch, num_slots, num_new, q.device)
     if num_new > 0:
         slots = _new_slots(cache_lengths, num_new)  # one index for both caches
         _append(k_cache, k_new, slots)
         _append(v_cache, v_new, slots)
-    # the options and lengths are checked above (lengths in [0, Ncache] after _check_room): attend does not read a
+    # the options and lengths are checked above (lengths in [0, Ncache] after _cache_lengths): attend does not read a
     # tensor alpha or the lengths again, each a host sync per call on a GPU
     lengths = cache_lengths + num_new
     return api.attend(q, k_cache, v_cache, alpha=alpha, causal=causal, scale=scale, window=window,
