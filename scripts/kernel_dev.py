@@ -80,6 +80,12 @@ def main():
     ap.add_argument("--learned", action="store_true",
                     help="also time the training forward and the backward with alpha as a learnable (H,) tensor "
                          "(--alpha on every head, requires_grad: the alpha-gradient path), each --bwd-configs too")
+    ap.add_argument("--tma", action="store_true",
+                    help="read key/value tiles through TMA descriptors where launch.tma_plan allows (sets "
+                         "launch.TMA_TILES for every call of this run)")
+    ap.add_argument("--pointer-loads", action="store_true",
+                    help="also time the three forward stages with key/value tiles read through pointers "
+                         "(kv_tma off): ms_*_pointers, next to the plan's own ms_sweep/ms_solve/ms_output")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -89,12 +95,15 @@ def main():
     from entflash.autograd import fused_backward, fused_forward
     from entflash.kernels.backward import _pick_blocks, attention_backward
     from entflash.kernels.forward import alpha_tensor, entmax_forward
+    from entflash.kernels import launch
     from entflash.kernels.launch import make_spec
     from entflash.kernels.output import sparse_output
     from entflash.kernels.solve import solve_tau
     from entflash.kernels import sweep as sweep_module
     from entflash.kernels.sweep import dense_sweep
     from entflash.reference.attention import torch_attention
+
+    launch.TMA_TILES = args.tma or launch.TMA_TILES
 
     causal = not args.noncausal
     rows, experiments = [], []
@@ -171,6 +180,16 @@ def main():
                     lambda: sparse_output(q, k, v, a_t, scale, spec, rm, tm, tau, tlo, hits, save_bwd=False),
                     return_mode="median")
                 warp_ms = {}
+                if args.pointer_loads:
+                    spec_p = dataclasses.replace(spec, kv_tma=False)
+                    warp_ms["kv_tma"] = float(spec.kv_tma)
+                    warp_ms["ms_sweep_pointers"] = triton.testing.do_bench(
+                        lambda: dense_sweep(q, k, a_t, scale, spec_p), return_mode="median")
+                    warp_ms["ms_solve_pointers"] = triton.testing.do_bench(
+                        lambda: solve_tau(q, k, a_t, scale, spec_p, rm, tm, th, ni), return_mode="median")
+                    warp_ms["ms_output_pointers"] = triton.testing.do_bench(
+                        lambda: sparse_output(q, k, v, a_t, scale, spec_p, rm, tm, tau, tlo, hits, save_bwd=False),
+                        return_mode="median")
 
                 def inference_error():  # the library's inference forward (16-bit: no Newton pass) against ref
                     out = fused_forward(q, k, v, args.alpha, causal, scale, None, None, None, False, False)[0]

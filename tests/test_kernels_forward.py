@@ -401,6 +401,67 @@ def test_tile_map_from_each_solver_path(local):
         nonzero.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal, window, group, strided", [(True, None, 1, False), (False, (40, 9), 2, True)])
+def test_tma_tile_reads_match_pointer_reads(dtype, causal, window, group, strided, monkeypatch):
+    """16-bit inputs without seqlens_k read key/value tiles through TMA descriptors (launch.tma_plan): each stage's
+    results equal those of the pointer loads bit for bit (both run the same products on the same tiles; Nk = 150
+    leaves a partial last tile, which the descriptor reads as zeros past Nk), and match the float64 reference.
+    With strided=True, q, k, v are (B, N, H, D) tensors viewed as (B, H, N, D), as transformers hands them over."""
+    import dataclasses
+
+    from entflash.kernels.forward import alpha_tensor
+    from entflash.kernels.launch import make_spec, tile_source
+    from entflash.kernels.output import sparse_output
+    from entflash.kernels.solve import solve_tau
+    from entflash.kernels.sweep import dense_sweep
+
+    monkeypatch.setattr("entflash.kernels.launch.TMA_TILES", True)
+    gen = torch.Generator().manual_seed(23)
+    B, Hq, Nq, Nk, D, alpha = 2, 2 * group, 130, 150, 32, 1.25
+    q, k, v = make_inputs(B, Hq, Hq // group, Nq, Nk, D, dtype, gen, local=2.0)
+    if strided:
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    scale = D ** -0.5
+    alpha_t = alpha_tensor(alpha, Hq, q.device)
+    spec = make_spec(q, k, alpha, alpha_t, causal, window, None, None)
+    assert spec.kv_tma and tile_source(k, spec)[1] and tile_source(v, spec)[1]
+    results = []
+    for plan in (spec, dataclasses.replace(spec, kv_tma=False)):
+        row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, plan)
+        tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, plan, row_max, tile_max, tau_hist, 1)
+        res = sparse_output(q, k, v, alpha_t, scale, plan, row_max, tile_max, tau, tau_low, hits)
+        results.append([row_max, tile_max, tau_hist, tau, tau_low, hits, res["out"], res["tau"], res["o2"]])
+    for via_tma, via_pointers in zip(*results):
+        assert torch.equal(via_tma, via_pointers)
+    ref, ref_tau, _ = reference(q, k, v, alpha, causal, scale, window)
+    assert torch.isfinite(results[0][6]).all()
+    assert rel(results[0][6], ref) < 2e-2
+    assert torch.allclose(results[0][7].double(), ref_tau, atol=2e-3)
+
+
+def test_tma_plan_only_where_every_key_row_is_valid(monkeypatch):
+    """The plan reads through TMA only for 16-bit inputs with a power-of-two D <= 128 and no seqlens_k, and
+    tile_source hands over a tensor it cannot describe (a last dim not contiguous) as a pointer."""
+    from entflash.kernels.launch import make_spec, tile_source
+
+    monkeypatch.setattr("entflash.kernels.launch.TMA_TILES", True)
+
+    def plan(dtype=torch.bfloat16, D=64, sk=None):
+        q = torch.zeros(1, 2, 8, D, dtype=dtype, device=DEV)
+        return make_spec(q, q, 1.5, torch.full((2,), 1.5, device=DEV), True, None, None, sk)
+
+    assert plan().kv_tma
+    assert not plan(dtype=torch.float32).kv_tma
+    assert not plan(D=48).kv_tma
+    assert not plan(D=256).kv_tma
+    assert not plan(sk=torch.tensor([8], dtype=torch.int32, device=DEV)).kv_tma
+    k = torch.zeros(1, 2, 8, 64, dtype=torch.bfloat16, device=DEV)
+    assert tile_source(k, plan())[1]
+    source, via_tma = tile_source(k.transpose(2, 3), plan())
+    assert not via_tma and source.data_ptr() == k.data_ptr()
+
+
 @pytest.mark.parametrize("kind", ["huge_fp32", "equal_scores", "dominant_key", "fp16_large"])
 def test_extreme_inputs(kind):
     gen = torch.Generator().manual_seed(6)

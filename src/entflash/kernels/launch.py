@@ -86,7 +86,8 @@ class StageSpec:
     lq/lk: int32 (B,) length tensors or a dummy pointer (flags say which); win_left/win_right: ints
     (0 when that side is unlimited); group = Hq // Hkv; grid = (num query blocks, B * Hq);
     tiles: BLOCK_M/BLOCK_N/BLOCK_D/DOT_PREC/UPCAST constexprs of the solve and output stages; the sweep runs
-    sweep_block_m-row query blocks instead (its own grid); *_launch: num_warps/num_stages per stage.
+    sweep_block_m-row query blocks instead (its own grid); *_launch: num_warps/num_stages per stage;
+    kv_tma: whether tile_source may hand the kernels TMA descriptors of k and v (tma_plan).
     """
     lq: torch.Tensor
     lk: torch.Tensor
@@ -103,6 +104,7 @@ class StageSpec:
     tiles: dict = field(default_factory=dict)
     sweep_launch: dict = field(default_factory=dict)
     sparse_launch: dict = field(default_factory=dict)
+    kv_tma: bool = False  # may the stages read key/value tiles through TMA descriptors (tile_source)?
 
 
 def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> StageSpec:
@@ -154,4 +156,45 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
         sweep_block_m=sweep_block_m,
         sweep_launch=dict(num_warps=sweep_warps, num_stages=3 if block_d <= 128 else 2),
         sparse_launch=dict(num_warps=warps, num_stages=2),
+        kv_tma=tma_plan(q, block_d, seqlens_k),
     )
+
+
+# Off until timed on a GPU against the pointer loads (scripts/kernel_dev.py --pointer-loads); the interpreter
+# tests run both paths (tests/test_kernels_forward.py switches it on).
+TMA_TILES = False
+
+
+def tma_plan(q, block_d: int, seqlens_k) -> bool:
+    """Do the forward stages read key and value tiles through TMA descriptors (Hopper's tensor memory accelerator)?
+
+    A descriptor load moves a whole (64, D) tile with one instruction and no per-element address or mask
+    arithmetic, which the pointer loads spend about 30 instructions per tile and thread on (sm_90 SASS of the
+    sweep's far-tile path, D = 64). It reads every row below Nk, so it is taken only without seqlens_k (whose keys
+    past a row's length may hold anything); only for 16-bit inputs with D = block_d <= 128, the shapes the tiles
+    were tuned on (float32 tiles read through TMA compiled to 32 registers and 11 KB of spills per thread on sm_90,
+    D = 64, against 255 registers and 0.5 KB through pointers). On a GPU it needs compute capability 9.0;
+    the interpreter runs it on the CPU (the tests), and a CPU host that plans for a GPU
+    (scripts/compile_kernels.py) plans it as for sm_90. Each tensor must also suit TMA (tile_source)."""
+    if not TMA_TILES or seqlens_k is not None or q.element_size() != 2 or q.shape[-1] != block_d or block_d > 128:
+        return False
+    if q.device.type == "cuda" and not interpreting():
+        return torch.cuda.get_device_capability(q.device) >= (9, 0)
+    return True
+
+
+def tile_source(t: torch.Tensor, spec: StageSpec):
+    """What a kernel's K or V argument takes for t (B, Hkv, Nk, D): (a TensorDescriptor reading (1, 1, BLOCK_N,
+    BLOCK_D) blocks, True) when the plan reads tiles through TMA (StageSpec.kv_tma) and t suits it (last dim
+    contiguous, other strides and the base 16-byte aligned), else (t, False): the kernels then load through
+    pointers (common.kv_rows)."""
+    if not spec.kv_tma:
+        return t, False
+    size = t.element_size()
+    outer = [(stride, n) for stride, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1]
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(stride < 1 or stride * size % 16 for stride, _ in outer):
+        return t, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block = [1, 1, spec.tiles["BLOCK_N"], spec.tiles["BLOCK_D"]]
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block), True

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (compact_candidates, entmax_p_shifted, key_range, load_rows, mma,
+from entflash.kernels.common import (compact_candidates, entmax_p_shifted, key_range, kv_rows, load_rows, mma,
                                      program_coords, score_tile, sub_block_max_rows, sub_block_min_rows)
+from entflash.kernels.launch import tile_source
 
 
 @triton.jit
@@ -32,7 +33,7 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                    ALPHA_MODE: tl.constexpr, NK_CHUNK: tl.constexpr,
                    FOLD: tl.constexpr, SAVE_BWD: tl.constexpr, COUNT_SUPPORT: tl.constexpr,
-                   FROM_HITS: tl.constexpr, WRITE_MAP: tl.constexpr):
+                   FROM_HITS: tl.constexpr, WRITE_MAP: tl.constexpr, KV_TMA: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -46,8 +47,12 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
     tau_low = tl.load(TauLow + row_ptr, mask=in_rows, other=float("inf"))
     m_i = tl.load(RowMax + row_ptr, mask=in_rows, other=float("-inf"))
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    if KV_TMA:  # K and V are tensor descriptors (common.kv_rows)
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + b * stride_kb + hk * stride_kh
+        v_src = V + b * stride_vb + hk * stride_vh
     tile_off = b * stride_tb + h * stride_th + (start_m // 64) * stride_tm
     n_sub_valid = N_SUB_ROWS - start_m // 64
     sub = tl.arange(0, BLOCK_M // 64)
@@ -65,7 +70,7 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
     # holding the row sums (three instructions per score fewer than a float32 row sum of the rounded s). Not for
     # float32 (its exact products are FMA loops) nor for head dims above 64 (sm_90: the D = 128 kernel, already at
     # the register cap, spilled 12 words instead of 4)
-    S_BY_MMA: tl.constexpr = (V.dtype.element_ty != tl.float32) & (BLOCK_D <= 64)
+    S_BY_MMA: tl.constexpr = (q.dtype != tl.float32) & (BLOCK_D <= 64)
     acc_s = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     n_i = tl.zeros((BLOCK_M,), dtype=tl.int32)
@@ -80,14 +85,15 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
                                         BLOCK_M, NK_CHUNK)
         for i in range(0, n_cand):
             kb = tl.load(list_ptr + i)
-            xs, offs_n = score_tile(q, k_base, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
+            xs, offs_n = score_tile(q, k_src, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
                                     qk_scale, tau, len_q, len_k, offset, win_left, win_right,
-                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
+                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST, KV_TMA, b, hk)
             if WRITE_MAP:  # some score above tau_low: max(x - tau) + (tau - tau_low) > 0
                 hit = sub_block_max_rows(tl.max(xs, axis=1) + low_gap, BLOCK_M) > 0
                 tl.store(TileMap + tile_off + sub * stride_tm + kb, hit.to(tl.int8), mask=sub < n_sub_valid)
             p, s, u = entmax_p_shifted(xs, rm1, ALPHA_MODE)
-            v = load_rows(v_base, offs_n, offs_d, stride_vn, stride_vd, len_k, D)
+            v = kv_rows(v_src, b, hk, kb * BLOCK_N, offs_n, offs_d, stride_vn, stride_vd, len_k, D, BLOCK_N, BLOCK_D,
+                        KV_TMA)
             acc = mma(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
             # S sums the s that O2's product reads, rounded to the input dtype like it: the backward's
             # delta = dO . O2 / S is then a weighted mean of dO . v with one set of weights (exactly dO . v on a
@@ -154,8 +160,11 @@ def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low
     tile_map = torch.zeros(tile_max.shape, device=dev, dtype=torch.int8) if write_map else hits
     o2 = torch.empty((B, H, Nq, D) if save_bwd else (1,), device=dev, dtype=torch.float32)
     s2 = torch.empty((B, H, Nq) if save_bwd else (1,), device=dev, dtype=torch.float32)
+    k_src, k_tma = tile_source(k, spec)
+    v_src, v_tma = tile_source(v, spec)
+    kv_tma = k_tma and v_tma  # one constexpr for both: else both through pointers
     _output_kernel[spec.grid](
-        q, k, v, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau, tau_low, spec.lists,
+        q, k_src if kv_tma else k, v_src if kv_tma else v, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau, tau_low, spec.lists,
         hits if hits is not None else tile_max,
         out, tau_out, support, tile_map if write_map else tile_max, o2, s2,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tile_max.stride()[:3],
@@ -163,7 +172,7 @@ def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low
         spec.num_m_blocks, tile_max.shape[2], **spec.flags, **spec.tiles,
         ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, FOLD=bool(fold or save_bwd),
         SAVE_BWD=bool(save_bwd), COUNT_SUPPORT=bool(count_support), FROM_HITS=hits is not None, WRITE_MAP=write_map,
-        **spec.sparse_launch)
+        KV_TMA=kv_tma, **spec.sparse_launch)
     return dict(out=out, tau=tau_out, support=support,
                 tile_map=tile_map.view(torch.bool) if tile_map is not None else None,
                 o2=o2 if save_bwd else None, s=s2 if save_bwd else None)

@@ -16,15 +16,16 @@ import triton.language as tl
 
 from entflash.kernels.common import (compact_candidates, entmax_p_shifted, key_range, load_rows, newton_tau,
                                      program_coords, score_tile, sub_block_min_rows)
+from entflash.kernels.launch import tile_source
 
 
 @triton.jit
-def _newton_pass(q, k_base, start_m, offs_m, offs_d, stride_kn, stride_kd, stride_tm, D, qk_scale,
+def _newton_pass(q, k_src, kv_b, kv_h, start_m, offs_m, offs_d, stride_kn, stride_kd, stride_tm, D, qk_scale,
                  len_q, len_k, offset, win_left, win_right, tau, tau_low, m_i, valid, margin_m, rm1, expo,
                  tmax_ptr, hits_ptr, list_ptr, n_sub_valid, kb_lo, kb_hi, mark,
                  CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 ALPHA_MODE: tl.constexpr, NK_CHUNK: tl.constexpr):
+                 ALPHA_MODE: tl.constexpr, NK_CHUNK: tl.constexpr, KV_TMA: tl.constexpr):
     """One Newton pass over the key tiles that can exceed tau (BLOCK_M,): returns the updated (tau, tau_low).
     With mark (a scalar bool), it also marks the tiles where some row's p is non-zero at this tau."""
     row_sub = tl.arange(0, BLOCK_M) // 64  # each row's 64-row sub-block within the program
@@ -36,9 +37,9 @@ def _newton_pass(q, k_base, start_m, offs_m, offs_d, stride_kn, stride_kd, strid
         n_cand = compact_candidates(tmax_ptr, stride_tm, thr, n_sub_valid, c0, kb_hi, list_ptr, BLOCK_M, NK_CHUNK)
         for i in range(0, n_cand):
             kb = tl.load(list_ptr + i)
-            xs, offs_n = score_tile(q, k_base, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
+            xs, offs_n = score_tile(q, k_src, start_m, kb * BLOCK_N, offs_m, offs_d, stride_kn, stride_kd, D,
                                     qk_scale, tau, len_q, len_k, offset, win_left, win_right,
-                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
+                                    CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST, KV_TMA, kv_b, kv_h)
             p, s, u = entmax_p_shifted(xs, rm1, ALPHA_MODE)
             tile_f = tl.sum(p, axis=1)
             f_i += tile_f
@@ -63,7 +64,8 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                  ALPHA_MODE: tl.constexpr, NK_CHUNK: tl.constexpr, NEWTON_ITERS: tl.constexpr):
+                  ALPHA_MODE: tl.constexpr, NK_CHUNK: tl.constexpr, NEWTON_ITERS: tl.constexpr,
+                  KV_TMA: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -76,7 +78,10 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
     m_i = tl.load(RowMax + row_ptr, mask=offs_m < Nq, other=float("-inf"))
     valid = m_i > float("-inf")
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
-    k_base = K + b * stride_kb + hk * stride_kh
+    if KV_TMA:  # K is a tensor descriptor (common.kv_rows)
+        k_src = K
+    else:
+        k_src = K + b * stride_kb + hk * stride_kh
     tmax_ptr = TileMax + b * stride_tb + h * stride_th + (start_m // 64) * stride_tm
     hits_ptr = Hits + b * stride_tb + h * stride_th + (start_m // 64) * stride_tm
     list_ptr = Lists + (tl.program_id(1) * NUM_M_BLOCKS + tl.program_id(0)) * NK_CHUNK
@@ -95,11 +100,11 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
     last_pass = tl.where(alpha >= all_passes_from_alpha, NEWTON_ITERS - 1, 0)
     for it in tl.static_range(NEWTON_ITERS):
         if it <= last_pass:
-            tau, tau_low = _newton_pass(q, k_base, start_m, offs_m, offs_d, stride_kn, stride_kd, stride_tm, D,
+            tau, tau_low = _newton_pass(q, k_src, b, hk, start_m, offs_m, offs_d, stride_kn, stride_kd, stride_tm, D,
                                         qk_scale, len_q, len_k, offset, win_left, win_right, tau, tau_low, m_i,
                                         valid, margin_m, rm1, expo, tmax_ptr, hits_ptr, list_ptr, n_sub_valid,
                                         kb_lo, kb_hi, last_pass == it, CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M,
-                                        BLOCK_N, DOT_PREC, UPCAST, ALPHA_MODE, NK_CHUNK)
+                                        BLOCK_N, DOT_PREC, UPCAST, ALPHA_MODE, NK_CHUNK, KV_TMA)
     tl.store(Tau + row_ptr, tau, mask=offs_m < Nq)
     tl.store(TauLow + row_ptr, tau_low - margin_m, mask=offs_m < Nq)
 
@@ -122,11 +127,12 @@ def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_it
     tau = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tau_low = torch.empty_like(tau)
     hits = torch.zeros(tile_max.shape, device=q.device, dtype=torch.int8) if newton_iters > 0 else tile_max
+    k_src, k_tma = tile_source(k, spec)
     _solve_kernel[spec.grid](
-        q, k, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist, tau, tau_low, spec.lists, hits,
+        q, k_src, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist, tau, tau_low, spec.lists, hits,
         *q.stride(), *k.stride(), *tile_max.stride()[:3],
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, tile_max.shape[2], float(all_passes_from_alpha), **spec.flags, **spec.tiles,
-        ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, NEWTON_ITERS=newton_iters,
+        ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, NEWTON_ITERS=newton_iters, KV_TMA=k_tma,
         **spec.sparse_launch)
     return tau, tau_low, (hits if newton_iters > 0 else None)

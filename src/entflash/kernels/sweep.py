@@ -34,7 +34,7 @@ import triton.language as tl
 from entflash.kernels.common import (histogram_lower_tau, histogram_words, histogram_words_of_rows, key_range,
                                      load_rows, program_coords, score_tile, shift_words, sub_block_max_rows,
                                      unpack_words)
-from entflash.kernels.launch import cdiv
+from entflash.kernels.launch import cdiv, tile_source
 
 HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts
 # how many of each row's largest scores a far key tile bins (module docstring): 2 or 1, or 0 to bin every score
@@ -49,11 +49,11 @@ FAR_TILE_SCORES_BEFORE_NEWTON = 1
 
 
 @triton.jit
-def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
+def _sweep_tile(q, k_src, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
                 stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right,
-                N_SUB_ROWS, all_scores, CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                FAR_SCORES: tl.constexpr):
+                N_SUB_ROWS, all_scores, kv_b, kv_h, CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr,
+                WIN_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                UPCAST: tl.constexpr, FAR_SCORES: tl.constexpr, KV_TMA: tl.constexpr):
     """Score the key tile at start_n and fold it into the running state: row max m_i (BLOCK_M,), bin top
     (BLOCK_M,) float32 (16 * top is an integer; -inf before the row's first visible key) and the bin
     counts as four (BLOCK_M,) int64 words (common.histogram_words). Stores the tile's relative max for
@@ -69,9 +69,9 @@ def _sweep_tile(q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr,
     skipped shifts and broke the bound wherever qk_scale * 16 != 1; 1d7fbb0 scaled every score first.)"""
     # unscaled q . k (masked: -inf); qk_scale > 0 and rounding is monotonic, so the scaled row max is the max
     # of the scaled scores exactly, and only the tiles that bin every score scale every score
-    raw, offs_n = score_tile(q, k_base, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
+    raw, offs_n = score_tile(q, k_src, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
                              1.0, tl.zeros_like(m_i), len_q, len_k, offset, win_left, win_right,
-                             CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST)
+                             CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST, KV_TMA, kv_b, kv_h)
     raw_max = tl.max(raw, axis=1)
     tile_row_max = tl.where(raw_max > float("-inf"), raw_max * qk_scale, float("-inf"))
     m_i = tl.maximum(m_i, tile_row_max)
@@ -124,7 +124,8 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                  ALPHA_MODE: tl.constexpr, HIST_ITERS: tl.constexpr, FAR_SCORES: tl.constexpr):
+                  ALPHA_MODE: tl.constexpr, HIST_ITERS: tl.constexpr, FAR_SCORES: tl.constexpr,
+                  KV_TMA: tl.constexpr):
     b, h, hk, start_m, len_q, len_k, offset = program_coords(
         Lq, Lk, Nq, Nk, H, group, NUM_M_BLOCKS, HAS_LQ, HAS_LK, BLOCK_M)
     alpha = tl.load(Alpha + h).to(tl.float32)
@@ -132,7 +133,10 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
-    k_base = K + b * stride_kb + hk * stride_kh
+    if KV_TMA:  # K is a tensor descriptor (common.kv_rows)
+        k_src = K
+    else:
+        k_src = K + b * stride_kb + hk * stride_kh
     tmax_ptr = TileMax + b * stride_tb + h * stride_th
     sub_rows = start_m // 64 + tl.arange(0, BLOCK_M // 64)
     lo, hi = key_range(start_m, len_q, len_k, offset, win_left, win_right,
@@ -153,9 +157,9 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
         near = (start_n + 2 * BLOCK_N > start_m + offset) & (start_n < start_m + offset + BLOCK_M + BLOCK_N)
         all_scores = near | (start_n == 0) | (FAR_SCORES == 0)
         m_i, top, w0, w1, w2, w3 = _sweep_tile(
-            q, k_base, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
+            q, k_src, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
             stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
-            all_scores, CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST, FAR_SCORES)
+            all_scores, b, hk, CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST, FAR_SCORES, KV_TMA)
     tau = histogram_lower_tau(unpack_words(w0, w1, w2, w3), m_i, top / 16.0, (2.0 - alpha) / (alpha - 1.0), 2.0 - alpha,
                               ALPHA_MODE, 16, HIST_ITERS)
     in_rows = offs_m < Nq
@@ -185,13 +189,14 @@ def dense_sweep(q, k, alpha_t, scale, spec, far_scores=None):
     row_max = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tau_hist = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tile_max = torch.full((B, H, n_sub, n_kt), float("-inf"), device=q.device, dtype=torch.float32)
+    k_src, k_tma = tile_source(k, spec)
     _sweep_kernel[(n_mb, B * H)](
-        q, k, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist,
+        q, k_src, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist,
         *q.stride(), *k.stride(), *tile_max.stride()[:3],
         H, Nq, Nk, D, spec.group, float(scale), spec.win_left, spec.win_right,
         n_mb, n_sub, **spec.flags, **dict(spec.tiles, BLOCK_M=spec.sweep_block_m),
         ALPHA_MODE=spec.alpha_mode, HIST_ITERS=HIST_ITERS,
-        FAR_SCORES=_far_scores(far_scores), **spec.sweep_launch)
+        FAR_SCORES=_far_scores(far_scores), KV_TMA=k_tma, **spec.sweep_launch)
     return row_max, tile_max, tau_hist
 
 
