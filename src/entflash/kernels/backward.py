@@ -23,10 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (LN2, compact_marked, entmax_s, log2_floored, mma, tile_interior, valid_lengths,
-                                     visible_mask)
+from entflash.kernels.common import (LN2, compact_marked, entmax_s, head_rows, log2_floored, mma, tile_interior,
+                                     valid_lengths, visible_mask)
 from entflash.kernels.forward import alpha_tensor
-from entflash.kernels.launch import alpha_mode, cdiv, dot_args, interpreting, mask_args, next_power_of_2
+from entflash.kernels.launch import (alpha_mode, cdiv, dot_args, interpreting, mask_args, next_power_of_2, tma_plan,
+                                     tma_tiles)
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 
@@ -102,19 +103,19 @@ def _head_terms(ALPHA, h, scale):
 
 
 @triton.jit
-def _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m0, n0, offs_d, dmask,
-               s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp, Lq, Lk, off, wl, wr,
-               BM: tl.constexpr, BN: tl.constexpr,
+def _dkdv_step(k, v, dk, dv, q_src, do_src, b, h, t_base, d_base, m0, n0, offs_d,
+               s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp, D, Lq, Lk, off, wl, wr,
+               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-               ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+               ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """Add the tile of queries [m0, m0+BM) x keys [n0, n0+BN) to dK (unscaled) and dV; the tile is kept
-    transposed (keys are rows). Interior tiles skip the visibility mask."""
+    transposed (keys are rows). Interior tiles skip the visibility mask. q_src, do_src: common.head_rows's
+    sources (tensor descriptors with TMA, else pointers at this (batch, head))."""
     offs_m = m0 + tl.arange(0, BM)
     offs_n = n0 + tl.arange(0, BN)
     mmask = offs_m < Lq
-    qmask = mmask[:, None] & dmask[None, :]
-    q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=qmask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * s_dom + offs_d[None, :] * s_dod, mask=qmask, other=0.0)
+    q = head_rows(q_src, b, h, m0, offs_m, offs_d, s_qm, s_qd, Lq, D, BM, BD, TMA)
+    do = head_rows(do_src, b, h, m0, offs_m, offs_d, s_dom, s_dod, Lq, D, BM, BD, TMA)
     tau = tl.load(t_base + offs_m * s_tm, mask=mmask, other=float("inf"))
     delta = tl.load(d_base + offs_m, mask=mmask, other=0.0)
     zero = tl.zeros([offs_n.shape[0], offs_m.shape[0]], dtype=tl.float32)
@@ -144,11 +145,11 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, ALPHA, DK, DV, CNT, IDX, SEQQ, SEQK,
                  QB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                  CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                  HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-                 UPCAST: tl.constexpr):
+                 UPCAST: tl.constexpr, TMA: tl.constexpr):
     """dK, dV of one (batch, kv head, key block of BN), summed over the query heads of its group.
 
     The list IDX holds marked query blocks of QB rows; each is visited in QB // BM steps of BM rows. ALPHA: the
-    (Hq,) float32 alpha of each head (_head_terms).
+    (Hq,) float32 alpha of each head (_head_terms). TMA: Q and DO are tensor descriptors (common.head_rows).
     """
     bkv = tl.program_id(0)
     n = tl.program_id(1)
@@ -172,17 +173,21 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, ALPHA, DK, DV, CNT, IDX, SEQQ, SEQK,
         _, coef, sexp = _head_terms(ALPHA, h, scale)
         row = (b64 * Hq + h) * n_kblocks + n
         cnt = tl.load(CNT + row)
-        q_base = Q + b64 * s_qb + h * s_qh
-        do_base = DO + b64 * s_dob + h * s_doh
+        if TMA:
+            q_src = Q
+            do_src = DO
+        else:
+            q_src = Q + b64 * s_qb + h * s_qh
+            do_src = DO + b64 * s_dob + h * s_doh
         t_base = TAU + b64 * s_tb + h * s_th
         d_base = DELTA + (b64 * Hq + h) * Nq
         for t in range(0, cnt):
             m = tl.load(IDX + row * n_qblocks + t)
             for sub in tl.static_range(QB // BM):
-                dk, dv = _dkdv_step(k, v, dk, dv, q_base, do_base, t_base, d_base, m * QB + sub * BM,
-                                    n * BN, offs_d, dmask, s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp,
-                                    Lq, Lk, off, wl, wr, BM, BN, CAUSAL, WIN_LEFT, WIN_RIGHT,
-                                    ALPHA_MODE, DOT_PREC, UPCAST)
+                dk, dv = _dkdv_step(k, v, dk, dv, q_src, do_src, b, h, t_base, d_base, m * QB + sub * BM,
+                                    n * BN, offs_d, s_qm, s_qd, s_dom, s_dod, s_tm, coef, sexp,
+                                    D, Lq, Lk, off, wl, wr, BM, BN, BD, CAUSAL, WIN_LEFT, WIN_RIGHT,
+                                    ALPHA_MODE, DOT_PREC, UPCAST, TMA)
     dk = dk * scale
     tl.store(DK + b64 * s_dkb + kvh * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
              dk.to(DK.dtype.element_ty), mask=store_mask)
@@ -191,19 +196,19 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, ALPHA, DK, DV, CNT, IDX, SEQQ, SEQK,
 
 
 @triton.jit
-def _dq_step(q, do, tau, delta, dq, k_base, v_base, m0, n0, offs_d, dmask,
-             s_kn, s_kd, s_vn, s_vd, coef, sexp, Lq, Lk, off, wl, wr,
-             BM: tl.constexpr, BN: tl.constexpr,
+def _dq_step(q, do, tau, delta, dq, k_src, v_src, b, kvh, m0, n0, offs_d,
+             s_kn, s_kd, s_vn, s_vd, coef, sexp, D, Lq, Lk, off, wl, wr,
+             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
              CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-             ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+             ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
     """Add the tile of queries [m0, m0+BM) x keys [n0, n0+BN) to dQ (unscaled); interior tiles skip
     the visibility mask. Returns (dq, g, u, s): g = dO v^T, u = [x - tau]_+ and s = p^(2-alpha) of the
-    tile, for the alpha row sums."""
+    tile, for the alpha row sums. k_src, v_src: common.head_rows's sources (tensor descriptors with TMA, else
+    pointers at this (batch, kv head))."""
     offs_m = m0 + tl.arange(0, BM)
     offs_n = n0 + tl.arange(0, BN)
-    kmask = (offs_n < Lk)[:, None] & dmask[None, :]
-    k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=kmask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kmask, other=0.0)
+    k = head_rows(k_src, b, kvh, n0, offs_n, offs_d, s_kn, s_kd, Lk, D, BN, BD, TMA)
+    v = head_rows(v_src, b, kvh, n0, offs_n, offs_d, s_vn, s_vd, Lk, D, BN, BD, TMA)
     zero = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.float32)
     x = coef * mma(q, tl.trans(k), zero, DOT_PREC, UPCAST) - tau[:, None]
     u = tl.maximum(x, 0.0)
@@ -266,11 +271,12 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, ALPHA, DAROW, DQ, CNT, IDX, SEQQ, SEQK,
                KB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                HAS_LQ: tl.constexpr, HAS_LK: tl.constexpr, ALPHA_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-               UPCAST: tl.constexpr, REVERSE: tl.constexpr, ALPHA_GRAD: tl.constexpr):
+               UPCAST: tl.constexpr, REVERSE: tl.constexpr, ALPHA_GRAD: tl.constexpr, TMA: tl.constexpr):
     """dQ of one (batch, query head, query block of BM) over its marked key blocks of KB keys, each
     visited in KB // BN steps. With ALPHA_GRAD it also writes the rows' dL/dalpha into DAROW, from six
     row sums formed here from the tiles it visits anyway (no extra sweep, nothing saved by the forward:
-    the stored output is rounded to the input dtype, too coarse for alpha near 1)."""
+    the stored output is rounded to the input dtype, too coarse for alpha near 1). TMA: K and V are tensor
+    descriptors (common.head_rows)."""
     bh = tl.program_id(0)
     m = tl.program_id(1)
     if REVERSE:  # causal: the last query blocks have the most work, start them first
@@ -292,8 +298,12 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, ALPHA, DAROW, DQ, CNT, IDX, SEQQ, SEQK,
                  mask=qmask, other=0.0)
     tau = tl.load(TAU + b64 * s_tb + h * s_th + offs_m * s_tm, mask=mmask, other=float("inf"))
     delta = tl.load(DELTA + (b64 * Hq + h) * Nq + offs_m, mask=mmask, other=0.0)
-    k_base = K + b64 * s_kb + kvh * s_kh
-    v_base = V + b64 * s_vb + kvh * s_vh
+    if TMA:
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + b64 * s_kb + kvh * s_kh
+        v_src = V + b64 * s_vb + kvh * s_vh
     row = (b64 * Hq + h) * n_qblocks + m
     cnt = tl.load(CNT + row)
     dq = tl.zeros([BM, BD], dtype=tl.float32)
@@ -307,9 +317,10 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, ALPHA, DAROW, DQ, CNT, IDX, SEQQ, SEQK,
     for t in range(0, cnt):
         n = tl.load(IDX + row * n_kblocks + t)
         for sub in tl.static_range(KB // BN):
-            dq, g, u, s = _dq_step(q, do, tau, delta, dq, k_base, v_base, m * BM, n * KB + sub * BN,
-                                   offs_d, dmask, s_kn, s_kd, s_vn, s_vd, coef, sexp, Lq, Lk, off,
-                                   wl, wr, BM, BN, CAUSAL, WIN_LEFT, WIN_RIGHT, ALPHA_MODE, DOT_PREC, UPCAST)
+            dq, g, u, s = _dq_step(q, do, tau, delta, dq, k_src, v_src, b, kvh, m * BM, n * KB + sub * BN,
+                                   offs_d, s_kn, s_kd, s_vn, s_vd, coef, sexp, D, Lq, Lk, off,
+                                   wl, wr, BM, BN, BD, CAUSAL, WIN_LEFT, WIN_RIGHT, ALPHA_MODE, DOT_PREC, UPCAST,
+                                   TMA)
             if ALPHA_GRAD:
                 a_gp, a_p, a_gd, a_d, a_gpl, a_pl = _alpha_tile_sums(g, u, s, a_gp, a_p, a_gd, a_d, a_gpl, a_pl)
     dq = dq * scale
@@ -459,27 +470,37 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     tile_map = tile_map.to(dev)
     cnt_q, idx_q, cnt_kv, idx_kv = block_lists(tile_map, cfg["bm_dq"] // MAP_BLOCK, cfg["bn_kv"] // MAP_BLOCK)
 
+    # tiles read through TMA descriptors where every row is valid (launch.tma_plan), in both kernels or neither
+    tma = seqlens_q is None and tma_plan(q, BD, seqlens_k)
+
     # dK, dV: one program per (batch, kv head, key block), over the map's columns
     bm, bn = cfg["bm_kv"], cfg["bn_kv"]
     n_kb, n_qb = idx_kv.shape[2], idx_kv.shape[3]
     dk = _alloc_like(k)
     dv = _alloc_like(v)
+    q_src, do_src = (tma_tiles(t, bm, BD) if tma else None for t in (q, grad_out))
+    dkdv_tma = q_src is not None and do_src is not None
     _dkdv_kernel[(B * Hkv, n_kb)](
-        q, k, v, grad_out, tau, delta, alpha_t, dk, dv, cnt_kv, idx_kv, sq, sk,
+        q_src if dkdv_tma else q, k, v, do_src if dkdv_tma else grad_out, tau, delta, alpha_t, dk, dv, cnt_kv, idx_kv,
+        sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(),
         *dk.stride(), *dv.stride(),
         Hq, Hkv, G, Nq, Nk, D, n_kb, n_qb, wl_i, wr_i, float(scale),
-        QB=MAP_BLOCK, BM=bm, BN=bn, BD=BD, **common)
+        QB=MAP_BLOCK, BM=bm, BN=bn, BD=BD, TMA=dkdv_tma, **common)
 
     # dQ: one program per (batch, query head, query block), over the map's rows
     bm, bn = cfg["bm_dq"], cfg["bn_dq"]
     n_qb, n_kb = idx_q.shape[2], idx_q.shape[3]
     dq = _alloc_like(q)
+    k_src, v_src = (tma_tiles(t, bn, BD) if tma else None for t in (k, v))
+    dq_tma = k_src is not None and v_src is not None
     _dq_kernel[(B * Hq, n_qb)](
-        q, k, v, grad_out, tau, delta, alpha_t, darow, dq, cnt_q, idx_q, sq, sk,
+        q, k_src if dq_tma else k, v_src if dq_tma else v, grad_out, tau, delta, alpha_t, darow, dq, cnt_q, idx_q,
+        sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(), *dq.stride(),
         Hq, G, Nq, Nk, D, n_qb, n_kb, wl_i, wr_i, float(scale),
-        KB=MAP_BLOCK, BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad, **common)
+        KB=MAP_BLOCK, BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad, TMA=dq_tma,
+        **common)
 
     dalpha = None
     if alpha_requires_grad:

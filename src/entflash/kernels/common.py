@@ -180,20 +180,20 @@ def mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def kv_rows(src, kv_b, kv_h, start_n, offs_n, offs_d, stride_n, stride_d, len_k, D,
-            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """A (BLOCK_N, BLOCK_D) tile of key or value rows offs_n = start_n + arange(BLOCK_N) (batch kv_b, kv head kv_h).
+def head_rows(src, b, h, start, offs_r, offs_d, stride_r, stride_d, n_rows, D,
+              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """A (BLOCK_R, BLOCK_D) tile of rows offs_r = start + arange(BLOCK_R) of one (batch b, head h) of a
+    (B, H, N, D) tensor: keys or values in the forward and dQ kernels, queries or output gradients in dK/dV.
 
-    TMA: src is a tensor descriptor of the whole (B, Hkv, Nk, D) tensor with (1, 1, BLOCK_N, BLOCK_D) blocks
-    (launch.tile_source): one bulk copy per tile, rows past Nk read as 0, no per-element address or mask
-    arithmetic; the launch plan takes it only where every key row below Nk is valid (no seqlens_k) and
-    D = BLOCK_D. Otherwise src points at (row 0, dim 0) of this (batch, head) with strides (stride_n, stride_d),
-    and rows at or past len_k and dims at or past D read as 0 (padding or unused cache slots may hold anything,
-    NaN included)."""
+    TMA: src is a tensor descriptor of the whole tensor with (1, 1, BLOCK_R, BLOCK_D) blocks (launch.tma_tiles):
+    one bulk copy per tile, rows past N read as 0, no per-element address or mask arithmetic; the launch plans
+    take it only where every row below N is valid (no length tensor for that side) and D = BLOCK_D. Otherwise
+    src points at (row 0, dim 0) of this (batch, head) with strides (stride_r, stride_d), and rows at or past
+    n_rows and dims at or past D read as 0 (padding or unused cache slots may hold anything, NaN included)."""
     if TMA:
-        rows = tl.reshape(src.load([kv_b, kv_h, start_n, 0]), (BLOCK_N, BLOCK_D))
+        rows = tl.reshape(src.load([b, h, start, 0]), (BLOCK_R, BLOCK_D))
     else:
-        rows = load_rows(src, offs_n, offs_d, stride_n, stride_d, len_k, D)
+        rows = load_rows(src, offs_r, offs_d, stride_r, stride_d, n_rows, D)
     return rows
 
 
@@ -206,7 +206,7 @@ def score_tile(q, k_src, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd,
     """Scores in tau units minus each row's shift, for one key tile: (BLOCK_M, BLOCK_N) float32, invisible -> -inf.
 
     q: (BLOCK_M, BLOCK_D) tile already loaded, rows offs_m = start_m + arange(BLOCK_M); keys
-    start_n .. start_n + BLOCK_N - 1 are read from k_src: with KV_TMA a tensor descriptor (kv_rows; batch kv_b,
+    start_n .. start_n + BLOCK_N - 1 are read from k_src: with KV_TMA a tensor descriptor (head_rows; batch kv_b,
     kv head kv_h), else a pointer with strides (stride_kn, stride_kd), keys at or past len_k not read (padding or
     unused cache slots may hold anything, NaN included). qk_scale = (alpha - 1) * scale (a scalar); shift
     (BLOCK_M,) float32, tau for the shifted scores x - tau of the later stages (one multiply-add per score, where
@@ -215,8 +215,8 @@ def score_tile(q, k_src, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd,
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if KV_TMA:
-        kt = tl.trans(kv_rows(k_src, kv_b, kv_h, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, D,
-                              BLOCK_N, q.shape[1], True))
+        kt = tl.trans(head_rows(k_src, kv_b, kv_h, start_n, offs_n, offs_d, stride_kn, stride_kd, len_k, D,
+                                BLOCK_N, q.shape[1], True))
     else:
         kt = tl.load(k_src + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=(offs_n[None, :] < len_k) & (offs_d[:, None] < D), other=0.0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -184,17 +185,22 @@ def tma_plan(q, block_d: int, seqlens_k) -> bool:
 
 
 def tile_source(t: torch.Tensor, spec: StageSpec):
-    """What a kernel's K or V argument takes for t (B, Hkv, Nk, D): (a TensorDescriptor reading (1, 1, BLOCK_N,
-    BLOCK_D) blocks, True) when the plan reads tiles through TMA (StageSpec.kv_tma) and t suits it (last dim
-    contiguous, other strides and the base 16-byte aligned), else (t, False): the kernels then load through
-    pointers (common.kv_rows)."""
-    if not spec.kv_tma:
-        return t, False
+    """What a forward kernel's K or V argument takes for t (B, Hkv, Nk, D): (tma_tiles' descriptor of (BLOCK_N,
+    BLOCK_D) tiles, True) when the plan reads tiles through TMA (StageSpec.kv_tma) and t suits it, else (t, False):
+    the kernels then load through pointers (common.head_rows)."""
+    desc = tma_tiles(t, spec.tiles["BLOCK_N"], spec.tiles["BLOCK_D"]) if spec.kv_tma else None
+    return (t, False) if desc is None else (desc, True)
+
+
+def tma_tiles(t: torch.Tensor, block_rows: int, block_d: int):
+    """A TensorDescriptor of t (B, H, N, D) reading (1, 1, block_rows, block_d) blocks, or None where TMA cannot
+    describe t: a last dim that is not contiguous, or a base or another stride that is not a multiple of 16 bytes
+    (a dim of size 1 is only ever read at index 0: its stride is replaced by that of a packed layout)."""
     size = t.element_size()
-    outer = [(stride, n) for stride, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1]
-    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(stride < 1 or stride * size % 16 for stride, _ in outer):
-        return t, False
+    strides = [stride if n > 1 else math.prod(t.shape[i + 1:])
+               for i, (stride, n) in enumerate(zip(t.stride(), t.shape))]
+    if strides[-1] != 1 or t.data_ptr() % 16 or any(stride < 1 or stride * size % 16 for stride in strides[:-1]):
+        return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    block = [1, 1, spec.tiles["BLOCK_N"], spec.tiles["BLOCK_D"]]
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block), True
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, block_d])

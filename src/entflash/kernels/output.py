@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (compact_candidates, entmax_p_shifted, key_range, kv_rows, load_rows, mma,
+from entflash.kernels.common import (compact_candidates, entmax_p_shifted, head_rows, key_range, load_rows, mma,
                                      program_coords, score_tile, sub_block_max_rows, sub_block_min_rows)
 from entflash.kernels.launch import tile_source
 
@@ -47,7 +47,7 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
     tau_low = tl.load(TauLow + row_ptr, mask=in_rows, other=float("inf"))
     m_i = tl.load(RowMax + row_ptr, mask=in_rows, other=float("-inf"))
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
-    if KV_TMA:  # K and V are tensor descriptors (common.kv_rows)
+    if KV_TMA:  # K and V are tensor descriptors (common.head_rows)
         k_src = K
         v_src = V
     else:
@@ -92,7 +92,7 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
                 hit = sub_block_max_rows(tl.max(xs, axis=1) + low_gap, BLOCK_M) > 0
                 tl.store(TileMap + tile_off + sub * stride_tm + kb, hit.to(tl.int8), mask=sub < n_sub_valid)
             p, s, u = entmax_p_shifted(xs, rm1, ALPHA_MODE)
-            v = kv_rows(v_src, b, hk, kb * BLOCK_N, offs_n, offs_d, stride_vn, stride_vd, len_k, D, BLOCK_N, BLOCK_D,
+            v = head_rows(v_src, b, hk, kb * BLOCK_N, offs_n, offs_d, stride_vn, stride_vd, len_k, D, BLOCK_N, BLOCK_D,
                         KV_TMA)
             acc = mma(p.to(v.dtype), v, acc, DOT_PREC, UPCAST)
             # S sums the s that O2's product reads, rounded to the input dtype like it: the backward's
@@ -164,7 +164,8 @@ def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low
     v_src, v_tma = tile_source(v, spec)
     kv_tma = k_tma and v_tma  # one constexpr for both: else both through pointers
     _output_kernel[spec.grid](
-        q, k_src if kv_tma else k, v_src if kv_tma else v, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau, tau_low, spec.lists,
+        q, k_src if kv_tma else k, v_src if kv_tma else v, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau, tau_low,
+        spec.lists,
         hits if hits is not None else tile_max,
         out, tau_out, support, tile_map if write_map else tile_max, o2, s2,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *tile_max.stride()[:3],

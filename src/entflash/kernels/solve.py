@@ -78,7 +78,7 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
     m_i = tl.load(RowMax + row_ptr, mask=offs_m < Nq, other=float("-inf"))
     valid = m_i > float("-inf")
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
-    if KV_TMA:  # K is a tensor descriptor (common.kv_rows)
+    if KV_TMA:  # K is a tensor descriptor (common.head_rows)
         k_src = K
     else:
         k_src = K + b * stride_kb + hk * stride_kh

@@ -133,7 +133,7 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
-    if KV_TMA:  # K is a tensor descriptor (common.kv_rows)
+    if KV_TMA:  # K is a tensor descriptor (common.head_rows)
         k_src = K
     else:
         k_src = K + b * stride_kb + hk * stride_kh
