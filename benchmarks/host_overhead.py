@@ -94,7 +94,7 @@ def main() -> None:
     def forward_backward(alpha=1.5, check_alpha=True):
         out = entflash.entmax_attention(*leaves, alpha=alpha, causal=True, backend="triton",
                                         check_alpha=check_alpha)
-        inputs = leaves + ([alpha] if isinstance(alpha, torch.Tensor) else [])
+        inputs = leaves + ([alpha] if isinstance(alpha, torch.Tensor) and alpha.requires_grad else [])
         torch.autograd.grad(out, inputs, grad_out)
 
     # one decoding step: a query per sequence against a 128-slot cache holding 100 tokens, appending one

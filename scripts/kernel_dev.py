@@ -80,12 +80,9 @@ def main():
     ap.add_argument("--learned", action="store_true",
                     help="also time the training forward and the backward with alpha as a learnable (H,) tensor "
                          "(--alpha on every head, requires_grad: the alpha-gradient path), each --bwd-configs too")
-    ap.add_argument("--tma", action="store_true",
-                    help="read key/value tiles through TMA descriptors where launch.tma_plan allows (sets "
-                         "launch.TMA_TILES for every call of this run)")
     ap.add_argument("--pointer-loads", action="store_true",
                     help="also time the three forward stages with key/value tiles read through pointers "
-                         "(kv_tma off): ms_*_pointers, next to the plan's own ms_sweep/ms_solve/ms_output")
+                         "(kv_tma off, no register cap): ms_*_pointers, next to the plan's ms_sweep/solve/output")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -95,7 +92,6 @@ def main():
     from entflash.autograd import fused_backward, fused_forward
     from entflash.kernels.backward import _pick_blocks, attention_backward
     from entflash.kernels.forward import alpha_tensor, entmax_forward
-    from entflash.kernels import launch
     from entflash.kernels.launch import make_spec
     from entflash.kernels.output import sparse_output
     from entflash.kernels.solve import solve_tau
@@ -103,7 +99,6 @@ def main():
     from entflash.kernels.sweep import dense_sweep
     from entflash.reference.attention import torch_attention
 
-    launch.TMA_TILES = args.tma or launch.TMA_TILES
 
     causal = not args.noncausal
     rows, experiments = [], []
@@ -181,7 +176,7 @@ def main():
                     return_mode="median")
                 warp_ms = {}
                 if args.pointer_loads:
-                    spec_p = dataclasses.replace(spec, kv_tma=False)
+                    spec_p = dataclasses.replace(spec, kv_tma=False, tma_launch={})
                     warp_ms["kv_tma"] = float(spec.kv_tma)
                     warp_ms["ms_sweep_pointers"] = triton.testing.do_bench(
                         lambda: dense_sweep(q, k, a_t, scale, spec_p), return_mode="median")

@@ -26,6 +26,7 @@ import triton.language as tl
 from entflash.kernels.common import (LN2, compact_marked, entmax_s, head_rows, log2_floored, mma, tile_interior,
                                      valid_lengths, visible_mask)
 from entflash.kernels.forward import alpha_tensor
+from entflash.kernels import launch
 from entflash.kernels.launch import (alpha_mode, cdiv, dot_args, interpreting, mask_args, next_power_of_2, tma_plan,
                                      tma_tiles)
 
@@ -465,13 +466,17 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     sq, sk = (delta if lens is None else lens.to(device=dev, dtype=torch.int32).contiguous()
               for lens in (seqlens_q, seqlens_k))
     flags, wl_i, wr_i = mask_args(causal, window, seqlens_q, seqlens_k)
-    common = dict(**flags, ALPHA_MODE=mode, **dot_args(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"],
-                  **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}))
+    common = dict(**flags, ALPHA_MODE=mode, **dot_args(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
     tile_map = tile_map.to(dev)
     cnt_q, idx_q, cnt_kv, idx_kv = block_lists(tile_map, cfg["bm_dq"] // MAP_BLOCK, cfg["bn_kv"] // MAP_BLOCK)
 
-    # tiles read through TMA descriptors where every row is valid (launch.tma_plan), in both kernels or neither
+    # tiles read through TMA descriptors where every row is valid (launch.tma_plan), in both kernels or neither;
+    # a kernel that reads through them takes launch.TMA_MAXNREG at D <= 64, unless `blocks` names a cap
     tma = seqlens_q is None and tma_plan(q, BD, seqlens_k)
+
+    def register_cap(reads_tma: bool) -> dict:
+        cap = cfg.get("maxnreg") or (launch.TMA_MAXNREG if reads_tma and BD <= 64 else None)
+        return {"maxnreg": cap} if cap else {}
 
     # dK, dV: one program per (batch, kv head, key block), over the map's columns
     bm, bn = cfg["bm_kv"], cfg["bn_kv"]
@@ -486,7 +491,7 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(),
         *dk.stride(), *dv.stride(),
         Hq, Hkv, G, Nq, Nk, D, n_kb, n_qb, wl_i, wr_i, float(scale),
-        QB=MAP_BLOCK, BM=bm, BN=bn, BD=BD, TMA=dkdv_tma, **common)
+        QB=MAP_BLOCK, BM=bm, BN=bn, BD=BD, TMA=dkdv_tma, **common, **register_cap(dkdv_tma))
 
     # dQ: one program per (batch, query head, query block), over the map's rows
     bm, bn = cfg["bm_dq"], cfg["bn_dq"]
@@ -500,7 +505,7 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(), *dq.stride(),
         Hq, G, Nq, Nk, D, n_qb, n_kb, wl_i, wr_i, float(scale),
         KB=MAP_BLOCK, BM=bm, BN=bn, BD=BD, REVERSE=bool(causal), ALPHA_GRAD=alpha_requires_grad, TMA=dq_tma,
-        **common)
+        **common, **register_cap(dq_tma))
 
     dalpha = None
     if alpha_requires_grad:

@@ -88,7 +88,8 @@ class StageSpec:
     (0 when that side is unlimited); group = Hq // Hkv; grid = (num query blocks, B * Hq);
     tiles: BLOCK_M/BLOCK_N/BLOCK_D/DOT_PREC/UPCAST constexprs of the solve and output stages; the sweep runs
     sweep_block_m-row query blocks instead (its own grid); *_launch: num_warps/num_stages per stage;
-    kv_tma: whether tile_source may hand the kernels TMA descriptors of k and v (tma_plan).
+    kv_tma: whether tile_source may hand the kernels TMA descriptors of k and v (tma_plan); tma_launch: launch
+    options the Newton and output passes add when they read through descriptors (TMA_MAXNREG).
     """
     lq: torch.Tensor
     lk: torch.Tensor
@@ -106,6 +107,8 @@ class StageSpec:
     sweep_launch: dict = field(default_factory=dict)
     sparse_launch: dict = field(default_factory=dict)
     kv_tma: bool = False  # may the stages read key/value tiles through TMA descriptors (tile_source)?
+    tma_launch: dict = field(default_factory=dict)  # extra launch options of the later stages when they do
+    descriptors: dict = field(default_factory=dict)  # tile_source's descriptors, made once per tensor and call
 
 
 def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> StageSpec:
@@ -139,6 +142,7 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
     sweep_block_m = 64 if half else block_m
     sweep_warps = 4 if block_d <= 128 and half else 8
     flags, win_left, win_right = mask_args(causal, window, seqlens_q, seqlens_k)
+    kv_tma = tma_plan(q, block_d, seqlens_k)
     n_mb = cdiv(Nq, block_m)
     nk_chunk = min(512, max(16, next_power_of_2(cdiv(k.shape[2], 64))))
     return StageSpec(
@@ -157,13 +161,27 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
         sweep_block_m=sweep_block_m,
         sweep_launch=dict(num_warps=sweep_warps, num_stages=3 if block_d <= 128 else 2),
         sparse_launch=dict(num_warps=warps, num_stages=2),
-        kv_tma=tma_plan(q, block_d, seqlens_k),
+        kv_tma=kv_tma,
+        tma_launch=dict(maxnreg=TMA_MAXNREG) if kv_tma and block_d <= 64 and TMA_MAXNREG else {},
     )
 
 
-# Off until timed on a GPU against the pointer loads (scripts/kernel_dev.py --pointer-loads); the interpreter
-# tests run both paths (tests/test_kernels_forward.py switches it on).
-TMA_TILES = False
+# Read tiles through TMA where tma_plan allows. On the H100 at N = 16384, causal, alpha = 1.5, fwd / fwd+bwd went
+# from 2.21 / 1.28, 1.63 / 0.73, 0.94 / 0.32, 0.67 / 0.21 to 2.14 / 1.20, 1.56 / 0.68, 0.91 / 0.31, 0.64 / 0.21 x FA2
+# at D = 64 (dense, ~60%, ~90%, ~97% block sparse) and from 1.47 / 1.07, 1.29 / 0.68, 0.84 / 0.32, 0.55 / 0.20 to
+# 1.39 / 1.01, 1.20 / 0.63, 0.78 / 0.31, 0.52 / 0.19 at D = 128 (benchmarks/results/*-c85477c-tma-n16k-tma.json
+# against *-cbb482e-n16k-prev.json, one machine). False sends every tile through pointers (the tests compare both).
+TMA_TILES = True
+# Register cap of the kernels that stream tiles through TMA at 16-bit D <= 64 (the Newton and output passes, dK/dV
+# and dQ): the descriptors free registers, so 168 per thread (three 4-warp programs per multiprocessor instead of
+# two) spills little on sm_90 (alpha = 1.5: output 8-16, dK/dV 24-56 bytes per thread, 108 with a two-sided window;
+# the general-alpha output kernel 204: scripts/compile_kernels.py), and on the H100 at N = 16384, D = 64 fwd /
+# fwd+bwd went from 2.14 / 1.23,
+# 1.60 / 0.67, 0.91 / 0.31, 0.65 / 0.20 to 1.97 / 1.13, 1.51 / 0.65, 0.88 / 0.29, 0.62 / 0.20 x FA2 causal and from
+# 1.93 / 1.23, 1.58 / 0.72 to 1.80 / 1.12, 1.46 / 0.70 non-causal (dense, ~60%), the learnable alpha's fwd+bwd
+# from 1.66 to 1.49 dense causal (*-c85477c-tma-n16k-d64-tma.json against *-c85477c-tma-r168-n16k-d64-tma-r168.json).
+# 0 lifts the cap.
+TMA_MAXNREG = 168
 
 
 def tma_plan(q, block_d: int, seqlens_k) -> bool:
@@ -188,7 +206,13 @@ def tile_source(t: torch.Tensor, spec: StageSpec):
     """What a forward kernel's K or V argument takes for t (B, Hkv, Nk, D): (tma_tiles' descriptor of (BLOCK_N,
     BLOCK_D) tiles, True) when the plan reads tiles through TMA (StageSpec.kv_tma) and t suits it, else (t, False):
     the kernels then load through pointers (common.head_rows)."""
-    desc = tma_tiles(t, spec.tiles["BLOCK_N"], spec.tiles["BLOCK_D"]) if spec.kv_tma else None
+    if not spec.kv_tma:
+        return t, False
+    block_n, block_d = spec.tiles["BLOCK_N"], spec.tiles["BLOCK_D"]
+    key = (t.data_ptr(), t.shape, t.stride(), t.dtype, block_n, block_d)
+    if key not in spec.descriptors:  # k serves three stages: one descriptor (host time, ~0.02 ms each in cProfile)
+        spec.descriptors[key] = tma_tiles(t, block_n, block_d)
+    desc = spec.descriptors[key]
     return (t, False) if desc is None else (desc, True)
 
 

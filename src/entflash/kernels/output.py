@@ -173,7 +173,7 @@ def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low
         spec.num_m_blocks, tile_max.shape[2], **spec.flags, **spec.tiles,
         ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, FOLD=bool(fold or save_bwd),
         SAVE_BWD=bool(save_bwd), COUNT_SUPPORT=bool(count_support), FROM_HITS=hits is not None, WRITE_MAP=write_map,
-        KV_TMA=kv_tma, **spec.sparse_launch)
+        KV_TMA=kv_tma, **spec.sparse_launch, **(spec.tma_launch if kv_tma else {}))
     return dict(out=out, tau=tau_out, support=support,
                 tile_map=tile_map.view(torch.bool) if tile_map is not None else None,
                 o2=o2 if save_bwd else None, s=s2 if save_bwd else None)

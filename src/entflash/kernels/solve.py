@@ -134,5 +134,5 @@ def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_it
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, tile_max.shape[2], float(all_passes_from_alpha), **spec.flags, **spec.tiles,
         ALPHA_MODE=spec.alpha_mode, NK_CHUNK=spec.nk_chunk, NEWTON_ITERS=newton_iters, KV_TMA=k_tma,
-        **spec.sparse_launch)
+        **spec.sparse_launch, **(spec.tma_launch if k_tma else {}))
     return tau, tau_low, (hits if newton_iters > 0 else None)
