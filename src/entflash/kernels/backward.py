@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (LN2, compact_marked, entmax_s, head_rows, log2_floored, mma, tile_interior,
-                                     valid_lengths, visible_mask)
+from entflash.kernels.common import (LN2, compact_marked, entmax_s, head_rows, head_source, log2_floored, mma,
+                                     tile_interior, valid_lengths, visible_mask)
 from entflash.kernels.forward import alpha_tensor
 from entflash.kernels import launch
 from entflash.kernels.launch import (alpha_mode, cdiv, dot_args, interpreting, mask_args, next_power_of_2, tma_plan,
@@ -174,12 +174,8 @@ def _dkdv_kernel(Q, K, V, DO, TAU, DELTA, ALPHA, DK, DV, CNT, IDX, SEQQ, SEQK,
         _, coef, sexp = _head_terms(ALPHA, h, scale)
         row = (b64 * Hq + h) * n_kblocks + n
         cnt = tl.load(CNT + row)
-        if TMA:
-            q_src = Q
-            do_src = DO
-        else:
-            q_src = Q + b64 * s_qb + h * s_qh
-            do_src = DO + b64 * s_dob + h * s_doh
+        q_src = head_source(Q, b64, h, s_qb, s_qh, TMA)
+        do_src = head_source(DO, b64, h, s_dob, s_doh, TMA)
         t_base = TAU + b64 * s_tb + h * s_th
         d_base = DELTA + (b64 * Hq + h) * Nq
         for t in range(0, cnt):
@@ -299,12 +295,8 @@ def _dq_kernel(Q, K, V, DO, TAU, DELTA, ALPHA, DAROW, DQ, CNT, IDX, SEQQ, SEQK,
                  mask=qmask, other=0.0)
     tau = tl.load(TAU + b64 * s_tb + h * s_th + offs_m * s_tm, mask=mmask, other=float("inf"))
     delta = tl.load(DELTA + (b64 * Hq + h) * Nq + offs_m, mask=mmask, other=0.0)
-    if TMA:
-        k_src = K
-        v_src = V
-    else:
-        k_src = K + b64 * s_kb + kvh * s_kh
-        v_src = V + b64 * s_vb + kvh * s_vh
+    k_src = head_source(K, b64, kvh, s_kb, s_kh, TMA)
+    v_src = head_source(V, b64, kvh, s_vb, s_vh, TMA)
     row = (b64 * Hq + h) * n_qblocks + m
     cnt = tl.load(CNT + row)
     dq = tl.zeros([BM, BD], dtype=tl.float32)

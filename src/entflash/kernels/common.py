@@ -180,6 +180,17 @@ def mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def head_source(T, b, h, stride_b, stride_h, TMA: tl.constexpr):
+    """What head_rows reads for batch b, head h of a (B, H, N, D) kernel argument T: with TMA, T itself (a tensor
+    descriptor of the whole tensor), else a pointer at (b, h, row 0, dim 0)."""
+    if TMA:
+        src = T
+    else:
+        src = T + b * stride_b + h * stride_h
+    return src
+
+
+@triton.jit
 def head_rows(src, b, h, start, offs_r, offs_d, stride_r, stride_d, n_rows, D,
               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
     """A (BLOCK_R, BLOCK_D) tile of rows offs_r = start + arange(BLOCK_R) of one (batch b, head h) of a

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (compact_candidates, entmax_p_shifted, head_rows, key_range, load_rows, mma,
-                                     program_coords, score_tile, sub_block_max_rows, sub_block_min_rows)
+from entflash.kernels.common import (compact_candidates, entmax_p_shifted, head_rows, head_source, key_range,
+                                     load_rows, mma, program_coords, score_tile, sub_block_max_rows,
+                                     sub_block_min_rows)
 from entflash.kernels.launch import tile_source
 
 
@@ -47,12 +48,8 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
     tau_low = tl.load(TauLow + row_ptr, mask=in_rows, other=float("inf"))
     m_i = tl.load(RowMax + row_ptr, mask=in_rows, other=float("-inf"))
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
-    if KV_TMA:  # K and V are tensor descriptors (common.head_rows)
-        k_src = K
-        v_src = V
-    else:
-        k_src = K + b * stride_kb + hk * stride_kh
-        v_src = V + b * stride_vb + hk * stride_vh
+    k_src = head_source(K, b, hk, stride_kb, stride_kh, KV_TMA)
+    v_src = head_source(V, b, hk, stride_vb, stride_vh, KV_TMA)
     tile_off = b * stride_tb + h * stride_th + (start_m // 64) * stride_tm
     n_sub_valid = N_SUB_ROWS - start_m // 64
     sub = tl.arange(0, BLOCK_M // 64)

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (compact_candidates, entmax_p_shifted, key_range, load_rows, newton_tau,
-                                     program_coords, score_tile, sub_block_min_rows)
+from entflash.kernels.common import (compact_candidates, entmax_p_shifted, head_source, key_range, load_rows,
+                                     newton_tau, program_coords, score_tile, sub_block_min_rows)
 from entflash.kernels.launch import tile_source
 
 
@@ -78,10 +78,7 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
     m_i = tl.load(RowMax + row_ptr, mask=offs_m < Nq, other=float("-inf"))
     valid = m_i > float("-inf")
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
-    if KV_TMA:  # K is a tensor descriptor (common.head_rows)
-        k_src = K
-    else:
-        k_src = K + b * stride_kb + hk * stride_kh
+    k_src = head_source(K, b, hk, stride_kb, stride_kh, KV_TMA)
     tmax_ptr = TileMax + b * stride_tb + h * stride_th + (start_m // 64) * stride_tm
     hits_ptr = Hits + b * stride_tb + h * stride_th + (start_m // 64) * stride_tm
     list_ptr = Lists + (tl.program_id(1) * NUM_M_BLOCKS + tl.program_id(0)) * NK_CHUNK

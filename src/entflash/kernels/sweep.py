@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from entflash.kernels.common import (histogram_lower_tau, histogram_words, histogram_words_of_rows, key_range,
-                                     load_rows, program_coords, score_tile, shift_words, sub_block_max_rows,
+from entflash.kernels.common import (head_source, histogram_lower_tau, histogram_words, histogram_words_of_rows,
+                                     key_range, load_rows, program_coords, score_tile, shift_words, sub_block_max_rows,
                                      unpack_words)
 from entflash.kernels.launch import cdiv, tile_source
 
@@ -133,10 +133,7 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
-    if KV_TMA:  # K is a tensor descriptor (common.head_rows)
-        k_src = K
-    else:
-        k_src = K + b * stride_kb + hk * stride_kh
+    k_src = head_source(K, b, hk, stride_kb, stride_kh, KV_TMA)
     tmax_ptr = TileMax + b * stride_tb + h * stride_th
     sub_rows = start_m // 64 + tl.arange(0, BLOCK_M // 64)
     lo, hi = key_range(start_m, len_q, len_k, offset, win_left, win_right,
