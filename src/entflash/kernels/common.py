@@ -213,7 +213,7 @@ def score_tile(q, k_src, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd,
                len_q, len_k, offset, win_left, win_right,
                CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-               KV_TMA: tl.constexpr = False, kv_b=0, kv_h=0):
+               KV_TMA: tl.constexpr, kv_b, kv_h):
     """Scores in tau units minus each row's shift, for one key tile: (BLOCK_M, BLOCK_N) float32, invisible -> -inf.
 
     q: (BLOCK_M, BLOCK_D) tile already loaded, rows offs_m = start_m + arange(BLOCK_M); keys

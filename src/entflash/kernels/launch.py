@@ -176,20 +176,21 @@ TMA_TILES = True
 # and dQ): the descriptors free registers, so 168 per thread (three 4-warp programs per multiprocessor instead of
 # two) spills little on sm_90 (alpha = 1.5: output 8-16, dK/dV 24-56 bytes per thread, 108 with a two-sided window;
 # the general-alpha output kernel 204: scripts/compile_kernels.py), and on the H100 at N = 16384, D = 64 fwd /
-# fwd+bwd went from 2.14 / 1.23,
-# 1.60 / 0.67, 0.91 / 0.31, 0.65 / 0.20 to 1.97 / 1.13, 1.51 / 0.65, 0.88 / 0.29, 0.62 / 0.20 x FA2 causal and from
-# 1.93 / 1.23, 1.58 / 0.72 to 1.80 / 1.12, 1.46 / 0.70 non-causal (dense, ~60%), the learnable alpha's fwd+bwd
-# from 1.66 to 1.49 dense causal (*-c85477c-tma-n16k-d64-tma.json against *-c85477c-tma-r168-n16k-d64-tma-r168.json).
+# fwd+bwd went from 2.14 / 1.23, 1.60 / 0.67, 0.91 / 0.31, 0.65 / 0.20 to 1.97 / 1.13, 1.51 / 0.65, 0.88 / 0.29,
+# 0.62 / 0.20 x FA2 causal and from 1.93 / 1.23, 1.58 / 0.72 to 1.80 / 1.12, 1.46 / 0.70 non-causal (dense, ~60%),
+# the learnable alpha's fwd+bwd from 1.66 to 1.49 dense causal (*-c85477c-tma-n16k-d64-tma.json against
+# *-c85477c-tma-r168-n16k-d64-tma-r168.json).
 # 0 lifts the cap.
 TMA_MAXNREG = 168
 
 
 def tma_plan(q, block_d: int, seqlens_k) -> bool:
-    """Do the forward stages read key and value tiles through TMA descriptors (Hopper's tensor memory accelerator)?
+    """Do the kernels read their streamed tiles through TMA descriptors (Hopper's tensor memory accelerator)? Asked
+    for k and v by the forward stages (make_spec) and, with seqlens_q also absent, by the backward kernels.
 
     A descriptor load moves a whole (64, D) tile with one instruction and no per-element address or mask
     arithmetic, which the pointer loads spend about 30 instructions per tile and thread on (sm_90 SASS of the
-    sweep's far-tile path, D = 64). It reads every row below Nk, so it is taken only without seqlens_k (whose keys
+    sweep's far-tile path, D = 64). It reads every row below N, so it is taken only without seqlens_k (whose keys
     past a row's length may hold anything); only for 16-bit inputs with D = block_d <= 128, the shapes the tiles
     were tuned on (float32 tiles read through TMA compiled to 32 registers and 11 KB of spills per thread on sm_90,
     D = 64, against 255 registers and 0.5 KB through pointers). On a GPU it needs compute capability 9.0;
