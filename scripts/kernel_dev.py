@@ -75,8 +75,9 @@ def main():
     ap.add_argument("--bwd-configs", nargs="*", default=[],
                     help="also time the backward with these num_warps:num_stages[:maxnreg] (e.g. 4:2:168)")
     ap.add_argument("--far-scores", nargs="*", type=int, default=[],
-                    help="also time the sweep, and measure its bound's gap and the inference output's error, with "
-                         "far key tiles binning this many scores per row (sweep.FAR_TILE_SCORES: 0, 1 or 2)")
+                    help="also time the sweep and both forwards, and measure the sweep bound's gap and both outputs' "
+                         "errors, with far key tiles binning this many scores per row (sweep.FAR_TILE_SCORES for "
+                         "inference and FAR_TILE_SCORES_BEFORE_NEWTON for training: 0, 1 or 2)")
     ap.add_argument("--learned", action="store_true",
                     help="also time the training forward and the backward with alpha as a learnable (H,) tensor "
                          "(--alpha on every head, requires_grad: the alpha-gradient path), each --bwd-configs too")
@@ -95,6 +96,7 @@ def main():
     from entflash.kernels.launch import make_spec
     from entflash.kernels.output import sparse_output
     from entflash.kernels.solve import solve_tau
+    from entflash.kernels import forward as forward_module
     from entflash.kernels import sweep as sweep_module
     from entflash.kernels.sweep import dense_sweep
     from entflash.reference.attention import torch_attention
@@ -198,10 +200,18 @@ def main():
                     warp_ms[f"ms_sweep_far{far}"] = triton.testing.do_bench(
                         lambda: dense_sweep(q, k, a_t, scale, spec, far_scores=far), return_mode="median")
                     default_far, sweep_module.FAR_TILE_SCORES = sweep_module.FAR_TILE_SCORES, far
+                    default_train_far = forward_module.FAR_TILE_SCORES_BEFORE_NEWTON
+                    forward_module.FAR_TILE_SCORES_BEFORE_NEWTON = far
                     try:
                         warp_ms[f"rel_err_inference_far{far}"] = inference_error()
+                        warp_ms[f"ms_far{far}"] = library(False)
+                        # the training forward with this sweep before its Newton pass
+                        warp_ms[f"ms_train_far{far}"] = library(True)
+                        out_t = fused_forward(q, k, v, args.alpha, causal, scale, None, None, None, True, False)[0]
+                        warp_ms[f"rel_err_train_far{far}"] = ((out_t[:1, hs].float() - ref).norm() / ref.norm()).item()
                     finally:
                         sweep_module.FAR_TILE_SCORES = default_far
+                        forward_module.FAR_TILE_SCORES_BEFORE_NEWTON = default_train_far
                 for config in args.sweep_configs:
                     block_m, w, extra, tag = launch_config(config)
                     spec_c = dataclasses.replace(spec, sweep_block_m=block_m,

@@ -246,9 +246,9 @@ def test_sweep_histogram_bound_when_the_max_rises_inside_and_across_bins(alpha):
 @pytest.mark.parametrize("sink", [False, True])
 def test_sweep_far_tiles_bin_two_scores_per_row(alpha, sink):
     """With far_scores = 2 (1), key tiles away from the query block's diagonal (and past the first tile) bin
-    each row's two largest scores (its largest) only: tau_hist stays a lower bound of tau, is never above the
-    bound that bins more scores, and differs from the all-scores bound on dense inputs whose far tiles hold
-    many of a row's top scores. The same holds with an attention sink (key 0 scoring high for every query;
+    each row's largest score of each column parity (its largest) only: tau_hist stays a lower bound of tau, is
+    never above the bound that bins more scores, and differs from the all-scores bound on dense inputs whose far
+    tiles hold many of a row's top scores. The same holds with an attention sink (key 0 scoring high for every query;
     the first key tile is always binned in full)."""
     from entflash.kernels.forward import alpha_tensor
     from entflash.kernels.launch import make_spec

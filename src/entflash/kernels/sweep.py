@@ -17,9 +17,11 @@ guaranteed lower bound of tau, within about one bin of it. Scores at or below to
 a tile with no score above that floor is not binned at all, so under local attention the histogram
 costs little beyond the tiles near the diagonal. Under dense attention most tiles do reach the floor;
 there (FAR_TILE_SCORES = 2) only the key tiles within one tile of the query block's diagonal, and the first
-tile (where attention sinks sit), bin every score: the others bin each row's two largest scores, a few
-instructions per row instead of about twenty per score. That too only drops scores, so the bound stays
-valid; it loosens where a far tile holds more than two of a row's top scores (FAR_TILE_SCORES = 1 bins one).
+tile (where attention sinks sit), bin every score: the others bin two scores per row, its largest among the
+tile's even columns and its largest among the odd ones (one of them the row's max), a few instructions per row
+instead of about twenty per score. That too only drops scores, so the bound stays valid; it loosens where a far
+tile holds more of a row's top scores than it bins: its two largest when they share a column parity, or more
+than two (FAR_TILE_SCORES = 1 bins the max alone).
 The counts live in 16-bit lanes of four int64 words per row (common.histogram_words); a bin holding more
 than 65535 scores wraps, which loses counts (and may add one to the next lower bin of the same word): the
 bound stays valid, only looser.
@@ -32,13 +34,15 @@ import triton
 import triton.language as tl
 
 from entflash.kernels.common import (head_source, histogram_lower_tau, histogram_words, histogram_words_of_rows,
+                                     histogram_words_pair,
                                      key_range, load_rows, program_coords, score_tile, shift_words, sub_block_max_rows,
                                      unpack_words)
 from entflash.kernels.launch import cdiv, tile_source
 
 HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts
-# how many of each row's largest scores a far key tile bins (module docstring): 2 or 1, or 0 to bin every score
-# of every tile; dense_sweep's default
+# how many of each row's scores a far key tile bins (module docstring): 2 (the largest of each column parity) or
+# 1 (the largest), or 0 to bin every score of every tile; dense_sweep's default. Up to a4b17d8, 2 binned the two
+# largest, found by a second pass over the tile (three instructions per score more).
 FAR_TILE_SCORES = 2
 # the same when a Newton pass follows the sweep on 16-bit inputs (kernels/forward.py): the pass absorbs the looser
 # start. On the H100 at N = 16k, D = 64, bf16, one score per far tile ran the sweep 26-29% faster than two, dense
@@ -59,7 +63,8 @@ def _sweep_tile(q, k_src, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, 
     counts as four (BLOCK_M,) int64 words (common.histogram_words). Stores the tile's relative max for
     each 64-row sub-block: the max over its rows of (the row's max in this tile minus the updated running
     max), -inf for rows without a visible key yet. all_scores (scalar bool): bin every score of the tile,
-    else each row's FAR_SCORES (1 or 2) largest. Returns the updated (m_i, top, w0, w1, w2, w3).
+    else per row its largest (FAR_SCORES = 1) or its largest of each column parity (2). Returns the updated
+    (m_i, top, w0, w1, w2, w3).
 
     Whether the counts shift depends on the rows' tops alone, never on a relative value being exactly 0. The row
     maxima are scaled to tau units after the reduction, which saves a multiply per score in the far tiles. Compiled,
@@ -72,7 +77,16 @@ def _sweep_tile(q, k_src, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, 
     raw, offs_n = score_tile(q, k_src, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
                              1.0, tl.zeros_like(m_i), len_q, len_k, offset, win_left, win_right,
                              CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST, KV_TMA, kv_b, kv_h)
-    raw_max = tl.max(raw, axis=1)
+    if FAR_SCORES == 2:
+        # the largest score among the tile's even columns and among its odd ones (each thread holds pairs of
+        # adjacent columns, so the split moves no data): the row max and a second score to bin, for two
+        # half-width reductions instead of a full-width one and a second pass over the tile
+        even, odd = tl.split(tl.reshape(raw, (BLOCK_M, BLOCK_N // 2, 2)))
+        even_max = tl.max(even, axis=1)
+        odd_max = tl.max(odd, axis=1)
+        raw_max = tl.maximum(even_max, odd_max)
+    else:
+        raw_max = tl.max(raw, axis=1)
     tile_row_max = tl.where(raw_max > float("-inf"), raw_max * qk_scale, float("-inf"))
     m_i = tl.maximum(m_i, tile_row_max)
     seen = m_i > float("-inf")
@@ -96,12 +110,18 @@ def _sweep_tile(q, k_src, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, 
     # tile max is at most its max plus the largest relative value (at most the largest flag), and top/16 >= max
     if largest_flag > -1.0:
         if all_scores:
-            h0, h1, h2, h3 = histogram_words(raw * qk_scale, new_top)
+            if FAR_SCORES == 2:
+                # both halves in the layout of the split above (binning raw itself would move the row
+                # vectors between layouts: 144 more shuffles per tile at D = 64 on sm_90)
+                h0, h1, h2, h3 = histogram_words_pair(even * qk_scale, odd * qk_scale, new_top)
+            else:
+                h0, h1, h2, h3 = histogram_words(raw * qk_scale, new_top)
         else:
             h0, h1, h2, h3 = histogram_words_of_rows(tile_row_max, new_top)
             if FAR_SCORES == 2:
-                # the second largest: a tie with the max is dropped, which only lowers the bound
-                second = tl.max(tl.where(raw < raw_max[:, None], raw, float("-inf")), axis=1) * qk_scale
+                # the other column parity's largest score: another of the row's scores (the second largest
+                # when the two largest sit in columns of different parity, as adjacent keys do)
+                second = tl.minimum(even_max, odd_max) * qk_scale
                 g0, g1, g2, g3 = histogram_words_of_rows(second, new_top)
                 h0 += g0
                 h1 += g1
@@ -176,8 +196,8 @@ def dense_sweep(q, k, alpha_t, scale, spec, far_scores=None):
     (x_ij - row_max_i), <= 0 up to rounding (-inf for tiles never visited or without a visible score);
     tau_hist is a guaranteed lower bound of each row's tau up to rounding (+inf for rows without a
     visible key), at most about one bin (1/16) below it when every score is binned (far_scores=0),
-    looser where a far key tile holds more than far_scores (1 or 2) of a row's top scores (default
-    FAR_TILE_SCORES; module docstring).
+    looser where a far key tile holds more of a row's top scores than it bins (far_scores 1: the largest; 2: the
+    largest of each column parity; default FAR_TILE_SCORES; module docstring).
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
