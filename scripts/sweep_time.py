@@ -5,8 +5,8 @@
 Prints the median time (ms, triton.testing.do_bench) of kernels.sweep.dense_sweep on random bf16 inputs, causal,
 alpha = 1.5, B * N = 16k tokens and H * D = 2048, (N, D) = (4096, 64), (16384, 64) and (16384, 128), with far key
 tiles binning one score per row (far_scores=1, training's sweep) and two (far_scores=2, inference's), for whichever
-entflash PYTHONPATH points at: run it once per tree (e.g. build/prev/src for a baseline) on one machine to compare. MAXNREG caps the
-sweep's registers per thread (a launch experiment).
+entflash PYTHONPATH points at: run it once per tree (e.g. build/prev/src for a baseline) on one machine to compare.
+MAXNREG caps the sweep's registers per thread (a launch experiment).
 """
 import dataclasses
 import sys
