@@ -133,17 +133,12 @@ def test_local_inputs_are_block_sparse_and_rows_sum_to_one():
     assert torch.allclose(out1, torch.ones_like(out1), atol=1e-5)
 
 
-@pytest.mark.parametrize("block_n", [64, 128])
 @pytest.mark.parametrize("causal, window, lengths", [(True, None, None), (False, None, None), (False, (20, 9), None),
                                                       (True, None, ((70, 0, 40), (50, 33, 90)))])
-def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths, block_n):
+def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths):
     """dense_sweep's contract (sweep.py): row_max is each row's max of x = (alpha-1) * scale * q k^T and each
     64x64 tile value lies between max_ij (x_ij - row_max_i) and 0 (-inf exactly where the tile has no visible
-    score); local inputs, so rows' maxima differ and the relative values are far below the absolute ones. The
-    same with key tiles of 64 and of 128 (two map tiles each; 128 is what 16-bit inputs take on the GPU, 64 what
-    float32 does there)."""
-    import dataclasses
-
+    score); local inputs, so rows' maxima differ and the relative values are far below the absolute ones."""
     from entflash.kernels.forward import alpha_tensor
     from entflash.kernels.launch import make_spec
     from entflash.kernels.sweep import dense_sweep
@@ -154,7 +149,7 @@ def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths
     sq, sk = ((torch.tensor(x, dtype=torch.int32, device=DEV) for x in lengths) if lengths else (None, None))
     scale = D ** -0.5
     alpha_t = alpha_tensor(alpha, Hq, q.device)
-    spec = dataclasses.replace(make_spec(q, k, alpha, alpha_t, causal, window, sq, sk), sweep_block_n=block_n)
+    spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
     row_max, tile_max, _ = dense_sweep(q, k, alpha_t, scale, spec)
     x = (alpha - 1) * scale * q.double() @ k.double().repeat_interleave(Hq // Hkv, dim=1).transpose(-1, -2)
     visible = visibility_mask(0, Nq, Nq, Nk, causal, window, sq, sk, q.device)[:, None]
@@ -247,18 +242,14 @@ def test_sweep_histogram_bound_when_the_max_rises_inside_and_across_bins(alpha):
     assert -1e-5 <= gap <= 1 / 16 + 1e-5, gap
 
 
-@pytest.mark.parametrize("block_n", [64, 128])
 @pytest.mark.parametrize("alpha", [1.5, (1.25, 2.0)])
 @pytest.mark.parametrize("sink", [False, True])
-def test_sweep_far_tiles_bin_two_scores_per_row(alpha, sink, block_n):
+def test_sweep_far_tiles_bin_two_scores_per_row(alpha, sink):
     """With far_scores = 2 (1), key tiles away from the query block's diagonal (and past the first tile) bin
     each row's largest score of each column parity (its largest) only: tau_hist stays a lower bound of tau, is
     never above the bound that bins more scores, and differs from the all-scores bound on dense inputs whose far
     tiles hold many of a row's top scores. The same holds with an attention sink (key 0 scoring high for every query;
-    the first key tile is always binned in full). The same with key tiles of 64 and of 128 (whose far tiles
-    bin as many scores per 64 keys)."""
-    import dataclasses
-
+    the first key tile is always binned in full)."""
     from entflash.kernels.forward import alpha_tensor
     from entflash.kernels.launch import make_spec
     from entflash.kernels.sweep import dense_sweep
@@ -271,7 +262,7 @@ def test_sweep_far_tiles_bin_two_scores_per_row(alpha, sink, block_n):
     alpha = torch.tensor(alpha, device=DEV) if isinstance(alpha, tuple) else alpha
     scale = D ** -0.5
     alpha_t = alpha_tensor(alpha, H, q.device)
-    spec = dataclasses.replace(make_spec(q, k, alpha, alpha_t, False, None, None, None), sweep_block_n=block_n)
+    spec = make_spec(q, k, alpha, alpha_t, False, None, None, None)
     _, _, tau_all = dense_sweep(q, k, alpha_t, scale, spec, far_scores=0)
     _, _, tau_top2 = dense_sweep(q, k, alpha_t, scale, spec, far_scores=2)
     _, _, tau_top1 = dense_sweep(q, k, alpha_t, scale, spec, far_scores=1)

@@ -384,41 +384,40 @@ def _bin_of(x, top):
 
 @triton.jit
 def histogram_words(x, top):
-    """Per-row counts of the scores x in 16 bins of width 1/16 below top / 16, where top (BLOCK_M,) float32 is an
-    integer in bin units at or above 16 * (row max): bin b holds top/16 - (b+1)/16 < x <= top/16 - b/16 (bin 0
-    also takes rounding above top/16). Scores at or below top/16 - 1 and rows with top = -inf (nothing visible
-    yet) are not counted. x is a tile of BLOCK_M rows and at most 255 scores per row, viewed as (BLOCK_M, A, B, C)
-    (the sweep's view, sweep._sweep_tile); the row vectors derive from it by reductions over its axes 3, 2 and 1
-    in turn, so that top expands back onto it without moving data.
+    """Per-row counts of the scores x (BLOCK_M, BLOCK_N <= 255) in 16 bins of width 1/16 below top / 16,
+    where top (BLOCK_M,) float32 is an integer in bin units at or above 16 * (row max): bin b holds
+    top/16 - (b+1)/16 < x <= top/16 - b/16 (bin 0 also takes rounding above top/16). Scores at or below
+    top/16 - 1 and rows with top = -inf (nothing visible yet) are not counted.
 
     Returns four (BLOCK_M,) int64 words, word w holding bins 4w..4w+3 in 16-bit lanes (bin b at bits
     16 * (b & 3) of word b >> 2), to be summed over tiles. Four bins share one int32 during the row sums
     (8-bit lanes), so a score costs 4 selects and 4 row sums rather than 16. Everything stays in the
     scores' row layout: no per-tile data movement between threads beyond the row sums.
     """
-    val, word = _lane_values(x, expand_rows_4d(top))
-    return (_widen_lanes(_sum_4d(_in_word(val, word, 0))), _widen_lanes(_sum_4d(_in_word(val, word, 4))),
-            _widen_lanes(_sum_4d(_in_word(val, word, 8))), _widen_lanes(_sum_4d(_in_word(val, word, 12))))
+    val, word = _lane_values(x, top)
+    return (_widen_lanes(tl.sum(_in_word(val, word, 0), axis=1)), _widen_lanes(tl.sum(_in_word(val, word, 4), axis=1)),
+            _widen_lanes(tl.sum(_in_word(val, word, 8), axis=1)), _widen_lanes(tl.sum(_in_word(val, word, 12), axis=1)))
 
 
 @triton.jit
-def expand_rows_4d(v):
-    """A (BLOCK_M,) row vector as (BLOCK_M, 1, 1, 1), its axes added in the order that undoes reductions over
-    axes 3, 2 and 1 of a 4-d view."""
-    return tl.expand_dims(tl.expand_dims(tl.expand_dims(v, 1), 2), 3)
-
-
-@triton.jit
-def _sum_4d(t):
-    """Row sums of a (BLOCK_M, A, B, C) tensor over axes 3, 2 and 1: (BLOCK_M,)."""
-    return tl.sum(tl.sum(tl.sum(t, axis=3), axis=2), axis=1)
+def histogram_words_pair(x, y, top):
+    """histogram_words of the scores of two tiles of the same rows in the same layout, x and y (BLOCK_M, n),
+    2 n <= 255, summed: each lane value of x is added to y's before the row sums, so that the pair costs what
+    one tile of 2 n scores would (summing the two tiles' words separately cost 231 more instructions per
+    pair of 64 x 32 tiles in the sweep at D = 64 on sm_90)."""
+    val_x, word_x = _lane_values(x, top)
+    val_y, word_y = _lane_values(y, top)
+    return (_widen_lanes(tl.sum(_in_word(val_x, word_x, 0) + _in_word(val_y, word_y, 0), axis=1)),
+            _widen_lanes(tl.sum(_in_word(val_x, word_x, 4) + _in_word(val_y, word_y, 4), axis=1)),
+            _widen_lanes(tl.sum(_in_word(val_x, word_x, 8) + _in_word(val_y, word_y, 8), axis=1)),
+            _widen_lanes(tl.sum(_in_word(val_x, word_x, 12) + _in_word(val_y, word_y, 12), axis=1)))
 
 
 @triton.jit
 def _lane_values(x, top):
-    """Per score of x: its count in its bin's 8-bit lane (0 outside the window) and the offset of its bin's word,
-    4 * (bin >> 2); top broadcasts against x."""
-    inwin, b = _bin_of(x, top)
+    """Per score of x (BLOCK_M, n): its count in its bin's 8-bit lane (0 outside the window) and the offset of
+    its bin's word, 4 * (bin >> 2)."""
+    inwin, b = _bin_of(x, top[:, None])
     return tl.where(inwin, 1 << ((b & 3) << 3), 0), b & 12
 
 
@@ -430,11 +429,10 @@ def _in_word(val, word, w):
 
 @triton.jit
 def histogram_words_of_rows(v, top):
-    """histogram_words for a few scores per row, each counted alone: v (BLOCK_M,) or (BLOCK_M, ...) float32 and
-    top, the rows' tops as there, shaped to broadcast against v. Returns four int64 words shaped like v, each
-    holding a count of 1 in its score's bin (16-bit lanes, the layout of histogram_words), or nothing where the
-    score is at or below the window's floor, -inf, or the row's top is -inf; the caller sums them over the
-    scores of a row. A few instructions per row and score, not per score of the tile."""
+    """histogram_words for one score per row: v (BLOCK_M,) float32 and top (BLOCK_M,) as there. Returns four
+    (BLOCK_M,) int64 words holding a count of 1 in v's bin (16-bit lanes, the layout of histogram_words), or
+    nothing where v is at or below the window's floor, -inf, or the row's top is -inf. A row vector costs a
+    few instructions per row, not per score."""
     inwin, b = _bin_of(v, top)
     one = tl.where(inwin, tl.full(v.shape, 1, tl.int64) << ((b & 3) << 4).to(tl.int64), 0)
     word = b & 12
@@ -482,16 +480,10 @@ def _shifted_word(src, bits, low_mask, carry_shift, w0, w1, w2, w3):
 
 @triton.jit
 def unpack_words(w0, w1, w2, w3):
-    """Four (BLOCK_M,) int64 words of 16-bit lanes (histogram_words) -> (BLOCK_M, 16) int32 counts.
-
-    The bins are laid along the last axis of the sweep's 4-d view (sweep._sweep_tile), whose elements spread over
-    the lanes that share a row: laid along a (BLOCK_M, 16) tensor expanded from the words directly, each of those
-    lanes held all 16 bins of its rows and the solve over them (common.histogram_lower_tau) ran four times over
-    (sm_90, D = 64: 1079 instructions more per program)."""
-    bins = tl.arange(0, 16)[None, None, None, :]
-    w = _word_at(bins >> 2, expand_rows_4d(w0), expand_rows_4d(w1), expand_rows_4d(w2), expand_rows_4d(w3))
-    counts = ((w >> ((bins & 3) * 16).to(tl.int64)) & 0xFFFF).to(tl.int32)
-    return tl.reshape(counts, (counts.shape[0], 16))
+    """Four (BLOCK_M,) int64 words of 16-bit lanes (histogram_words) -> (BLOCK_M, 16) int32 counts."""
+    bins = tl.arange(0, 16)[None, :]
+    w = _word_at(bins >> 2, w0[:, None], w1[:, None], w2[:, None], w3[:, None])
+    return ((w >> ((bins & 3) * 16).to(tl.int64)) & 0xFFFF).to(tl.int32)
 
 
 @triton.jit

@@ -5,7 +5,6 @@ import functools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -103,7 +102,6 @@ class StageSpec:
     lists: torch.Tensor  # int32 scratch, NK_CHUNK entries per program: candidate key tiles
     nk_chunk: int
     sweep_block_m: int = 64
-    sweep_block_n: int = 64
     flags: dict = field(default_factory=dict)
     tiles: dict = field(default_factory=dict)
     sweep_launch: dict = field(default_factory=dict)
@@ -161,7 +159,6 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
         flags=flags,
         tiles=dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, **dot_args(q.dtype)),
         sweep_block_m=sweep_block_m,
-        sweep_block_n=SWEEP_BLOCK_N if (half and block_d <= 128) or interpreting() else 64,
         sweep_launch=dict(num_warps=sweep_warps, num_stages=3 if block_d <= 128 else 2),
         sparse_launch=dict(num_warps=warps, num_stages=2),
         kv_tma=kv_tma,
@@ -169,10 +166,6 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
     )
 
 
-# Key tile width of the dense sweep for 16-bit inputs up to D = 128 (and under the interpreter, so that the CPU
-# tests run it): 128 pays each tile's per-row work and cross-warp reduction once per 128 keys; its tile maxima
-# stay per 64 keys. 64 otherwise (float32 tiles of 128 keys need more shared memory than the H100 has at D = 128).
-SWEEP_BLOCK_N = 128
 # Read tiles through TMA where tma_plan allows. On the H100 at N = 16384, causal, alpha = 1.5, fwd / fwd+bwd went
 # from 2.21 / 1.28, 1.63 / 0.73, 0.94 / 0.32, 0.67 / 0.21 to 2.14 / 1.20, 1.56 / 0.68, 0.91 / 0.31, 0.64 / 0.21 x FA2
 # at D = 64 (dense, ~60%, ~90%, ~97% block sparse) and from 1.47 / 1.07, 1.29 / 0.68, 0.84 / 0.32, 0.55 / 0.20 to
@@ -210,14 +203,13 @@ def tma_plan(q, block_d: int, seqlens_k) -> bool:
     return True
 
 
-def tile_source(t: torch.Tensor, spec: StageSpec, block_n: Optional[int] = None):
-    """What a forward kernel's K or V argument takes for t (B, Hkv, Nk, D): (tma_tiles' descriptor of (block_n,
+def tile_source(t: torch.Tensor, spec: StageSpec):
+    """What a forward kernel's K or V argument takes for t (B, Hkv, Nk, D): (tma_tiles' descriptor of (BLOCK_N,
     BLOCK_D) tiles, True) when the plan reads tiles through TMA (StageSpec.kv_tma) and t suits it, else (t, False):
-    the kernels then load through pointers (common.head_rows). block_n: rows per tile, the plan's BLOCK_N (the
-    Newton and output passes) unless given (the sweep's sweep_block_n)."""
+    the kernels then load through pointers (common.head_rows)."""
     if not spec.kv_tma:
         return t, False
-    block_n, block_d = block_n or spec.tiles["BLOCK_N"], spec.tiles["BLOCK_D"]
+    block_n, block_d = spec.tiles["BLOCK_N"], spec.tiles["BLOCK_D"]
     key = (t.data_ptr(), t.shape, t.stride(), t.dtype, block_n, block_d)
     if key not in spec.descriptors:  # k serves three stages: one descriptor (host time, ~0.02 ms each in cProfile)
         spec.descriptors[key] = tma_tiles(t, block_n, block_d)

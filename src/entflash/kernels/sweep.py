@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from entflash.kernels.common import (head_source, histogram_lower_tau, histogram_words, histogram_words_of_rows,
+                                     histogram_words_pair,
                                      key_range, load_rows, program_coords, score_tile, shift_words, sub_block_max_rows,
                                      unpack_words)
 from entflash.kernels.launch import cdiv, tile_source
@@ -53,7 +54,7 @@ FAR_TILE_SCORES_BEFORE_NEWTON = 1
 
 @triton.jit
 def _sweep_tile(q, k_src, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
-                stride_kn, stride_kd, stride_tm, D, Nk, qk_scale, len_q, len_k, offset, win_left, win_right,
+                stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right,
                 N_SUB_ROWS, all_scores, kv_b, kv_h, CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr,
                 WIN_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                 UPCAST: tl.constexpr, FAR_SCORES: tl.constexpr, KV_TMA: tl.constexpr):
@@ -76,35 +77,31 @@ def _sweep_tile(q, k_src, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, 
     raw, offs_n = score_tile(q, k_src, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
                              1.0, tl.zeros_like(m_i), len_q, len_k, offset, win_left, win_right,
                              CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_N, DOT_PREC, UPCAST, KV_TMA, kv_b, kv_h)
-    # the scores viewed as (row, 64-key map tile, column parity, column pair): each thread of the MMA layout holds
-    # adjacent column pairs of whole 8-column groups, so the view moves no data. Every row vector below derives
-    # from it by reductions over axes 3, 2 and 1 in turn, so that the rows' tops expand back onto it as they are
-    # (common.histogram_words; broadcasting them onto `raw` instead moved them between layouts: 144 more shuffles
-    # per tile at D = 64 on sm_90)
-    HALVES: tl.constexpr = BLOCK_N // 64
-    view = tl.permute(tl.reshape(raw, (BLOCK_M, HALVES, 32, 2)), (0, 1, 3, 2))
-    parity_max = tl.max(view, axis=3)  # (BLOCK_M, HALVES, 2): each map tile's largest even and odd column
-    map_max = tl.max(parity_max, axis=2)  # (BLOCK_M, HALVES)
-    raw_max = tl.max(map_max, axis=1)
+    if FAR_SCORES == 2:
+        # the largest score among the tile's even columns and among its odd ones (each thread holds pairs of
+        # adjacent columns, so the split moves no data): the row max and a second score to bin, for two
+        # half-width reductions instead of a full-width one and a second pass over the tile
+        even, odd = tl.split(tl.reshape(raw, (BLOCK_M, BLOCK_N // 2, 2)))
+        even_max = tl.max(even, axis=1)
+        odd_max = tl.max(odd, axis=1)
+        raw_max = tl.maximum(even_max, odd_max)
+    else:
+        raw_max = tl.max(raw, axis=1)
     tile_row_max = tl.where(raw_max > float("-inf"), raw_max * qk_scale, float("-inf"))
     m_i = tl.maximum(m_i, tile_row_max)
     seen = m_i > float("-inf")
-    m_seen = tl.where(seen, m_i, 0.0)
-    map_scaled = tl.where(map_max > float("-inf"), map_max * qk_scale, float("-inf"))
-    relative = tl.where(seen[:, None], map_scaled - m_seen[:, None], float("-inf"))  # (BLOCK_M, HALVES)
+    relative = tl.where(seen, tile_row_max - tl.where(seen, m_i, 0.0), float("-inf"))
     # The top follows the max up the bin grid and the counts move down by as many bins (`rise`, 0..16).
-    new_top = tl.where(seen, tl.ceil(m_seen * 16.0), float("-inf"))
+    new_top = tl.where(seen, tl.ceil(tl.where(seen, m_i, 0.0) * 16.0), float("-inf"))
     had = top > float("-inf")
     rise = tl.where(had, tl.minimum(new_top - tl.where(had, top, 0.0), 16.0), 0.0)
     # One cross-row reduction serves the store and both branches below: a row whose top rose has its max in
     # this tile (relative value 0), so flagging it with 1 leaves the stored maximum, clipped at 0, unchanged,
     # and lifts the block's largest flag above 0 exactly when some row must shift.
-    flags = tl.where(rise[:, None] > 0.0, 1.0, relative)
-    tile_flags = tl.max(tl.reshape(flags, (BLOCK_M // 64, 64, HALVES)), axis=1)  # (sub-blocks, HALVES)
-    map_cols = start_n // 64 + tl.arange(0, HALVES)
-    tl.store(tmax_ptr + sub_rows[:, None] * stride_tm + map_cols[None, :], tl.minimum(tile_flags, 0.0),
-             mask=(sub_rows < N_SUB_ROWS)[:, None] & (map_cols * 64 < Nk)[None, :])
-    largest_flag = tl.max(tl.max(tile_flags, axis=1), axis=0)
+    tile_flags = sub_block_max_rows(tl.where(rise > 0.0, 1.0, relative), BLOCK_M)
+    tl.store(tmax_ptr + sub_rows * stride_tm + start_n // BLOCK_N, tl.minimum(tile_flags, 0.0),
+             mask=sub_rows < N_SUB_ROWS)
+    largest_flag = tl.max(tile_flags, axis=0)
     # Most tiles raise no row's top (a rise needs a new max that crosses a bin edge): they skip the shift,
     # which would move every count by 0 bins.
     if largest_flag > 0.0:
@@ -113,22 +110,23 @@ def _sweep_tile(q, k_src, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, 
     # tile max is at most its max plus the largest relative value (at most the largest flag), and top/16 >= max
     if largest_flag > -1.0:
         if all_scores:
-            h0, h1, h2, h3 = histogram_words(view * qk_scale, new_top)
-        elif FAR_SCORES == 2:
-            # each map tile's largest even and odd column: the row's largest score there and another one (the
-            # second largest when the two largest sit in columns of different parity, as adjacent keys do)
-            top_rows = tl.expand_dims(tl.expand_dims(new_top, 1), 2)
-            h0, h1, h2, h3 = histogram_words_of_rows(parity_max * qk_scale, top_rows)
-            h0 = tl.sum(tl.sum(h0, axis=2), axis=1)
-            h1 = tl.sum(tl.sum(h1, axis=2), axis=1)
-            h2 = tl.sum(tl.sum(h2, axis=2), axis=1)
-            h3 = tl.sum(tl.sum(h3, axis=2), axis=1)
+            if FAR_SCORES == 2:
+                # both halves in the layout of the split above (binning raw itself would move the row
+                # vectors between layouts: 144 more shuffles per tile at D = 64 on sm_90)
+                h0, h1, h2, h3 = histogram_words_pair(even * qk_scale, odd * qk_scale, new_top)
+            else:
+                h0, h1, h2, h3 = histogram_words(raw * qk_scale, new_top)
         else:
-            h0, h1, h2, h3 = histogram_words_of_rows(map_scaled, new_top[:, None])
-            h0 = tl.sum(h0, axis=1)
-            h1 = tl.sum(h1, axis=1)
-            h2 = tl.sum(h2, axis=1)
-            h3 = tl.sum(h3, axis=1)
+            h0, h1, h2, h3 = histogram_words_of_rows(tile_row_max, new_top)
+            if FAR_SCORES == 2:
+                # the other column parity's largest score: another of the row's scores (the second largest
+                # when the two largest sit in columns of different parity, as adjacent keys do)
+                second = tl.minimum(even_max, odd_max) * qk_scale
+                g0, g1, g2, g3 = histogram_words_of_rows(second, new_top)
+                h0 += g0
+                h1 += g1
+                h2 += g2
+                h3 += g3
         w0 += h0
         w1 += h1
         w2 += h2
@@ -173,12 +171,11 @@ def _sweep_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist,
     for t in range(0, n_tiles):
         tile = diag + t
         start_n = lo + tl.where(tile < n_tiles, tile, tile - n_tiles) * BLOCK_N
-        # a key tile holding a 64-key map tile within one map tile of the block's diagonal
-        near = (start_n + BLOCK_N + 64 > start_m + offset) & (start_n < start_m + offset + BLOCK_M + 64)
+        near = (start_n + 2 * BLOCK_N > start_m + offset) & (start_n < start_m + offset + BLOCK_M + BLOCK_N)
         all_scores = near | (start_n == 0) | (FAR_SCORES == 0)
         m_i, top, w0, w1, w2, w3 = _sweep_tile(
             q, k_src, start_m, start_n, m_i, top, w0, w1, w2, w3, tmax_ptr, sub_rows, offs_m, offs_d,
-            stride_kn, stride_kd, stride_tm, D, Nk, qk_scale, len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
+            stride_kn, stride_kd, stride_tm, D, qk_scale, len_q, len_k, offset, win_left, win_right, N_SUB_ROWS,
             all_scores, b, hk, CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N, DOT_PREC, UPCAST, FAR_SCORES, KV_TMA)
     tau = histogram_lower_tau(unpack_words(w0, w1, w2, w3), m_i, top / 16.0, (2.0 - alpha) / (alpha - 1.0), 2.0 - alpha,
                               ALPHA_MODE, 16, HIST_ITERS)
@@ -209,12 +206,12 @@ def dense_sweep(q, k, alpha_t, scale, spec, far_scores=None):
     row_max = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tau_hist = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     tile_max = torch.full((B, H, n_sub, n_kt), float("-inf"), device=q.device, dtype=torch.float32)
-    k_src, k_tma = tile_source(k, spec, spec.sweep_block_n)
+    k_src, k_tma = tile_source(k, spec)
     _sweep_kernel[(n_mb, B * H)](
         q, k_src, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist,
         *q.stride(), *k.stride(), *tile_max.stride()[:3],
         H, Nq, Nk, D, spec.group, float(scale), spec.win_left, spec.win_right,
-        n_mb, n_sub, **spec.flags, **dict(spec.tiles, BLOCK_M=spec.sweep_block_m, BLOCK_N=spec.sweep_block_n),
+        n_mb, n_sub, **spec.flags, **dict(spec.tiles, BLOCK_M=spec.sweep_block_m),
         ALPHA_MODE=spec.alpha_mode, HIST_ITERS=HIST_ITERS,
         FAR_SCORES=_far_scores(far_scores), KV_TMA=k_tma, **spec.sweep_launch)
     return row_max, tile_max, tau_hist
