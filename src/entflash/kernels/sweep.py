@@ -34,9 +34,8 @@ import triton
 import triton.language as tl
 
 from entflash.kernels.common import (head_source, histogram_lower_tau, histogram_words, histogram_words_of_rows,
-                                     histogram_words_pair,
-                                     key_range, load_rows, program_coords, score_tile, shift_words, sub_block_max_rows,
-                                     unpack_words)
+                                     histogram_words_pair, key_range, load_rows, program_coords, score_tile,
+                                     shift_words, sub_block_max_rows, unpack_words)
 from entflash.kernels.launch import cdiv, tile_source
 
 HIST_ITERS = 8  # Newton steps of the in-register solve over the bin counts
