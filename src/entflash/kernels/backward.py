@@ -27,8 +27,8 @@ from entflash.kernels.common import (LN2, compact_marked, entmax_s, head_rows, h
                                      tile_interior, valid_lengths, visible_mask)
 from entflash.kernels.forward import alpha_tensor
 from entflash.kernels import launch
-from entflash.kernels.launch import (alpha_mode, cdiv, dot_args, interpreting, mask_args, next_power_of_2, tma_plan,
-                                     tma_tiles)
+from entflash.kernels.launch import (alpha_mode, cdiv, dot_args, interpreting, mask_args, next_power_of_2, tile_sources,
+                                     tma_plan, tma_tiles)
 
 MAP_BLOCK = 64  # granularity of the forward's tile map (docs/ARCHITECTURE.md)
 
@@ -475,10 +475,9 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     n_kb, n_qb = idx_kv.shape[2], idx_kv.shape[3]
     dk = _alloc_like(k)
     dv = _alloc_like(v)
-    q_src, do_src = (tma_tiles(t, bm, BD) if tma else None for t in (q, grad_out))
-    dkdv_tma = q_src is not None and do_src is not None
+    (q_src, do_src), dkdv_tma = tile_sources((q, grad_out), lambda t: tma_tiles(t, bm, BD) if tma else None)
     _dkdv_kernel[(B * Hkv, n_kb)](
-        q_src if dkdv_tma else q, k, v, do_src if dkdv_tma else grad_out, tau, delta, alpha_t, dk, dv, cnt_kv, idx_kv,
+        q_src, k, v, do_src, tau, delta, alpha_t, dk, dv, cnt_kv, idx_kv,
         sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(),
         *dk.stride(), *dv.stride(),
@@ -489,10 +488,9 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     bm, bn = cfg["bm_dq"], cfg["bn_dq"]
     n_qb, n_kb = idx_q.shape[2], idx_q.shape[3]
     dq = _alloc_like(q)
-    k_src, v_src = (tma_tiles(t, bn, BD) if tma else None for t in (k, v))
-    dq_tma = k_src is not None and v_src is not None
+    (k_src, v_src), dq_tma = tile_sources((k, v), lambda t: tma_tiles(t, bn, BD) if tma else None)
     _dq_kernel[(B * Hq, n_qb)](
-        q, k_src if dq_tma else k, v_src if dq_tma else v, grad_out, tau, delta, alpha_t, darow, dq, cnt_q, idx_q,
+        q, k_src, v_src, grad_out, tau, delta, alpha_t, darow, dq, cnt_q, idx_q,
         sq, sk,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *tau.stride(), *dq.stride(),
         Hq, G, Nq, Nk, D, n_qb, n_kb, wl_i, wr_i, float(scale),

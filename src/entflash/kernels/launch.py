@@ -207,14 +207,30 @@ def tile_source(t: torch.Tensor, spec: StageSpec):
     """What a forward kernel's K or V argument takes for t (B, Hkv, Nk, D): (tma_tiles' descriptor of (BLOCK_N,
     BLOCK_D) tiles, True) when the plan reads tiles through TMA (StageSpec.kv_tma) and t suits it, else (t, False):
     the kernels then load through pointers (common.head_rows)."""
+    (source,), via_tma = tile_sources((t,), lambda u: plan_descriptor(u, spec))
+    return source, via_tma
+
+
+def plan_descriptor(t: torch.Tensor, spec: StageSpec):
+    """The forward plan's descriptor of t's (BLOCK_N, BLOCK_D) tiles, made once per tensor and call (k serves three
+    stages); None when the plan reads through pointers or TMA cannot describe t."""
     if not spec.kv_tma:
-        return t, False
+        return None
     block_n, block_d = spec.tiles["BLOCK_N"], spec.tiles["BLOCK_D"]
     key = (t.data_ptr(), t.shape, t.stride(), t.dtype, block_n, block_d)
-    if key not in spec.descriptors:  # k serves three stages: one descriptor (host time, ~0.02 ms each in cProfile)
+    if key not in spec.descriptors:  # host time, ~0.02 ms per descriptor in cProfile
         spec.descriptors[key] = tma_tiles(t, block_n, block_d)
-    desc = spec.descriptors[key]
-    return (t, False) if desc is None else (desc, True)
+    return spec.descriptors[key]
+
+
+def tile_sources(tensors, describe):
+    """Kernel arguments for tensors that one kernel streams under one TMA constexpr: (their descriptors, True) when
+    describe(t) gives one for every t, else (the tensors themselves, False), all read through pointers. describe
+    returns None where the plan reads through pointers or TMA cannot describe t."""
+    descriptors = tuple(describe(t) for t in tensors)
+    if any(d is None for d in descriptors):
+        return tuple(tensors), False
+    return descriptors, True
 
 
 def tma_tiles(t: torch.Tensor, block_rows: int, block_d: int):

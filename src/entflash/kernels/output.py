@@ -16,7 +16,7 @@ import triton.language as tl
 from entflash.kernels.common import (compact_candidates, entmax_p_shifted, head_rows, head_source, key_range,
                                      load_rows, mma, program_coords, score_tile, sub_block_max_rows,
                                      sub_block_min_rows)
-from entflash.kernels.launch import tile_source
+from entflash.kernels.launch import plan_descriptor, tile_sources
 
 
 @triton.jit
@@ -157,11 +157,9 @@ def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low
     tile_map = torch.zeros(tile_max.shape, device=dev, dtype=torch.int8) if write_map else hits
     o2 = torch.empty((B, H, Nq, D) if save_bwd else (1,), device=dev, dtype=torch.float32)
     s2 = torch.empty((B, H, Nq) if save_bwd else (1,), device=dev, dtype=torch.float32)
-    k_src, k_tma = tile_source(k, spec)
-    v_src, v_tma = tile_source(v, spec)
-    kv_tma = k_tma and v_tma  # one constexpr for both: else both through pointers
+    (k_src, v_src), kv_tma = tile_sources((k, v), lambda t: plan_descriptor(t, spec))
     _output_kernel[spec.grid](
-        q, k_src if kv_tma else k, v_src if kv_tma else v, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau, tau_low,
+        q, k_src, v_src, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau, tau_low,
         spec.lists,
         hits if hits is not None else tile_max,
         out, tau_out, support, tile_map if write_map else tile_max, o2, s2,
