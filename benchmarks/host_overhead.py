@@ -15,6 +15,16 @@ writes host_overhead-<commit>.json (the figures, with device, torch/triton versi
 attention harness records them: benchmarks.report) and host_overhead-<commit>.txt (the cProfile and the figures),
 file paths in both relative to the working directory. Run it twice with PYTHONPATH naming two source trees (and
 ENTFLASH_COMMIT naming their commits) to compare them on the same machine.
+
+    PYTHONPATH=src:. python3 -m benchmarks.host_overhead --cases 4096:64:causal:0.9 4096:64:full:0.97 [--out DIR]
+
+instead asks whether the attention harness's own cases are host-bound: for each N:D:causal|full:level it builds
+the harness's inputs (benchmarks.attention.run_case: B * N = 16k tokens, H * D = 2048, bf16, the strength
+calibrated to the level) and times entflash's forward and forward + backward, the harness's callables, four ways:
+triton's do_bench median with the --paper preset's settings (5 ms warm-up, 20 ms of repetitions) and with ten times
+longer ones, the host's time to queue one call (20 calls without a synchronize, while the GPU still works through
+them), and the GPU time of one call's kernels (torch.profiler). Where the host's time comes near the kernels', the
+harness's ratio depends on the machine's CPU. Writes host_bound-<commit>.json.
 """
 from __future__ import annotations
 
@@ -72,14 +82,68 @@ def cprofile_report(fn, calls: int, top: int) -> str:
     return text.getvalue()
 
 
+def host_queue_ms(fn, calls: int = 20) -> float:
+    """Host milliseconds to queue one call of fn: `calls` calls back to back, timed without a synchronize (the
+    GPU may still be running them), after one synchronize before. Only meaningful while the launch queue has
+    room, which 20 calls of a few kernels each leave it."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
+def harness_case_timings(spec: str) -> dict:
+    """The four timings of the module docstring for one harness case "N:D:causal|full:level"."""
+    from triton.testing import do_bench
+
+    from benchmarks.attention import _callables
+    from benchmarks.impls import Case, all_implementations
+    from benchmarks.inputs import StructuredInputs, calibrate_strength
+
+    try:
+        n, d, mask, level = spec.split(":")
+        seq_len, head_dim, level, causal = int(n), int(d), float(level), {"causal": True, "full": False}[mask]
+    except (ValueError, KeyError):
+        raise SystemExit(f"--cases: expected N:D:causal|full:level, e.g. 4096:64:causal:0.9, got {spec!r}")
+    batch, heads, dtype = max(1, 16384 // seq_len), max(1, 2048 // head_dim), torch.bfloat16
+    parts = StructuredInputs(batch, heads, seq_len, head_dim, device="cuda")
+    strength = calibrate_strength(level, parts, causal=causal, dtype=dtype)
+    inputs = parts.build(strength, dtype)
+    case = Case(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, causal=causal, alpha=1.5,
+                target_sparsity=level, strength=strength, device="cuda", dtype=dtype)
+    calls, grads = _callables(all_implementations()["ours"], case, inputs)
+    record = dict(case=spec, batch=batch, heads=heads, strength=strength)
+    for mode, fn in calls.items():
+        for name, warmup, rep in (("do_bench_paper_ms", 5, 20), ("do_bench_long_ms", 50, 200)):
+            record[f"{mode}_{name}"] = float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads,
+                                                       return_mode="median"))
+        record[f"{mode}_host_queue_ms"] = host_queue_ms(fn)
+        record[f"{mode}_gpu_kernel_ms"] = gpu_kernel_ms(fn)
+        print(spec, mode, " ".join(f"{key[len(mode) + 1:]} {value:.3f}" for key, value in record.items()
+                                   if key.startswith(mode + "_")), flush=True)
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the two files")
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--profile-top", type=int, default=25)
+    parser.add_argument("--cases", nargs="*", default=[],
+                        help="harness cases N:D:causal|full:level to time four ways instead (module docstring)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device (host time only means something next to a GPU that outruns the host)")
+    if args.cases:
+        document = new_document("cuda", "host_bound", "none", {"cases": args.cases})
+        document["records"] = [harness_case_timings(spec) for spec in args.cases]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"host_bound-{document['commit']}.json").write_text(json.dumps(document, indent=1) + "\n")
+        return
     generator = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, 2, 128, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
                for _ in range(3))
