@@ -31,7 +31,7 @@ import torch
 from benchmarks import impls as impls_module, report
 from benchmarks.impls import Case, Implementation, all_implementations
 from benchmarks.inputs import AttentionInputs, StructuredInputs, calibrate_strength
-from benchmarks.measure import BenchSettings, first_call, median_ms, peak_memory_gib
+from benchmarks.measure import BenchSettings, first_call, host_queue_ms, median_ms, peak_memory_gib
 from benchmarks.solver import solver_stats
 from benchmarks.sparsity import DEFAULT_TILES, block_sparsity, tile_name
 
@@ -117,6 +117,7 @@ def run_implementation(impl: Implementation, case: Case, inputs: AttentionInputs
         "block_sparsity_tiles": sparsity,
         "fwd_ms": None, "fwd_bwd_ms": None, "ratio_fwd_to_fa2": None, "ratio_fwd_bwd_to_fa2": None,
         "peak_mem_gib": None, "peak_mem_fwd_gib": None, "compile_s": None, "compile_fwd_bwd_s": None,
+        "host_fwd_ms": None, "host_fwd_bwd_ms": None,
         "variant": impl.variant(case),
         "skipped": None, "error": None,
     }
@@ -128,9 +129,9 @@ def run_implementation(impl: Implementation, case: Case, inputs: AttentionInputs
         record["error"] = f"setup: {_describe(error)}"
         return record
     grads = grads + impl.extra_grad_tensors()
-    for mode, time_field, memory_field, compile_field in (
-            ("fwd", "fwd_ms", "peak_mem_fwd_gib", "compile_s"),
-            ("fwd_bwd", "fwd_bwd_ms", "peak_mem_gib", "compile_fwd_bwd_s")):
+    for mode, time_field, memory_field, compile_field, host_field in (
+            ("fwd", "fwd_ms", "peak_mem_fwd_gib", "compile_s", "host_fwd_ms"),
+            ("fwd_bwd", "fwd_bwd_ms", "peak_mem_gib", "compile_fwd_bwd_s", "host_fwd_bwd_ms")):
         reason = impl.skip_reason(case, mode) or _preset_skip_reason(impl.name, case, preset)
         if reason:
             skipped.append(f"{mode}: {reason}")
@@ -141,6 +142,7 @@ def run_implementation(impl: Implementation, case: Case, inputs: AttentionInputs
             record[compile_field] = first_call(calls[mode], case.device)
             record[memory_field] = peak_memory_gib(calls[mode], case.device)
             record[time_field] = median_ms(calls[mode], case.device, preset.settings, grad_to_none=grads)
+            record[host_field] = host_queue_ms(calls[mode], case.device)
         except Exception as error:  # noqa: BLE001 - any failure is recorded, the run goes on
             errors.append(f"{mode}: {_describe(error)}")
         finally:

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import entflash
+from benchmarks.measure import host_queue_ms
 from benchmarks.report import new_document
 
 
@@ -82,20 +83,6 @@ def cprofile_report(fn, calls: int, top: int) -> str:
     return text.getvalue()
 
 
-def host_queue_ms(fn, calls: int = 20) -> float:
-    """Host milliseconds to queue one call of fn: `calls` calls back to back, timed without a synchronize (the
-    GPU may still be running them), after one synchronize before. Only meaningful while the launch queue has
-    room, which 20 calls of a few kernels each leave it."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e3
-
-
 def harness_case_timings(spec: str) -> dict:
     """The four timings of the module docstring for one harness case "N:D:causal|full:level"."""
     from triton.testing import do_bench
@@ -121,7 +108,7 @@ def harness_case_timings(spec: str) -> dict:
         for name, warmup, rep in (("do_bench_paper_ms", 5, 20), ("do_bench_long_ms", 50, 200)):
             record[f"{mode}_{name}"] = float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grads,
                                                        return_mode="median"))
-        record[f"{mode}_host_queue_ms"] = host_queue_ms(fn)
+        record[f"{mode}_host_queue_ms"] = host_queue_ms(fn, "cuda", calls=20)
         record[f"{mode}_gpu_kernel_ms"] = gpu_kernel_ms(fn)
         print(spec, mode, " ".join(f"{key[len(mode) + 1:]} {value:.3f}" for key, value in record.items()
                                    if key.startswith(mode + "_")), flush=True)

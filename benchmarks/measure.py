@@ -3,6 +3,8 @@
 CUDA: the median of `triton.testing.do_bench` (device events, L2 flushed between calls, grads reset).
 CPU: the median of a few wall-clock calls (CPU mode only checks the harness; its times mean little).
 Peak memory: torch.cuda.max_memory_allocated during one call, minus what was allocated before it.
+Host time (CUDA): how long the host takes to queue one call while the GPU works through earlier ones; a call whose
+host time comes near its median time is host-bound, and its time then depends on the machine's CPU.
 """
 from __future__ import annotations
 
@@ -36,6 +38,26 @@ def first_call(fn: Callable[[], object], device: str) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+# a call's host time at or above this fraction of its median time marks it host-bound (report.markdown_table)
+HOST_BOUND_FRACTION = 0.9
+
+
+def host_queue_ms(fn: Callable[[], object], device: str, calls: int = 10) -> Optional[float]:
+    """Host milliseconds to queue one call of fn (None on CPU): one call and a synchronize, then `calls` calls
+    back to back timed without one (the GPU may still be running them), then a synchronize. A call that
+    synchronizes inside (reads a value back) counts its GPU time here too."""
+    if not device.startswith("cuda"):
+        return None
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    synchronize(device)
+    return elapsed / calls * 1e3
 
 
 def peak_memory_gib(fn: Callable[[], object], device: str) -> Optional[float]:

@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from benchmarks.measure import HOST_BOUND_FRACTION
+
 RATIO_FIELDS = {"fwd_ms": "ratio_fwd_to_fa2", "fwd_bwd_ms": "ratio_fwd_bwd_to_fa2"}
 
 
@@ -86,8 +88,15 @@ def _cell(value: Optional[float], digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _ratio_cell(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def _ratio_cell(value: Optional[float], host_bound: bool = False) -> str:
+    return "-" if value is None else f"{value:.2f}x" + ("*" if host_bound else "")
+
+
+def host_bound(record: dict, time_field: str) -> bool:
+    """Whether queuing one call of this record's mode (`time_field`: fwd_ms or fwd_bwd_ms) kept the host busy for
+    at least measure.HOST_BOUND_FRACTION of the call's median time (records without a host time: False)."""
+    host_ms, own_ms = record.get(f"host_{time_field}"), record.get(time_field)
+    return host_ms is not None and bool(own_ms) and host_ms >= HOST_BOUND_FRACTION * own_ms
 
 
 def _case_key(record: dict):
@@ -96,7 +105,8 @@ def _case_key(record: dict):
 
 
 def markdown_table(document: dict, impls: Sequence[str]) -> str:
-    """One row per case: the baseline's times, then each implementation's fwd and fwd+bwd ratio to it."""
+    """One row per case: the baseline's times, then each implementation's fwd and fwd+bwd ratio to it; a ratio
+    marked * was host-bound (host_bound), and so depends on the machine's CPU as much as on its GPU."""
     baseline = document["ratio_baseline"]
     tiles = list(document["settings"]["tiles"])
     cases: Dict[tuple, Dict[str, dict]] = {}
@@ -105,6 +115,8 @@ def markdown_table(document: dict, impls: Sequence[str]) -> str:
     others = [name for name in impls if name != baseline]
     header = (["N", "D", "H", "B", "causal"] + [f"sparsity {t}" for t in tiles]
               + [f"{baseline} fwd ms", f"{baseline} f+b ms"] + [f"{name} fwd / f+b" for name in others])
+    if any(host_bound(record, time) for record in document["records"] for time in RATIO_FIELDS):
+        header[-1] += " (* host-bound)"
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, by_impl in cases.items():
         any_record = next(iter(by_impl.values()))
@@ -121,7 +133,8 @@ def markdown_table(document: dict, impls: Sequence[str]) -> str:
             elif record["skipped"] and record["fwd_ms"] is None and record["fwd_bwd_ms"] is None:
                 row.append("skip")
             else:
-                row.append(" / ".join(_ratio_cell(record[field]) for field in RATIO_FIELDS.values()))
+                row.append(" / ".join(_ratio_cell(record[ratio], host_bound(record, time))
+                                      for time, ratio in RATIO_FIELDS.items()))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

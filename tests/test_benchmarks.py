@@ -20,7 +20,7 @@ from benchmarks.summary import summarize  # noqa: E402
 TOP_LEVEL = {"device", "torch", "triton", "commit", "date", "records"}
 RECORD_FIELDS = {"impl", "N", "D", "H", "B", "causal", "alpha", "block_sparsity", "block_sparsity_tiles",
                  "fwd_ms", "fwd_bwd_ms", "ratio_fwd_to_fa2", "ratio_fwd_bwd_to_fa2", "peak_mem_gib",
-                 "compile_s", "error", "skipped"}
+                 "compile_s", "host_fwd_ms", "host_fwd_bwd_ms", "error", "skipped"}
 
 
 @pytest.fixture(autouse=True)
@@ -116,6 +116,7 @@ def test_cpu_mode_end_to_end(tmp_path):
         assert 0.0 <= record["block_sparsity"] <= 1.0
         assert all(0.0 <= value <= 1.0 for value in record["block_sparsity_tiles"].values())
         assert record["error"] is None or isinstance(record["error"], str)
+        assert record["host_fwd_ms"] is None and record["host_fwd_bwd_ms"] is None  # host time: CUDA only
 
     baseline = [r for r in records if r["impl"] == document["ratio_baseline"]]
     assert baseline and all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["error"] is None for r in baseline)
@@ -174,6 +175,30 @@ def test_targets_check_counts_cases_in_band():
     learned = rows["learnable alpha fwd+bwd within 10% of fixed alpha"]
     assert learned["cases"] == 1 and learned["met"] == 1 and abs(learned["worst"] - 1.05) < 1e-9
     assert rows["forward faster than adasplash"]["cases"] == 0
+
+
+def test_table_marks_host_bound_ratios():
+    """report.markdown_table marks a ratio * where queuing the call took the host at least 90% of its time, and
+    says so in the header; records without host times (CPU runs, older files) carry no mark."""
+    from benchmarks.measure import host_queue_ms
+    from benchmarks.report import markdown_table
+
+    def record(impl, fwd, fwd_bwd, host):
+        return {"impl": impl, "N": 4096, "D": 64, "H": 32, "B": 4, "causal": True, "alpha": 1.5,
+                "target_sparsity": 0.9, "block_sparsity_tiles": {"64x64": 0.9}, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+                "ratio_fwd_to_fa2": fwd, "ratio_fwd_bwd_to_fa2": fwd_bwd / 4.0, "host_fwd_ms": host[0],
+                "host_fwd_bwd_ms": host[1], "error": None, "skipped": None}
+
+    document = {"ratio_baseline": "fa2", "settings": {"tiles": ["64x64"]},
+                "records": [record("fa2", 1.0, 4.0, (0.1, 0.2)), record("ours", 0.8, 2.0, (0.5, 1.9))]}
+    header, _, row = markdown_table(document, ["fa2", "ours"]).splitlines()
+    assert header.endswith("ours fwd / f+b (* host-bound) |")
+    assert row.endswith("| 0.80x / 0.50x* |")  # 0.5 < 0.9 * 0.8 ms; 1.9 >= 0.9 * 2.0 ms
+    for entry in document["records"]:
+        entry["host_fwd_ms"] = entry["host_fwd_bwd_ms"] = None
+    header, _, row = markdown_table(document, ["fa2", "ours"]).splitlines()
+    assert "*" not in header + row
+    assert host_queue_ms(lambda: None, "cpu") is None
 
 
 def test_short_adasplash_autotune_keeps_four_warp_two_or_three_stage_configs():
