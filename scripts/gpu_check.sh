@@ -11,6 +11,11 @@
 # Environment: ENTFLASH_COMMIT overrides the commit found by git; GPU_CHECK_TEST_TIMEOUT and
 # GPU_CHECK_BENCH_TIMEOUT (seconds, default 240 each); GPU_CHECK_SKIP_TESTS=1 skips step 2;
 # GPU_CHECK_PRESET=paper|cpu runs that preset instead of --quick.
+# Side by side with a baseline tree: GPU_CHECK_BASELINE=DIR (a folder holding the baseline's src/, made before the
+# call with `mkdir -p build/base && git archive REV src | tar x -C build/base` and carried) and
+# GPU_CHECK_BASELINE_COMMIT=REV run the same benchmark a second time, on the same machine, with DIR/src imported
+# first and the JSON named after REV; the summary prints both tables. Set ENTFLASH_COMMIT too where the device's
+# copy has no git history.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-/tmp/gpu_check}"
@@ -40,6 +45,19 @@ timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" $python -m benchmarks.attention "--$pr
     | tee "$out/bench_$preset.log"
 bench_rc=${PIPESTATUS[0]}
 
+baseline_rc=0
+baseline="${GPU_CHECK_BASELINE:-}"
+if [ -n "$baseline" ]; then
+    if [ ! -d "$baseline/src/entflash" ] || [ -z "${GPU_CHECK_BASELINE_COMMIT:-}" ]; then
+        echo "gpu_check: GPU_CHECK_BASELINE must hold src/entflash and GPU_CHECK_BASELINE_COMMIT name its commit" >&2
+        exit 2
+    fi
+    PYTHONPATH="$(cd "$baseline" && pwd)/src:$PYTHONPATH" ENTFLASH_COMMIT="$GPU_CHECK_BASELINE_COMMIT" \
+        timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" $python -m benchmarks.attention "--$preset" --out "$out" "$@" 2>&1 \
+        | tee "$out/bench_${preset}_baseline.log"
+    baseline_rc=${PIPESTATUS[0]}
+fi
+
 {
     echo
     echo "================ gpu_check summary ================"
@@ -51,10 +69,13 @@ bench_rc=${PIPESTATUS[0]}
         grep -E "^(FAILED|ERROR) " "$out/pytest_gpu.log" | head -15
     fi
     echo "bench: exit $bench_rc$( [ "$bench_rc" = 124 ] && echo " (timed out: JSON holds the cases done)")"
-    results="$(ls -t "$out"/*.json 2>/dev/null | head -1)"
-    if [ -n "$results" ]; then
-        $python -m benchmarks.summary "$results"
+    if [ -n "$baseline" ]; then
+        echo "baseline ($GPU_CHECK_BASELINE_COMMIT): exit $baseline_rc"
     fi
+    # the newest JSON, and with a baseline the one before it too (each run writes one)
+    ls -t "$out"/*.json 2>/dev/null | head -"$( [ -n "$baseline" ] && echo 2 || echo 1)" | while read -r results; do
+        $python -m benchmarks.summary "$results"
+    done
 } | tee "$out/summary.txt"
 
 n_files=$(find "$out" -type f | wc -l)
@@ -66,4 +87,4 @@ if [ "$n_files" -gt 8 ]; then
     echo "gpu_check: $n_files files packed into $out/gpu_check.tgz (the device returns at most 8)"
 fi
 
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$baseline_rc" = 0 ]
