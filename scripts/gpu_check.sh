@@ -19,6 +19,11 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out="${OUT:-/tmp/gpu_check}"
+baseline="${GPU_CHECK_BASELINE:-}"
+if [ -n "$baseline" ] && { [ ! -d "$baseline/src/entflash" ] || [ -z "${GPU_CHECK_BASELINE_COMMIT:-}" ]; }; then
+    echo "gpu_check: GPU_CHECK_BASELINE must hold src/entflash and GPU_CHECK_BASELINE_COMMIT name its commit" >&2
+    exit 2
+fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,6 +35,16 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
+preset="${GPU_CHECK_PRESET:-quick}"
+
+bench() {  # bench LOG [harness flags]: the benchmark on whichever tree PYTHONPATH names first; its exit status
+    local log="$1"
+    shift
+    timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" $python -m benchmarks.attention "--$preset" --out "$out" "$@" 2>&1 \
+        | tee "$log"
+    return "${PIPESTATUS[0]}"
+}
+
 gpu="$(nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader 2>&1 | head -1)"
 
 tests_rc=0
@@ -40,22 +55,14 @@ if [ "${GPU_CHECK_SKIP_TESTS:-0}" != "1" ]; then
     [ "$tests_rc" = 5 ] && tests_rc=0  # pytest's "no test selected": no GPU tests yet
 fi
 
-preset="${GPU_CHECK_PRESET:-quick}"
-timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" $python -m benchmarks.attention "--$preset" --out "$out" "$@" 2>&1 \
-    | tee "$out/bench_$preset.log"
-bench_rc=${PIPESTATUS[0]}
+bench "$out/bench_$preset.log" "$@"
+bench_rc=$?
 
 baseline_rc=0
-baseline="${GPU_CHECK_BASELINE:-}"
 if [ -n "$baseline" ]; then
-    if [ ! -d "$baseline/src/entflash" ] || [ -z "${GPU_CHECK_BASELINE_COMMIT:-}" ]; then
-        echo "gpu_check: GPU_CHECK_BASELINE must hold src/entflash and GPU_CHECK_BASELINE_COMMIT name its commit" >&2
-        exit 2
-    fi
     PYTHONPATH="$(cd "$baseline" && pwd)/src:$PYTHONPATH" ENTFLASH_COMMIT="$GPU_CHECK_BASELINE_COMMIT" \
-        timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" $python -m benchmarks.attention "--$preset" --out "$out" "$@" 2>&1 \
-        | tee "$out/bench_${preset}_baseline.log"
-    baseline_rc=${PIPESTATUS[0]}
+        bench "$out/bench_${preset}_baseline.log" "$@"
+    baseline_rc=$?
 fi
 
 {
