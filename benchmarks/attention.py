@@ -30,7 +30,7 @@ import torch
 
 from benchmarks import impls as impls_module, report
 from benchmarks.impls import Case, Implementation, all_implementations
-from benchmarks.inputs import AttentionInputs, StructuredInputs, calibrate_strength
+from benchmarks.inputs import AttentionInputs, calibrated_inputs
 from benchmarks.measure import BenchSettings, first_call, host_queue_ms, median_ms, peak_memory_gib
 from benchmarks.solver import solver_stats
 from benchmarks.sparsity import DEFAULT_TILES, block_sparsity, tile_name
@@ -172,10 +172,8 @@ def run_case(seq_len: int, head_dim: int, causal: bool, level: float, preset: Pr
     batch = max(1, preset.tokens // seq_len)
     heads = max(1, preset.hidden // head_dim)
     started = time.perf_counter()
-    parts = StructuredInputs(batch, heads, seq_len, head_dim, sinks=sinks, seed=seed, device=preset.device)
-    strength = calibrate_strength(level, parts, alpha=alpha, causal=causal, tile=tiles[0], dtype=preset.dtype)
-    inputs = parts.build(strength, preset.dtype)
-    del parts
+    inputs, strength = calibrated_inputs(batch, heads, seq_len, head_dim, level, causal=causal, dtype=preset.dtype,
+                                         device=preset.device, alpha=alpha, tile=tiles[0], sinks=sinks, seed=seed)
     sparsity = block_sparsity(inputs.q, inputs.k, alpha=alpha, causal=causal, tiles=tiles)
     setup_s = time.perf_counter() - started
     case = Case(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, causal=causal, alpha=alpha,

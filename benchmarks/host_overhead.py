@@ -56,8 +56,9 @@ def per_call_ms(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e3
 
 
-def gpu_kernel_ms(fn, calls: int = 20) -> float:
-    """GPU milliseconds per call of fn: the device time of the CUDA kernels it runs, from torch.profiler."""
+def kernel_device_ms(fn, calls: int = 20):
+    """[(kernel name, device milliseconds per call, launches per call)] of the CUDA kernels fn runs, largest first,
+    from torch.profiler over `calls` calls (after three unprofiled ones)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -66,8 +67,15 @@ def gpu_kernel_ms(fn, calls: int = 20) -> float:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    kernels = [event for event in profile.key_averages() if event.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(event.self_device_time_total for event in kernels) / calls / 1e3
+    rows = [(event.key, event.self_device_time_total / calls / 1e3, event.count // calls)
+            for event in profile.key_averages()
+            if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0]
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def gpu_kernel_ms(fn, calls: int = 20) -> float:
+    """GPU milliseconds per call of fn: the device time of the CUDA kernels it runs, from torch.profiler."""
+    return sum(ms for _, ms, _ in kernel_device_ms(fn, calls))
 
 
 def cprofile_report(fn, calls: int, top: int) -> str:
@@ -89,7 +97,7 @@ def harness_case_timings(spec: str) -> dict:
 
     from benchmarks.attention import _callables
     from benchmarks.impls import Case, all_implementations
-    from benchmarks.inputs import StructuredInputs, calibrate_strength
+    from benchmarks.inputs import calibrated_inputs
 
     try:
         n, d, mask, level = spec.split(":")
@@ -97,9 +105,8 @@ def harness_case_timings(spec: str) -> dict:
     except (ValueError, KeyError):
         raise SystemExit(f"--cases: expected N:D:causal|full:level, e.g. 4096:64:causal:0.9, got {spec!r}")
     batch, heads, dtype = max(1, 16384 // seq_len), max(1, 2048 // head_dim), torch.bfloat16
-    parts = StructuredInputs(batch, heads, seq_len, head_dim, device="cuda")
-    strength = calibrate_strength(level, parts, causal=causal, dtype=dtype)
-    inputs = parts.build(strength, dtype)
+    inputs, strength = calibrated_inputs(batch, heads, seq_len, head_dim, level, causal=causal, dtype=dtype,
+                                         device="cuda")
     case = Case(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, causal=causal, alpha=1.5,
                 target_sparsity=level, strength=strength, device="cuda", dtype=dtype)
     calls, grads = _callables(all_implementations()["ours"], case, inputs)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -143,3 +143,13 @@ def calibrate_strength(target: float, parts: StructuredInputs, *, alpha=1.5, cau
         else:
             high = middle
     return high
+
+
+def calibrated_inputs(batch: int, heads: int, num_positions: int, head_dim: int, level: float, *, causal: bool,
+                      dtype: torch.dtype, device, alpha=1.5, tile=(64, 64), sinks: int = 0,
+                      seed: int = 0) -> Tuple[AttentionInputs, float]:
+    """(inputs, strength): one harness case's tensors (B, H, N, D) in `dtype`, their strength calibrated so that
+    the block sparsity at `tile` is closest to `level` (calibrate_strength, on these very tensors)."""
+    parts = StructuredInputs(batch, heads, num_positions, head_dim, sinks=sinks, seed=seed, device=device)
+    strength = calibrate_strength(level, parts, alpha=alpha, causal=causal, tile=tile, dtype=dtype)
+    return parts.build(strength, dtype), strength

@@ -5,16 +5,17 @@ official numbers: benchmarks/).
 
 For each N:level (B * N = 16k tokens, H * D = 2048, bf16, alpha = 1.5, causal unless --full, the strength
 calibrated to the 64x64 block sparsity `level` as benchmarks.attention does), runs three warm-up calls, then five
-forward + backward calls under torch.profiler and prints each CUDA kernel's device time per call (ms, largest
-first) and their total. Where a kernel's time grows faster than its tiles (4x from N to 2N), that kernel is the one
-that scales badly.
+forward + backward calls under torch.profiler (benchmarks.host_overhead.kernel_device_ms) and prints each CUDA
+kernel's device time per call (ms, largest first) and their total. Where a kernel's time grows faster than its
+tiles (4x from N to 2N), that kernel is the one that scales badly.
 """
 import argparse
 
 import torch
 
 import entflash
-from benchmarks.inputs import StructuredInputs, calibrate_strength
+from benchmarks.host_overhead import kernel_device_ms
+from benchmarks.inputs import calibrated_inputs
 
 CALLS = 5
 
@@ -22,26 +23,15 @@ CALLS = 5
 def kernel_times(seq_len: int, level: float, head_dim: int, causal: bool):
     """[(kernel name, device ms per call, launches per call)], largest first."""
     batch, heads = max(1, 16384 // seq_len), 2048 // head_dim
-    parts = StructuredInputs(batch, heads, seq_len, head_dim, device="cuda")
-    strength = calibrate_strength(level, parts, causal=causal, dtype=torch.bfloat16)
-    inputs = parts.build(strength, torch.bfloat16)
-    del parts
+    inputs, _ = calibrated_inputs(batch, heads, seq_len, head_dim, level, causal=causal, dtype=torch.bfloat16,
+                                  device="cuda")
     leaves = [t.detach().requires_grad_() for t in (inputs.q, inputs.k, inputs.v)]
 
     def forward_backward():
         out = entflash.entmax_attention(*leaves, alpha=1.5, causal=causal, backend="triton")
         out.backward(inputs.dout)
 
-    for _ in range(3):
-        forward_backward()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        for _ in range(CALLS):
-            forward_backward()
-        torch.cuda.synchronize()
-    rows = [(event.key, event.self_device_time_total / CALLS / 1e3, event.count // CALLS)
-            for event in profile.key_averages() if event.self_device_time_total > 0]
-    return sorted(rows, key=lambda row: -row[1])
+    return kernel_device_ms(forward_backward, CALLS)
 
 
 def main():
