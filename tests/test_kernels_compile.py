@@ -48,7 +48,7 @@ def test_representative_kernels_compile_for_sm90(tmp_path):
 
     # the learnable-alpha backward, and a forward for each alpha branch
     assert compiled("_dq_kernel", "ALPHA_GRAD=1", "ALPHA_MODE=0")
-    assert compiled("_dkdv_kernel", "ALPHA_MODE=0") and compiled("_delta_kernel")
+    assert compiled("_dkdv_kernel", "ALPHA_MODE=0") and compiled("_prepare_kernel", "WITH_DELTA=1")
     for mode in (0, 1, 2):
         assert compiled("_solve_kernel", f"ALPHA_MODE={mode}")
         assert compiled("_output_kernel", f"ALPHA_MODE={mode}")

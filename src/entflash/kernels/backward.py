@@ -1,10 +1,11 @@
 """Fused block-sparse backward of alpha-entmax attention (Triton).
 
-Four launches, each with one job:
+Three launches:
 
-* ``_block_list_kernel``: per line of the forward's tile map (a query block's row, and a key block's column),
-  the list of marked tiles along it;
-* ``_delta_kernel``: per query row, delta_i = dO_i . O2_i / S_i from the forward's O2 and S;
+* ``_prepare_kernel``: two jobs that need nothing but the forward's outputs and dO, in one launch (a launch
+  costs host time, which small problems see): per line of the forward's tile map (a query block's row, and a key
+  block's column) the list of marked tiles along it, and per query row delta_i = dO_i . O2_i / S_i from the
+  forward's O2 and S;
 * ``_dkdv_kernel``: one program per (batch, kv head, key block); it loops over the query heads of the
   GQA group and over the query blocks the transposed tile map marks, and sums dK, dV over the group in
   registers (no atomics);
@@ -51,36 +52,13 @@ def _one_block_list(map_base, s_line, s_entry, n_map_lines, n_entries, group, cn
 
 
 @triton.jit
-def _block_list_kernel(MAP, ROW_CNT, ROW_IDX, COL_CNT, COL_IDX, s_mb, s_mh, s_mr, s_mc, H, n_map_rows, n_map_cols,
-                       n_row_lists, n_col_lists, ROW_LINES: tl.constexpr, ROW_CHUNK: tl.constexpr,
-                       COL_LINES: tl.constexpr, COL_CHUNK: tl.constexpr):
-    """One list per program (batch * head, list): programs below n_row_lists list the key tiles of ROW_LINES map
-    rows (a dQ program's query block), the others the query tiles of COL_LINES map columns (a dK/dV program's key
-    block). Layouts as block_lists returns them."""
-    bh = tl.program_id(0)
-    line = tl.program_id(1)
-    map_base = MAP + (bh // H).to(tl.int64) * s_mb + (bh % H).to(tl.int64) * s_mh
-    if line < n_row_lists:
-        row = bh.to(tl.int64) * n_row_lists + line
-        _one_block_list(map_base, s_mr, s_mc, n_map_rows, n_map_cols, line, ROW_CNT + row, ROW_IDX + row * n_map_cols,
-                        ROW_LINES, ROW_CHUNK)
-    else:
-        row = bh.to(tl.int64) * n_col_lists + line - n_row_lists
-        _one_block_list(map_base, s_mc, s_mr, n_map_cols, n_map_rows, line - n_row_lists, COL_CNT + row,
-                        COL_IDX + row * n_map_rows, COL_LINES, COL_CHUNK)
-
-
-@triton.jit
-def _delta_kernel(DO, O2, S, DELTA,
-                  s_dob, s_doh, s_dom, s_dod,
-                  s_o2b, s_o2h, s_o2m, s_o2d,
-                  s_sb, s_sh, s_sm,
-                  Hq, Nq, D, BR: tl.constexpr, BD: tl.constexpr):
-    """delta_i = dO_i . O2_i / S_i (0 where S_i = 0) into DELTA, fp32 (B, Hq, Nq) contiguous."""
-    bh = tl.program_id(0)
+def _delta_rows(DO, O2, S, DELTA, bh, block, s_dob, s_doh, s_dom, s_dod, s_o2b, s_o2h, s_o2m, s_o2d, s_sb, s_sh, s_sm,
+                Hq, Nq, D, BR: tl.constexpr, BD: tl.constexpr):
+    """delta_i = dO_i . O2_i / S_i (0 where S_i = 0) of rows [block * BR, block * BR + BR) of (batch * head) bh,
+    into DELTA, fp32 (B, Hq, Nq) contiguous."""
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
-    rows = tl.program_id(1) * BR + tl.arange(0, BR)
+    rows = block * BR + tl.arange(0, BR)
     cols = tl.arange(0, BD)
     rmask = rows < Nq
     m2 = rmask[:, None] & (cols[None, :] < D)
@@ -91,7 +69,35 @@ def _delta_kernel(DO, O2, S, DELTA,
     ssum = tl.load(S + b * s_sb + h * s_sh + rows * s_sm, mask=rmask, other=0.0).to(tl.float32)
     live = ssum > 0.0
     delta = tl.where(live, tl.sum(do * o2, axis=1) / tl.where(live, ssum, 1.0), 0.0)
-    tl.store(DELTA + bh * Nq + rows, delta, mask=rmask)
+    tl.store(DELTA + bh.to(tl.int64) * Nq + rows, delta, mask=rmask)
+
+
+@triton.jit
+def _prepare_kernel(MAP, ROW_CNT, ROW_IDX, COL_CNT, COL_IDX, s_mb, s_mh, s_mr, s_mc, H, n_map_rows, n_map_cols,
+                    n_row_lists, n_col_lists,
+                    DO, O2, S, DELTA, s_dob, s_doh, s_dom, s_dod, s_o2b, s_o2h, s_o2m, s_o2d, s_sb, s_sh, s_sm, Nq, D,
+                    ROW_LINES: tl.constexpr, ROW_CHUNK: tl.constexpr, COL_LINES: tl.constexpr,
+                    COL_CHUNK: tl.constexpr, WITH_DELTA: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """The backward's first launch, one job per program (batch * head, job): programs below n_row_lists list the
+    key tiles of ROW_LINES map rows (a dQ program's query block), the next n_col_lists the query tiles of
+    COL_LINES map columns (a dK/dV program's key block), in the layouts block_lists returns; with WITH_DELTA the
+    programs after them form delta for BR query rows each (_delta_rows; the DO, O2, S arguments are not read
+    without it). One launch instead of two: each costs the host tens of microseconds, which a small problem's
+    wall time shows (benchmarks.host_overhead)."""
+    bh = tl.program_id(0)
+    job = tl.program_id(1)
+    map_base = MAP + (bh // H).to(tl.int64) * s_mb + (bh % H).to(tl.int64) * s_mh
+    if job < n_row_lists:
+        row = bh.to(tl.int64) * n_row_lists + job
+        _one_block_list(map_base, s_mr, s_mc, n_map_rows, n_map_cols, job, ROW_CNT + row, ROW_IDX + row * n_map_cols,
+                        ROW_LINES, ROW_CHUNK)
+    elif job < n_row_lists + n_col_lists:
+        row = bh.to(tl.int64) * n_col_lists + job - n_row_lists
+        _one_block_list(map_base, s_mc, s_mr, n_map_cols, n_map_rows, job - n_row_lists, COL_CNT + row,
+                        COL_IDX + row * n_map_rows, COL_LINES, COL_CHUNK)
+    elif WITH_DELTA:
+        _delta_rows(DO, O2, S, DELTA, bh, job - n_row_lists - n_col_lists, s_dob, s_doh, s_dom, s_dod,
+                    s_o2b, s_o2h, s_o2m, s_o2d, s_sb, s_sh, s_sm, H, Nq, D, BR, BD)
 
 
 @triton.jit
@@ -344,6 +350,19 @@ def block_lists(tile_map: torch.Tensor, row_lines: int, col_lines: int):
     col_counts (B, H, ceil(C / col_lines)) int32 and col_indices (B, H, ceil(C / col_lines), R) int32: the
     first counts[b, h, l] entries of indices[b, h, l] are the tiles marked in any line of group l, ascending
     (the rest is not written)."""
+    return _prepare(tile_map, row_lines, col_lines, None)[0]
+
+
+def prepare_backward(tile_map: torch.Tensor, row_lines: int, col_lines: int, grad_out: torch.Tensor,
+                     o2: torch.Tensor, s_sum: torch.Tensor):
+    """block_lists(tile_map, row_lines, col_lines) and delta_i = dO_i . O2_i / S_i (0 where S_i = 0), a
+    (B, Hq, Nq) float32 tensor, in one launch; grad_out and o2 (B, Hq, Nq, D), s_sum (B, Hq, Nq), tile_map's
+    B and H are Hq. Returns (lists, delta)."""
+    return _prepare(tile_map, row_lines, col_lines, (grad_out, o2, s_sum))
+
+
+def _prepare(tile_map, row_lines, col_lines, delta_inputs):
+    """The launch of _prepare_kernel behind block_lists and prepare_backward: (lists, delta or None)."""
     if tile_map.dtype == torch.bool:
         tile_map = tile_map.view(torch.int8)
     B, H, R, C = tile_map.shape
@@ -351,12 +370,24 @@ def block_lists(tile_map: torch.Tensor, row_lines: int, col_lines: int):
     new = functools.partial(torch.empty, dtype=torch.int32, device=tile_map.device)
     row_counts, row_indices = new((B, H, n_row_lists)), new((B, H, n_row_lists, C))
     col_counts, col_indices = new((B, H, n_col_lists)), new((B, H, n_col_lists, R))
-    if B * H and R and C:
-        _block_list_kernel[(B * H, n_row_lists + n_col_lists)](
-            tile_map, row_counts, row_indices, col_counts, col_indices, *tile_map.stride(), H, R, C,
-            n_row_lists, n_col_lists, ROW_LINES=row_lines, ROW_CHUNK=_list_chunk(C), COL_LINES=col_lines,
-            COL_CHUNK=_list_chunk(R), num_warps=4)
-    return row_counts, row_indices, col_counts, col_indices
+    lists = row_counts, row_indices, col_counts, col_indices
+    jobs = n_row_lists + n_col_lists if R and C else 0
+    # without delta_inputs the delta programs' arguments are placeholders (never read: WITH_DELTA)
+    delta, delta_args, delta_blocks, BR, BD = None, (tile_map,) * 4 + (0,) * 13, 0, 32, 16
+    if delta_inputs is not None:
+        grad_out, o2, s_sum = delta_inputs
+        Nq, D = grad_out.shape[2], grad_out.shape[3]
+        BD = max(16, next_power_of_2(D))
+        BR = 32 if BD <= 128 else 16
+        delta = torch.empty((B, H, Nq), dtype=torch.float32, device=tile_map.device)
+        delta_blocks = cdiv(Nq, BR)
+        delta_args = (grad_out, o2, s_sum, delta, *grad_out.stride(), *o2.stride(), *s_sum.stride(), Nq, D)
+    if B * H and jobs + delta_blocks:
+        _prepare_kernel[(B * H, jobs + delta_blocks)](
+            tile_map, *lists, *tile_map.stride(), H, R, C, n_row_lists if jobs else 0, n_col_lists if jobs else 0,
+            *delta_args, ROW_LINES=row_lines, ROW_CHUNK=_list_chunk(C), COL_LINES=col_lines, COL_CHUNK=_list_chunk(R),
+            WITH_DELTA=delta_inputs is not None, BR=BR, BD=BD, num_warps=4)
+    return lists, delta
 
 
 def _check_blocks(cfg: dict) -> None:
@@ -446,21 +477,16 @@ def attention_backward(q, k, v, grad_out, tau, tile_map, o2, s_sum, alpha, causa
     alpha_t, mode = alpha_tensor(alpha, Hq, dev), alpha_mode(alpha)
     tau = tau.to(torch.float32)
 
-    # delta_i = dO_i . O2_i / S_i
-    delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev)
-    darow = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev) if alpha_requires_grad else delta
-    BR = 32 if BD <= 128 else 16
-    _delta_kernel[(B * Hq, cdiv(Nq, BR))](
-        grad_out, o2, s_sum, delta, *grad_out.stride(), *o2.stride(), *s_sum.stride(),
-        Hq, Nq, D, BR=BR, BD=BD)
-
-    # lengths as int32 on the device, or a placeholder pointer (never read) where absent
-    sq, sk = (delta if lens is None else lens.to(device=dev, dtype=torch.int32).contiguous()
-              for lens in (seqlens_q, seqlens_k))
     flags, wl_i, wr_i = mask_args(causal, window, seqlens_q, seqlens_k)
     common = dict(**flags, ALPHA_MODE=mode, **dot_args(q.dtype), num_warps=cfg["warps"], num_stages=cfg["stages"])
     tile_map = tile_map.to(dev)
-    cnt_q, idx_q, cnt_kv, idx_kv = block_lists(tile_map, cfg["bm_dq"] // MAP_BLOCK, cfg["bn_kv"] // MAP_BLOCK)
+    # the lists of marked tiles for both kernels, and delta_i = dO_i . O2_i / S_i, in one launch
+    (cnt_q, idx_q, cnt_kv, idx_kv), delta = prepare_backward(tile_map, cfg["bm_dq"] // MAP_BLOCK,
+                                                             cfg["bn_kv"] // MAP_BLOCK, grad_out, o2, s_sum)
+    darow = torch.empty((B, Hq, Nq), dtype=torch.float32, device=dev) if alpha_requires_grad else delta
+    # lengths as int32 on the device, or a placeholder pointer (never read) where absent
+    sq, sk = (delta if lens is None else lens.to(device=dev, dtype=torch.int32).contiguous()
+              for lens in (seqlens_q, seqlens_k))
 
     # tiles read through TMA descriptors where every row is valid (launch.tma_plan), in both kernels or neither;
     # a kernel that reads through them takes launch.TMA_MAXNREG at D <= 64, unless `blocks` names a cap

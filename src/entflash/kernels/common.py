@@ -345,7 +345,7 @@ def compact_marked(map_ptr, stride_line, stride_entry, n_lines, lo, hi, list_ptr
     marks (non-zero) to list_ptr[0 : count], ascending; return count (int32 scalar).
 
     map_ptr points at entry 0 of the first line; line l, entry e is at map_ptr + l * stride_line +
-    e * stride_entry; lines at or past n_lines are not read. The backward's _block_list_kernel lists the
+    e * stride_entry; lines at or past n_lines are not read. The backward's _prepare_kernel lists the
     forward's 64x64 tile map with it: rows (entries = key tiles) for the dQ programs, columns (entries = query
     tiles) for the dK/dV programs; LINES > 1 when such a program covers several 64-wide map lines. The output
     pass lists the solve's hits with it (compact_candidates' FROM_HITS). list_ptr points at CHUNK int32

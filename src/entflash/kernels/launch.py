@@ -237,11 +237,18 @@ def tma_tiles(t: torch.Tensor, block_rows: int, block_d: int):
     """A TensorDescriptor of t (B, H, N, D) reading (1, 1, block_rows, block_d) blocks, or None where TMA cannot
     describe t: a last dim that is not contiguous, or a base or another stride that is not a multiple of 16 bytes
     (a dim of size 1 is only ever read at index 0: its stride is replaced by that of a packed layout)."""
-    size = t.element_size()
-    strides = [stride if n > 1 else math.prod(t.shape[i + 1:])
-               for i, (stride, n) in enumerate(zip(t.stride(), t.shape))]
-    if strides[-1] != 1 or t.data_ptr() % 16 or any(stride < 1 or stride * size % 16 for stride in strides[:-1]):
+    shape, strides = list(t.shape), list(t.stride())
+    packed = 1  # the stride of a dim in a packed layout of t's shape
+    for dim in range(len(shape) - 1, -1, -1):
+        if shape[dim] == 1:
+            strides[dim] = packed
+        packed *= shape[dim]
+    bytes_per_element = t.element_size()
+    if strides[-1] != 1 or t.data_ptr() % 16:
         return None
+    for stride in strides[:-1]:
+        if stride < 1 or stride * bytes_per_element % 16:
+            return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, block_d])
+    return TensorDescriptor(t, shape, strides, [1, 1, block_rows, block_d])
