@@ -9,9 +9,12 @@ blocks and 64-key tiles, the fraction of visible tiles that
     commit 08329d2) and the Newton/output passes' test, in two forms:
     absolute   the tile's max score exceeds the lowest (row max - 1), resp. lowest tau, of the block's rows;
     relative   the tile's max of (score - its row's max) exceeds the lowest (-1), resp. (tau - row max).
-The kernels use the relative form since the sweep stores row-relative tile maxima (entflash.kernels.sweep);
-the absolute form is what they did before. Row maxima and tau are exact here (the kernels use the sweep's
-running max, an upper bound that is exact from the block's diagonal tile on, and the solver's lower bounds).
+    reference  the tile's max of (score - its row's reference) exceeds the lowest (tau - reference), the reference
+               being the row's tau over the keys of the two tiles at the block's diagonal, one histogram bin
+               (1/16) lower (the histogram's bound is at most about that far below it).
+The kernels use the reference form since the sweep stores tile maxima relative to each row's reference
+(entflash.kernels.sweep), the relative form up to 0b24c45, the absolute form before that. Row maxima and tau are
+exact here (the kernels use the solver's lower bounds of tau).
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ def tile_fractions(num_positions: int, head_dim: int, strength: float, causal: b
     q, k = parts.queries_keys(strength, torch.bfloat16)
     q, k = q[0, 0].float(), k[0, 0].float()
     num_tiles = num_positions // TILE
-    counts = dict(nonzero=0, absolute_histogram=0, absolute_newton=0, relative_histogram=0, relative_newton=0)
+    counts = dict(nonzero=0, absolute_histogram=0, absolute_newton=0, relative_histogram=0, relative_newton=0,
+                  reference_newton=0)
     total = 0
     for block in range(0, num_tiles, max(1, num_tiles // blocks)):
         rows = slice(block * TILE, (block + 1) * TILE)
@@ -53,6 +57,10 @@ def tile_fractions(num_positions: int, head_dim: int, strength: float, causal: b
         counts["absolute_newton"] += (tile_max > tau.min()).sum().item()
         counts["relative_histogram"] += (relative > -1).sum().item()
         counts["relative_newton"] += (relative > (tau - row_max).min()).sum().item()
+        near = scores[:, max(0, block - 1) * TILE:(block + 1) * TILE]  # the tiles at the diagonal, the sweep's first
+        reference = row_thresholds(near[None], torch.tensor([[[alpha]]]))[0, :, 0] - 1 / 16
+        above_reference = (tiles - reference[:, None, None]).amax(dim=(0, 2))
+        counts["reference_newton"] += (above_reference > (tau - reference).min()).sum().item()
         total += visible_tiles
     return {name: count / total for name, count in counts.items()}
 

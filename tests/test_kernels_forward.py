@@ -135,10 +135,12 @@ def test_local_inputs_are_block_sparse_and_rows_sum_to_one():
 
 @pytest.mark.parametrize("causal, window, lengths", [(True, None, None), (False, None, None), (False, (20, 9), None),
                                                       (True, None, ((70, 0, 40), (50, 33, 90)))])
-def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths):
-    """dense_sweep's contract (sweep.py): row_max is each row's max of x = (alpha-1) * scale * q k^T and each
-    64x64 tile value lies between max_ij (x_ij - row_max_i) and 0 (-inf exactly where the tile has no visible
-    score); local inputs, so rows' maxima differ and the relative values are far below the absolute ones."""
+def test_sweep_tile_values_bound_the_maxima_relative_to_each_rows_reference(causal, window, lengths):
+    """dense_sweep's contract (sweep.py): row_ref, each row's reference, is finite for every row that sees a key
+    (each sees one in the first two key tiles of the sweep's order, those at its block's diagonal) and at most
+    tau_hist; each 64x64 tile value is +inf (the tile raised some row's running max) or max_ij (x_ij - row_ref_i)
+    up to rounding, -inf exactly where the tile has no visible score; local inputs, so rows' references differ
+    and some tiles lie far below them."""
     from entflash.kernels.forward import alpha_tensor
     from entflash.kernels.launch import make_spec
     from entflash.kernels.sweep import dense_sweep
@@ -150,22 +152,22 @@ def test_sweep_tile_values_bound_the_row_relative_maxima(causal, window, lengths
     scale = D ** -0.5
     alpha_t = alpha_tensor(alpha, Hq, q.device)
     spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
-    row_max, tile_max, _ = dense_sweep(q, k, alpha_t, scale, spec)
+    row_ref, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
     x = (alpha - 1) * scale * q.double() @ k.double().repeat_interleave(Hq // Hkv, dim=1).transpose(-1, -2)
     visible = visibility_mask(0, Nq, Nq, Nk, causal, window, sq, sk, q.device)[:, None]
     x = x.masked_fill(~visible, float("-inf"))
-    exact_max = x.amax(dim=-1)
-    assert torch.equal(torch.isinf(row_max), torch.isinf(exact_max))
-    live = torch.isfinite(exact_max)
-    assert torch.allclose(row_max.double()[live], exact_max[live], rtol=1e-5, atol=1e-5)
-    relative = x - torch.where(live, exact_max, torch.zeros_like(exact_max))[..., None]
+    live = torch.isfinite(x.amax(dim=-1))
+    assert torch.isfinite(row_ref[live]).all() and torch.isinf(tau_hist[~live]).all()
+    assert (row_ref[live] <= tau_hist[live]).all()
+    relative = x - torch.where(live, row_ref.double(), torch.zeros_like(row_ref.double()))[..., None]
     pad = torch.full((B, Hq, 128, 128), float("-inf"), dtype=torch.float64, device=q.device)
     pad[:, :, :Nq, :Nk] = relative
     exact_tiles = pad.view(B, Hq, 2, 64, 2, 64).amax(dim=(3, 5))
-    assert torch.equal(torch.isinf(tile_max), torch.isinf(exact_tiles))
     seen = torch.isfinite(exact_tiles)
-    assert (tile_max.double()[seen] >= exact_tiles[seen] - 1e-5).all()
-    assert (tile_max[seen] <= 1e-5).all()
+    assert torch.equal(tile_max == float("-inf"), ~seen)
+    flagged = tile_max == float("inf")
+    assert not flagged.all()
+    assert torch.allclose(tile_max.double()[seen & ~flagged], exact_tiles[seen & ~flagged], rtol=1e-5, atol=1e-5)
     if window is None:  # (a window keeps only tiles near the diagonal)
         assert (exact_tiles[seen] < -1.0).any(), "the inputs should hold tiles the later passes skip"
 
@@ -297,10 +299,12 @@ def test_support_is_counted_only_when_asked():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_solve_hits_cover_the_non_zeros_and_drive_the_output(causal):
-    """solve_tau's hit map (solve.py) marks every 64x64 tile holding a non-zero of the exact entmax, and fewer
-    tiles than the sweep's row-relative candidate test on inputs whose rows differ in how local they are (the
-    benchmark's structured inputs at a middle strength); the output sweep visiting only the marked tiles gives
-    the output and tile map it gives from the sweep's candidates."""
+    """solve_tau's hit map (solve.py) marks every 64x64 tile holding a non-zero of the exact entmax, and no more
+    tiles than the sweep's candidate test, which on inputs whose rows differ in how local they are (the benchmark's
+    structured inputs at a middle strength) passes at most 5% more tiles than the hits: the tile values are
+    relative to each row's reference, a bound of its tau (with the rows' maxima as references, up to 0b24c45, it
+    passed 22% and 20% more, causal and not); the output sweep visiting only the marked tiles gives the output and
+    tile map it gives from the sweep's candidates."""
     from benchmarks.inputs import StructuredInputs
     from entflash.kernels.forward import alpha_tensor
     from entflash.kernels.launch import make_spec
@@ -315,17 +319,17 @@ def test_solve_hits_cover_the_non_zeros_and_drive_the_output(causal):
     scale = D ** -0.5
     alpha_t = alpha_tensor(alpha, Hq, q.device)
     spec = make_spec(q, k, alpha, alpha_t, causal, None, None, None)
-    row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
-    tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, 1)
+    row_ref, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec)
+    tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_ref, tile_max, tau_hist, 1)
     _, tau_exact, _ = reference(q, k, v, alpha, causal, scale)
     nonzero = dense_probs(q, k, alpha, causal, scale, tau_exact) > 0
     nonzero_tiles = nonzero.view(B, Hq, N // 64, 64, N // 64, 64).any(dim=5).any(dim=3)
     assert (hits.bool() | ~nonzero_tiles).all(), "a tile holding a non-zero is not marked"
-    threshold = torch.where(torch.isfinite(row_max), tau_low - row_max, torch.full_like(row_max, float("inf")))
+    threshold = torch.where(torch.isfinite(tau_low), tau_low - row_ref, torch.full_like(row_ref, float("inf")))
     candidates = tile_max > threshold.view(B, Hq, N // 64, 64).amin(dim=3)[..., None]
-    assert (candidates | ~hits.bool()).all() and hits.sum() < candidates.sum()
-    with_hits = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits)
-    without = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low)
+    assert (candidates | ~hits.bool()).all() and hits.sum() <= candidates.sum() <= 1.05 * hits.sum()
+    with_hits = sparse_output(q, k, v, alpha_t, scale, spec, row_ref, tile_max, tau, tau_low, hits)
+    without = sparse_output(q, k, v, alpha_t, scale, spec, row_ref, tile_max, tau, tau_low)
     assert torch.allclose(with_hits["out"], without["out"], atol=1e-6, rtol=1e-5)
     assert torch.equal(with_hits["tile_map"], without["tile_map"])
 
@@ -428,10 +432,10 @@ def test_tma_tile_reads_match_pointer_reads(dtype, causal, window, group, stride
     assert spec.kv_tma and tile_source(k, spec)[1] and tile_source(v, spec)[1]
     results = []
     for plan in (spec, dataclasses.replace(spec, kv_tma=False)):
-        row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, plan)
-        tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, plan, row_max, tile_max, tau_hist, 1)
-        res = sparse_output(q, k, v, alpha_t, scale, plan, row_max, tile_max, tau, tau_low, hits)
-        results.append([row_max, tile_max, tau_hist, tau, tau_low, hits, res["out"], res["tau"], res["o2"]])
+        row_ref, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, plan)
+        tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, plan, row_ref, tile_max, tau_hist, 1)
+        res = sparse_output(q, k, v, alpha_t, scale, plan, row_ref, tile_max, tau, tau_low, hits)
+        results.append([row_ref, tile_max, tau_hist, tau, tau_low, hits, res["out"], res["tau"], res["o2"]])
     for via_tma, via_pointers in zip(*results):
         assert torch.equal(via_tma, via_pointers)
     ref, ref_tau, _ = reference(q, k, v, alpha, causal, scale, window)

@@ -84,10 +84,10 @@ def entmax_forward(q, k, v, alpha, causal=False, scale=None, window=None, seqlen
     spec = make_spec(q, k, alpha, alpha_t, causal, window, sq, sk)
     if newton_iters is None:
         newton_iters, all_passes_from_alpha = default_newton_plan(alpha)
-    row_max, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec, sweep_far_scores(newton_iters, q))
-    tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters,
+    row_ref, tile_max, tau_hist = dense_sweep(q, k, alpha_t, scale, spec, sweep_far_scores(newton_iters, q))
+    tau, tau_low, hits = solve_tau(q, k, alpha_t, scale, spec, row_ref, tile_max, tau_hist, newton_iters,
                                    all_passes_from_alpha)
-    res = sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits, out=out,
+    res = sparse_output(q, k, v, alpha_t, scale, spec, row_ref, tile_max, tau, tau_low, hits, out=out,
                         save_bwd=save_bwd, fold=fold, count_support=count_support, need_map=need_map)
     if out_dtype != res["out"].dtype:
         res["out"] = res["out"].to(out_dtype)

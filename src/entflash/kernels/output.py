@@ -20,7 +20,7 @@ from entflash.kernels.launch import plan_descriptor, tile_sources
 
 
 @triton.jit
-def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists, Hits,
+def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowRef, TileMax, TauIn, TauLow, Lists, Hits,
                    Out, TauOut, Support, TileMap, O2, S2,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -46,7 +46,7 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
     in_rows = offs_m < Nq
     tau = tl.load(TauIn + row_ptr, mask=in_rows, other=float("inf"))
     tau_low = tl.load(TauLow + row_ptr, mask=in_rows, other=float("inf"))
-    m_i = tl.load(RowMax + row_ptr, mask=in_rows, other=float("-inf"))
+    ref = tl.load(RowRef + row_ptr, mask=in_rows, other=float("-inf"))
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
     k_src = head_source(K, b, hk, stride_kb, stride_kh, KV_TMA)
     v_src = head_source(V, b, hk, stride_vb, stride_vh, KV_TMA)
@@ -55,8 +55,8 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
     sub = tl.arange(0, BLOCK_M // 64)
     lo, hi = key_range(start_m, len_q, len_k, offset, win_left, win_right,
                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
-    # tile values are relative to each row's max (sweep.py)
-    thr = sub_block_min_rows(tl.where(m_i > float("-inf"), tau_low - m_i, float("inf")), BLOCK_M)
+    # tile values are relative to each row's reference (sweep.py)
+    thr = sub_block_min_rows(tl.where(tau_low < float("inf"), tau_low - ref, float("inf")), BLOCK_M)
 
     # tau - tau_low >= 0, 0 on rows without a visible key (tau = tau_low = +inf, where x - tau is -inf)
     low_gap = tl.where(tau_low < float("inf"), tau - tau_low, 0.0)
@@ -130,11 +130,11 @@ def _output_kernel(Q, K, V, Alpha, Lq, Lk, RowMax, TileMax, TauIn, TauLow, Lists
         tl.store(O2 + row_ptr[:, None] * D + offs_d[None, :], acc2, mask=d_mask)
 
 
-def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low, hits=None, *, out=None,
+def sparse_output(q, k, v, alpha_t, scale, spec, row_ref, tile_max, tau, tau_low, hits=None, *, out=None,
                   save_bwd=True, fold=True, count_support=True, need_map=True):
     """Output sweep over candidate tiles.
 
-    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); alpha_t (Hq,) float32; row_max, tile_max from the sweep; tau,
+    q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D); alpha_t (Hq,) float32; row_ref, tile_max from the sweep; tau,
     tau_low (B, Hq, Nq) float32 and hits (int8 map like tile_max, or None) from solve.solve_tau: with hits,
     the sweep visits the tiles it marks, else those whose tile_max value exceeds tau_low. Returns a dict:
       out (B, Hq, Nq, D) in q's dtype (strides like q), tau (B, Hq, Nq) float32 (after the closing
@@ -159,7 +159,7 @@ def sparse_output(q, k, v, alpha_t, scale, spec, row_max, tile_max, tau, tau_low
     s2 = torch.empty((B, H, Nq) if save_bwd else (1,), device=dev, dtype=torch.float32)
     (k_src, v_src), kv_tma = tile_sources((k, v), lambda t: plan_descriptor(t, spec))
     _output_kernel[spec.grid](
-        q, k_src, v_src, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau, tau_low,
+        q, k_src, v_src, alpha_t, spec.lq, spec.lk, row_ref, tile_max, tau, tau_low,
         spec.lists,
         hits if hits is not None else tile_max,
         out, tau_out, support, tile_map if write_map else tile_max, o2, s2,

@@ -21,7 +21,7 @@ from entflash.kernels.launch import tile_source
 
 @triton.jit
 def _newton_pass(q, k_src, kv_b, kv_h, start_m, offs_m, offs_d, stride_kn, stride_kd, stride_tm, D, qk_scale,
-                 len_q, len_k, offset, win_left, win_right, tau, tau_low, m_i, valid, margin_m, rm1, expo,
+                 len_q, len_k, offset, win_left, win_right, tau, tau_low, ref, valid, margin_m, rm1, expo,
                  tmax_ptr, hits_ptr, list_ptr, n_sub_valid, kb_lo, kb_hi, mark,
                  CAUSAL: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
@@ -30,7 +30,7 @@ def _newton_pass(q, k_src, kv_b, kv_h, start_m, offs_m, offs_d, stride_kn, strid
     With mark (a scalar bool), it also marks the tiles where some row's p is non-zero at this tau."""
     row_sub = tl.arange(0, BLOCK_M) // 64  # each row's 64-row sub-block within the program
     one_i8 = tl.full((BLOCK_M,), 1, tl.int8)
-    thr = sub_block_min_rows(tl.where(valid, tau - m_i - margin_m, float("inf")), BLOCK_M)
+    thr = sub_block_min_rows(tl.where(valid, tau - ref - margin_m, float("inf")), BLOCK_M)
     f_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(kb_lo, kb_hi, NK_CHUNK):
@@ -55,7 +55,7 @@ def _newton_pass(q, k_src, kv_b, kv_h, start_m, offs_m, offs_d, stride_kn, strid
 
 
 @triton.jit
-def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Lists, Hits,
+def _solve_kernel(Q, K, Alpha, Lq, Lk, RowRef, TileMax, TauHist, Tau, TauLow, Lists, Hits,
                   stride_qb, stride_qh, stride_qm, stride_qd,
                   stride_kb, stride_kh, stride_kn, stride_kd,
                   stride_tb, stride_th, stride_tm,
@@ -75,8 +75,9 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ptr = (b * H + h) * Nq + offs_m
-    m_i = tl.load(RowMax + row_ptr, mask=offs_m < Nq, other=float("-inf"))
-    valid = m_i > float("-inf")
+    tau = tl.load(TauHist + row_ptr, mask=offs_m < Nq, other=float("inf"))
+    valid = tau < float("inf")
+    ref = tl.load(RowRef + row_ptr, mask=offs_m < Nq, other=float("-inf"))
     q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, D)
     k_src = head_source(K, b, hk, stride_kb, stride_kh, KV_TMA)
     tmax_ptr = TileMax + b * stride_tb + h * stride_th + (start_m // 64) * stride_tm
@@ -87,10 +88,9 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
                        CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     kb_lo = lo // BLOCK_N
     kb_hi = (hi + BLOCK_N - 1) // BLOCK_N
-    # Rounding margin: recomputed scores may differ from the sweep's by a few ulps.
-    margin_m = 1e-5 * (1.0 + tl.abs(tl.where(valid, m_i, 0.0)))
-
-    tau = tl.load(TauHist + row_ptr, mask=offs_m < Nq, other=float("inf"))
+    # Rounding margin: recomputed scores may differ from the sweep's by a few ulps (of the row's largest scores,
+    # within 1 of tau).
+    margin_m = 1e-5 * (2.0 + tl.abs(tl.where(valid, tau, 0.0)))
     tau_low = tau
 
     # Newton passes from below over the tiles that can exceed tau; this head's last one marks the hit tiles.
@@ -98,7 +98,7 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
     for it in tl.static_range(NEWTON_ITERS):
         if it <= last_pass:
             tau, tau_low = _newton_pass(q, k_src, b, hk, start_m, offs_m, offs_d, stride_kn, stride_kd, stride_tm, D,
-                                        qk_scale, len_q, len_k, offset, win_left, win_right, tau, tau_low, m_i,
+                                        qk_scale, len_q, len_k, offset, win_left, win_right, tau, tau_low, ref,
                                         valid, margin_m, rm1, expo, tmax_ptr, hits_ptr, list_ptr, n_sub_valid,
                                         kb_lo, kb_hi, last_pass == it, CAUSAL, WIN_LEFT, WIN_RIGHT, BLOCK_M,
                                         BLOCK_N, DOT_PREC, UPCAST, ALPHA_MODE, NK_CHUNK, KV_TMA)
@@ -106,10 +106,10 @@ def _solve_kernel(Q, K, Alpha, Lq, Lk, RowMax, TileMax, TauHist, Tau, TauLow, Li
     tl.store(TauLow + row_ptr, tau_low - margin_m, mask=offs_m < Nq)
 
 
-def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_iters=1, all_passes_from_alpha=1.0):
+def solve_tau(q, k, alpha_t, scale, spec, row_ref, tile_max, tau_hist, newton_iters=1, all_passes_from_alpha=1.0):
     """tau estimate and certified lower bound per query row.
 
-    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D); alpha_t: (Hq,) float32; row_max, tile_max, tau_hist: from
+    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D); alpha_t: (Hq,) float32; row_ref, tile_max, tau_hist: from
     sweep.dense_sweep. Returns (tau, tau_low, hits): tau and tau_low (B, Hq, Nq) float32 in tau units (+inf for
     rows without a visible key): tau is <= the root up to rounding, and within ~1e-5 of it after one Newton
     pass (the output sweep's closing correction squares that error); tau_low (<= tau) is a guaranteed
@@ -126,7 +126,7 @@ def solve_tau(q, k, alpha_t, scale, spec, row_max, tile_max, tau_hist, newton_it
     hits = torch.zeros(tile_max.shape, device=q.device, dtype=torch.int8) if newton_iters > 0 else tile_max
     k_src, k_tma = tile_source(k, spec)
     _solve_kernel[spec.grid](
-        q, k_src, alpha_t, spec.lq, spec.lk, row_max, tile_max, tau_hist, tau, tau_low, spec.lists, hits,
+        q, k_src, alpha_t, spec.lq, spec.lk, row_ref, tile_max, tau_hist, tau, tau_low, spec.lists, hits,
         *q.stride(), *k.stride(), *tile_max.stride()[:3],
         H, Nq, k.shape[2], D, spec.group, float(scale), spec.win_left, spec.win_right,
         spec.num_m_blocks, tile_max.shape[2], float(all_passes_from_alpha), **spec.flags, **spec.tiles,
