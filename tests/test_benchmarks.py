@@ -144,14 +144,19 @@ def test_cpu_mode_end_to_end(tmp_path):
 
 def test_candidate_tile_counts_are_ordered():
     """benchmarks.candidates: every tile holding a non-zero passes the relative Newton test (x_ij > tau_i), which
-    implies the relative histogram test (tau_i >= m_i - 1), which implies the absolute one (x_ij > m_i - 1)."""
-    from benchmarks.candidates import tile_fractions
+    implies the relative histogram test (tau_i >= m_i - 1), which implies the absolute one (x_ij > m_i - 1), and
+    passes the reference test (its references are lower bounds of tau); with --kernels, the kernels' Newton test
+    passes every tile the Newton pass marks, which marks every tile holding a non-zero."""
+    from benchmarks.candidates import kernel_fractions, tile_fractions
 
     for causal in (True, False):
         f = tile_fractions(512, 32, 1.5, causal, blocks=8)
         assert 0 < f["nonzero"] <= f["relative_newton"] <= f["relative_histogram"] <= 1
         assert f["relative_histogram"] <= f["absolute_histogram"]
         assert f["nonzero"] <= f["absolute_newton"] <= f["absolute_histogram"]
+        assert f["nonzero"] <= f["reference_newton"] <= 1
+        k = kernel_fractions(256, 32, 1.5, causal)
+        assert 0 < k["nonzero"] <= k["marked"] <= k["newton_candidates"] < 1
 
 
 def test_targets_check_counts_cases_in_band():
