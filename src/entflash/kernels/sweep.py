@@ -79,7 +79,11 @@ def _sweep_tile(q, k_src, start_m, start_n, m_i, top, w0, w1, w2, w3, ref, tmax_
     rows without a visible key in it).
 
     Whether the counts shift depends on the rows' tops alone, never on a tile value being exactly 0. The row
-    maxima are scaled to tau units after the reduction, which saves a multiply per score in the far tiles."""
+    maxima are scaled to tau units after the reduction, which saves a multiply per score in the far tiles. Compiled,
+    the scaled max minus the reference may fuse into one multiply-add (about an ulp off the two rounded steps): the
+    stored values are bounds up to such rounding, which the later stages' margin covers. (At 0c91a5c the shift was
+    taken only for a relative value of exactly 0, and that rounding skipped shifts and broke the bound wherever
+    qk_scale * 16 != 1; 1d7fbb0 scaled every score first.)"""
     # unscaled q . k (masked: -inf); qk_scale > 0 and rounding is monotonic, so the scaled row max is the max
     # of the scaled scores exactly, and only the tiles that bin every score scale every score
     raw, offs_n = score_tile(q, k_src, start_m, start_n, offs_m, offs_d, stride_kn, stride_kd, D,
@@ -236,7 +240,7 @@ def _nth_tile(t, first, n_tiles, lo, BLOCK_N: tl.constexpr):
 
 
 def dense_sweep(q, k, alpha_t, scale, spec, far_scores=None):
-    """Row max, per-tile relative max and histogram lower bound of tau, for
+    """Row references, per-tile maxima relative to them and the histogram's lower bound of tau, for
     x = (alpha - 1) * scale * q k^T under the visibility mask.
 
     q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D) (fp16/bf16/fp32, any strides); alpha_t: (Hq,) float32;
