@@ -140,7 +140,8 @@ def make_spec(q, k, alpha, alpha_t, causal, window, seqlens_q, seqlens_k) -> Sta
     if block_m == 64:
         warps = 4 if block_d <= 128 else 8
     sweep_block_m = 64 if half else block_m
-    sweep_cap = dict(maxnreg=SWEEP_MAXNREG) if half and block_d <= 64 and SWEEP_MAXNREG else {}
+    sweep_cap = SWEEP_MAXNREG.get(block_d) if half else None
+    sweep_cap = dict(maxnreg=sweep_cap) if sweep_cap else {}
     sweep_warps = 4 if block_d <= 128 and half else 8
     flags, win_left, win_right = mask_args(causal, window, seqlens_q, seqlens_k)
     kv_tma = tma_plan(q, block_d, seqlens_k)
@@ -183,11 +184,12 @@ TMA_TILES = True
 # *-c85477c-tma-r168-n16k-d64-tma-r168.json).
 # 0 lifts the cap.
 TMA_MAXNREG = 168
-# Register cap of the 16-bit sweep at D <= 64: 128 per thread keeps four 4-warp programs per multiprocessor. The
-# sweep with per-row references (kernels/sweep.py) compiled to 133 registers on sm_90 at D = 64, alpha = 1.5, bf16
-# (136 with a per-head alpha), three programs per multiprocessor; capped, 128 and no spills (compile_kernels.py).
-# Not yet timed on the GPU. 0 lifts the cap.
-SWEEP_MAXNREG = 128
+# Register caps of the 16-bit sweep (4 warps) by BLOCK_D, chosen to keep the programs per multiprocessor it had
+# before the per-row references (kernels/sweep.py): four at D <= 64 (128 registers), three at D = 128 (168; its
+# 66 KB of shared memory allows no more). With the references it compiled on sm_90 to 133 registers at D = 64,
+# alpha = 1.5, bf16 (136 with a per-head alpha) and to 180 at D = 128 with seqlens; capped, no spills
+# (scripts/compile_kernels.py). Not yet timed on the GPU. An empty dict lifts the caps.
+SWEEP_MAXNREG = {16: 128, 32: 128, 64: 128, 128: 168}
 
 
 def tma_plan(q, block_d: int, seqlens_k) -> bool:
