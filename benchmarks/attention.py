@@ -60,6 +60,10 @@ class Preset:
     dense_level_only: Tuple[str, ...] = ()  # implementations whose cost ignores sparsity: run at level 0 only
     budget_s: Optional[float] = None  # start no new case after this many seconds (fits one 10-minute call)
 
+    def shape(self, seq_len: int, head_dim: int) -> Tuple[int, int]:
+        """(batch, heads) of a case: B = tokens // N and H = hidden // D, at least 1 each."""
+        return max(1, self.tokens // seq_len), max(1, self.hidden // head_dim)
+
 
 PRESETS = {
     "quick": Preset(lengths=(4096,), head_dims=(64, 128), causal=(True,), levels=(0.0, 0.9),
@@ -169,8 +173,7 @@ def _solver_record(inputs: AttentionInputs, case: Case) -> Optional[dict]:
 def run_case(seq_len: int, head_dim: int, causal: bool, level: float, preset: Preset, impls: Sequence[str],
              alpha: float, tiles, sinks: int, seed: int) -> List[dict]:
     """Calibrate, build and measure the inputs of one case, then run every implementation on them."""
-    batch = max(1, preset.tokens // seq_len)
-    heads = max(1, preset.hidden // head_dim)
+    batch, heads = preset.shape(seq_len, head_dim)
     started = time.perf_counter()
     inputs, strength = calibrated_inputs(batch, heads, seq_len, head_dim, level, causal=causal, dtype=preset.dtype,
                                          device=preset.device, alpha=alpha, tile=tiles[0], sinks=sinks, seed=seed)

@@ -95,7 +95,7 @@ def harness_case_timings(spec: str) -> dict:
     """The four timings of the module docstring for one harness case "N:D:causal|full:level"."""
     from triton.testing import do_bench
 
-    from benchmarks.attention import _callables
+    from benchmarks.attention import PRESETS, _callables
     from benchmarks.impls import Case, all_implementations
     from benchmarks.inputs import calibrated_inputs
 
@@ -104,7 +104,7 @@ def harness_case_timings(spec: str) -> dict:
         seq_len, head_dim, level, causal = int(n), int(d), float(level), {"causal": True, "full": False}[mask]
     except (ValueError, KeyError):
         raise SystemExit(f"--cases: expected N:D:causal|full:level, e.g. 4096:64:causal:0.9, got {spec!r}")
-    batch, heads, dtype = max(1, 16384 // seq_len), max(1, 2048 // head_dim), torch.bfloat16
+    (batch, heads), dtype = PRESETS["paper"].shape(seq_len, head_dim), torch.bfloat16
     inputs, strength = calibrated_inputs(batch, heads, seq_len, head_dim, level, causal=causal, dtype=dtype,
                                          device="cuda")
     case = Case(batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, causal=causal, alpha=1.5,

@@ -14,6 +14,7 @@ import argparse
 import torch
 
 import entflash
+from benchmarks.attention import PRESETS
 from benchmarks.host_overhead import kernel_device_ms
 from benchmarks.inputs import calibrated_inputs
 
@@ -22,7 +23,7 @@ CALLS = 5
 
 def kernel_times(seq_len: int, level: float, head_dim: int, causal: bool):
     """[(kernel name, device ms per call, launches per call)], largest first."""
-    batch, heads = max(1, 16384 // seq_len), 2048 // head_dim
+    batch, heads = PRESETS["paper"].shape(seq_len, head_dim)
     inputs, _ = calibrated_inputs(batch, heads, seq_len, head_dim, level, causal=causal, dtype=torch.bfloat16,
                                   device="cuda")
     leaves = [t.detach().requires_grad_() for t in (inputs.q, inputs.k, inputs.v)]
